@@ -1,0 +1,37 @@
+# neuroexplain — `make serve` starts the service with its defaults, `make test` runs the tests.
+# Both create the virtual environment at .venv and install the project into it on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch is installed first and pinned, so that no dependency pulls a CUDA build.
+# The GPU image sets TORCH_SPEC/TORCH_INDEX to the CUDA build of the same release (see Dockerfile).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: install serve test bench lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+serve: install
+	$(BIN)/neuroexplain serve
+
+test: install
+	$(BIN)/python -m pytest tests
+
+bench: install
+	$(BIN)/python -m bench
+
+lint: install
+	$(BIN)/ruff check neuroexplain service handlers tests bench
+	$(BIN)/mypy neuroexplain service handlers
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,53 @@
+"""Entry point. Each module in ``neuroexplain.cli.commands`` adds one subcommand through ``register(subparsers)``.
+
+Errors from the project's exception tree (and bad arguments) print one line on stderr and exit non-zero; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from neuroexplain import __version__
+from neuroexplain.cli import commands
+from neuroexplain.errors import NeuroExplainError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A usage problem found after parsing (missing file, contradictory flags); printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuroexplain",
+        description="Predictions, attributions and feature visualizations for 3D neuroimaging CNNs. "
+        "Research use only — not for diagnosis.",
+    )
+    parser.add_argument("--version", action="version", version=f"neuroexplain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (NeuroExplainError, CliError) as exc:
+        print(f"neuroexplain {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"neuroexplain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

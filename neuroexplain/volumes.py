@@ -1,0 +1,410 @@
+"""Scan I/O: safe decoding of NIfTI-1, NIfTI-2 and MGH/MGZ, and the mapping between a scan and a model's grid.
+
+Everything a caller sends is checked before anything large is allocated: the compressed size, the header's
+dimensions, data type and voxel count, and the decompressed size (a gzip bomb stops at the size its header declares).
+Only then does nibabel parse the whole file.
+
+Geometry is handled exactly through affines: a scan in any orientation (RAS, LAS, LPS, oblique, anisotropic voxels)
+is resampled straight onto the model's RAS+ grid, and any map on the model grid goes back onto the scan's own grid
+and affine with the inverse transform, so it overlays the scan in any viewer.
+"""
+
+from __future__ import annotations
+
+import enum
+import gzip
+import hashlib
+import io
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from neuroexplain.errors import (
+    InvalidOptionError,
+    LimitExceededError,
+    ScanDataError,
+    ScanFormatError,
+    ScanGeometryError,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+_ALLOWED_DTYPES = {
+    np.dtype(t).newbyteorder("=")
+    for t in ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
+}
+_MGH_DTYPES = {0: np.dtype(">u1"), 1: np.dtype(">i4"), 3: np.dtype(">f4"), 4: np.dtype(">i2")}
+_MGH_HEADER_BYTES = 284
+_HEAD_BYTES = 1024  # enough for any NIfTI-2 (540) or MGH (284) header
+
+
+@dataclass(frozen=True)
+class ScanLimits:
+    """Caps checked before decoding. Defaults fit a 0.5 mm whole-head scan, not a gzip bomb."""
+
+    max_input_bytes: int = 256 * MiB
+    max_decompressed_bytes: int = 1 * GiB
+    max_voxels: int = 64 * MiB
+
+
+class NonFinite(enum.Enum):
+    """What to do with NaN or infinite voxels."""
+
+    REJECT = "reject"  # refuse the scan (default: a scan with NaNs usually means a broken pipeline upstream)
+    ZERO = "zero"  # replace them by 0 (background), e.g. for SPM outputs that mask with NaN
+
+
+class Alignment(enum.Enum):
+    """How a scan's world coordinates relate to the model grid's (MNI for the bundled models)."""
+
+    AUTO = "auto"  # MNI if the brain's centre of mass is within AUTO_MNI_TOLERANCE_MM of the template's, else CENTER
+    MNI = "mni"  # trust the affine: the scan is already in MNI space (e.g. registered by fMRIPrep or SPM)
+    CENTER = "center"  # translate so the scan's intensity centre of mass lands on the template's; no rotation/scale
+
+
+AUTO_MNI_TOLERANCE_MM = 25.0
+
+
+@dataclass(frozen=True)
+class Scan:
+    """A decoded, validated 3D volume on its own grid.
+
+    Attributes:
+        data: voxel intensities, scaling applied, ``(X, Y, Z)`` float32.
+        affine: voxel index -> world (mm) transform, ``(4, 4)`` float64.
+        digest: SHA-256 hex digest of the bytes as received; the only identifier logs and caches may use.
+        format: ``nifti1``, ``nifti2`` or ``mgh``.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    digest: str
+    format: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def zooms(self) -> tuple[float, float, float]:
+        return tuple(float(z) for z in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """A model's input grid: shape and voxel -> world affine (RAS+)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray = field(repr=False)
+
+    def _key(self) -> tuple[tuple[int, int, int], bytes]:
+        return self.shape, np.asarray(self.affine, dtype=np.float64).tobytes()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Grid) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "affine": np.asarray(self.affine).tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Grid:
+        return cls(shape=tuple(int(s) for s in d["shape"]), affine=np.asarray(d["affine"], dtype=np.float64))  # type: ignore[arg-type]
+
+    @property
+    def zooms(self) -> tuple[float, float, float]:
+        return tuple(float(z) for z in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def digest_bytes(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def read_scan(
+    source: bytes | str | Path,
+    *,
+    volume_index: int | None = None,
+    nonfinite: NonFinite = NonFinite.REJECT,
+    limits: ScanLimits = ScanLimits(),
+) -> Scan:
+    """Decode and validate a scan from bytes or a path; the format is detected from the content, not the name.
+
+    Args:
+        source: the file's bytes, or a path to a ``.nii``, ``.nii.gz``, ``.mgh`` or ``.mgz`` file.
+        volume_index: which volume of a 4D series to use (0-based); required for 4D input with more than one volume.
+        nonfinite: what to do with NaN/Inf voxels.
+        limits: size caps, all checked before the data is decompressed or allocated.
+
+    Raises:
+        ScanFormatError, ScanGeometryError, ScanDataError, LimitExceededError.
+    """
+    raw = _read_source(source, limits)
+    digest = digest_bytes(raw)
+    compressed = raw[:2] == b"\x1f\x8b"
+    head = _gunzip(raw, _HEAD_BYTES, allow_short=True) if compressed else raw[:_HEAD_BYTES]
+    kind, shape, dtype, data_offset = _parse_header(head)
+    ndim_spatial = _check_shape(shape, volume_index, limits)
+    needed = data_offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if needed > limits.max_decompressed_bytes:
+        raise LimitExceededError(
+            f"scan would decompress to {needed} bytes; the limit is {limits.max_decompressed_bytes} bytes"
+        )
+    # MGH files carry optional trailing fields after the data; NIfTI needs exactly `needed` bytes.
+    body_cap = needed + (64 * 1024 if kind == "mgh" else 0)
+    if compressed:
+        raw = _gunzip(raw, body_cap, allow_short=False, declared=needed)
+    if len(raw) < needed:
+        raise ScanFormatError(
+            f"scan is truncated: its header declares {needed} bytes of header and data, but only {len(raw)} arrived"
+        )
+    image = _nibabel_image(kind, raw)
+    data = _select_volume(image, shape, ndim_spatial, volume_index)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    _check_affine(affine)
+    data = _check_finite(data, nonfinite)
+    return Scan(data=data, affine=affine, digest=digest, format=kind)
+
+
+def _read_source(source: bytes | str | Path, limits: ScanLimits) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        raw = bytes(source)
+    else:
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ScanFormatError(f"cannot read scan file: {exc.strerror}") from None
+        if size > limits.max_input_bytes:
+            raise LimitExceededError(f"scan file is {size} bytes; the limit is {limits.max_input_bytes} bytes")
+        raw = path.read_bytes()
+    if len(raw) > limits.max_input_bytes:
+        raise LimitExceededError(f"scan is {len(raw)} bytes; the limit is {limits.max_input_bytes} bytes")
+    if len(raw) < 4:
+        raise ScanFormatError(f"scan is {len(raw)} bytes long; expected a NIfTI-1, NIfTI-2 or MGH/MGZ file")
+    return raw
+
+
+def _gunzip(raw: bytes, cap: int, *, allow_short: bool, declared: int | None = None) -> bytes:
+    """Decompress at most ``cap`` bytes; never more, whatever the stream claims."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(raw, cap)
+    except zlib.error:
+        raise ScanFormatError("gzip stream is corrupt; expected a valid .nii.gz or .mgz file") from None
+    if allow_short:
+        return out
+    if d.unconsumed_tail:
+        raise LimitExceededError(
+            f"gzip stream decompresses to more than {cap} bytes, but the header declares {declared} bytes "
+            "(a decompression bomb or a corrupt file)"
+        )
+    if not d.eof:
+        raise ScanFormatError("gzip stream is truncated; expected a complete .nii.gz or .mgz file")
+    return out
+
+
+def _parse_header(head: bytes) -> tuple[str, tuple[int, ...], np.dtype, int]:
+    """Read only the header: format, full shape, on-disk dtype, data offset. Nothing large is allocated."""
+    if len(head) >= 348:
+        for endian in "<>":
+            (sizeof_hdr,) = struct.unpack(endian + "i", head[:4])
+            if sizeof_hdr == 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+                if head[344:348] == b"ni1\x00":
+                    raise ScanFormatError("NIfTI header/image pairs (.hdr/.img) are not accepted; send a single .nii")
+                return _nifti_header(nib.Nifti1Header, head[:348], "nifti1")
+            if sizeof_hdr == 540 and len(head) >= 540 and head[4:8] == b"n+2\x00":
+                return _nifti_header(nib.Nifti2Header, head[:540], "nifti2")
+    if len(head) >= _MGH_HEADER_BYTES and struct.unpack(">i", head[:4])[0] == 1:
+        width, height, depth, frames, type_code = struct.unpack(">iiiii", head[4:24])
+        if type_code not in _MGH_DTYPES:
+            raise ScanFormatError(f"MGH data type code {type_code} is not supported; expected one of 0, 1, 3, 4")
+        return "mgh", (width, height, depth, frames), _MGH_DTYPES[type_code], _MGH_HEADER_BYTES
+    raise ScanFormatError("unrecognised file format (no NIfTI-1, NIfTI-2 or MGH magic); expected .nii, .nii.gz, .mgh or .mgz")
+
+
+def _nifti_header(cls: Any, head: bytes, kind: str) -> tuple[str, tuple[int, ...], np.dtype, int]:
+    try:
+        hdr = cls.from_fileobj(io.BytesIO(head), check=False)
+        dtype = hdr.get_data_dtype()
+    except Exception:  # nibabel raises several types for unknown datatype codes
+        raise ScanFormatError(f"{kind} header is invalid (unknown data type code); expected a numeric volume") from None
+    dims = [int(x) for x in hdr["dim"]]
+    ndim = dims[0]
+    if not 1 <= ndim <= 7:
+        raise ScanFormatError(f"{kind} header declares {ndim} dimensions; a NIfTI file has 1 to 7")
+    if dtype.newbyteorder("=") not in _ALLOWED_DTYPES:
+        raise ScanFormatError(f"voxel data type {dtype.name} is not supported; expected an integer or real type")
+    return kind, tuple(dims[1 : ndim + 1]), dtype, int(hdr["vox_offset"])
+
+
+def _check_shape(shape: tuple[int, ...], volume_index: int | None, limits: ScanLimits) -> int:
+    if any(s < 1 for s in shape):
+        raise ScanGeometryError(f"header declares shape {shape}; every dimension must be at least 1")
+    trailing = [s for s in shape[4:] if s != 1]
+    if len(shape) < 3 or trailing:
+        raise ScanGeometryError(
+            f"volume has {len(shape)} dimensions {shape}; expected 3, or 4 with volume_index "
+            "(dimensions past the fourth must be 1)"
+        )
+    if min(shape[:3]) < 2:
+        raise ScanGeometryError(f"volume has shape {shape[:3]}; a 3D scan needs at least 2 voxels along each axis")
+    nvox = int(np.prod(shape, dtype=object))
+    if nvox > limits.max_voxels:
+        raise LimitExceededError(f"volume has {nvox} voxels {shape}; the limit is {limits.max_voxels} voxels")
+    volumes = shape[3] if len(shape) >= 4 else 1
+    if volumes > 1 and volume_index is None:
+        raise ScanGeometryError(
+            f"volume has 4 dimensions {shape[:4]}; expected 3, or set volume_index (0 to {volumes - 1})"
+        )
+    if volume_index is not None and not 0 <= volume_index < volumes:
+        raise InvalidOptionError(f"volume_index {volume_index} is out of range; this scan has volumes 0 to {volumes - 1}")
+    return 3
+
+
+def _nibabel_image(kind: str, raw: bytes) -> Any:
+    cls = {"nifti1": nib.Nifti1Image, "nifti2": nib.Nifti2Image, "mgh": nib.MGHImage}[kind]
+    try:
+        return cls.from_bytes(raw)
+    except Exception:  # nibabel's parse errors have no common base class
+        raise ScanFormatError(f"{kind} file could not be parsed; expected a valid {kind} volume") from None
+
+
+def _select_volume(image: Any, shape: tuple[int, ...], _ndim: int, volume_index: int | None) -> np.ndarray:
+    proxy = image.dataobj
+    index: tuple[Any, ...] = (slice(None),) * 3 + (volume_index or 0,) * (len(shape) - 3)
+    try:
+        data = np.asarray(proxy[index], dtype=np.float32)
+    except Exception:
+        raise ScanFormatError("voxel data could not be read; the file is truncated or corrupt") from None
+    return np.ascontiguousarray(data.reshape(shape[:3]))
+
+
+def _check_affine(affine: np.ndarray) -> None:
+    if not np.all(np.isfinite(affine)):
+        raise ScanGeometryError("affine contains NaN or infinite values; expected a finite voxel-to-world transform")
+    det = float(np.linalg.det(affine[:3, :3]))
+    if abs(det) < 1e-6:
+        raise ScanGeometryError(
+            f"affine is singular (determinant {det:.3g}); expected non-zero voxel sizes along three independent axes"
+        )
+
+
+def _check_finite(data: np.ndarray, nonfinite: NonFinite) -> np.ndarray:
+    bad = ~np.isfinite(data)
+    count = int(bad.sum())
+    if count:
+        if nonfinite is NonFinite.REJECT:
+            raise ScanDataError(
+                f"scan has {count} NaN or infinite voxels (after scl_slope/scl_inter); "
+                "fix the file or pass nonfinite='zero' to treat them as background"
+            )
+        data = np.where(bad, np.float32(0), data)
+    if not np.any(data):
+        raise ScanDataError("scan is all zeros; expected an MRI volume with signal")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing results
+
+
+def nifti_bytes(data: np.ndarray, affine: np.ndarray, *, compress: bool = True) -> bytes:
+    """Encode a float32 NIfTI-1 with a fresh header: only geometry travels, never text fields or extensions."""
+    image = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    raw = image.to_bytes()
+    return gzip.compress(raw, compresslevel=1, mtime=0) if compress else raw
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Geometry
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a scan sits relative to a model grid: world shift (mm) applied to the scan before resampling."""
+
+    grid: Grid
+    scan_affine: np.ndarray
+    scan_shape: tuple[int, int, int]
+    shift_mm: np.ndarray  # (3,)
+    alignment: Alignment  # the alignment actually used (AUTO resolved)
+
+    def _scan_to_model_world(self) -> np.ndarray:
+        t = np.eye(4)
+        t[:3, 3] = self.shift_mm
+        return t
+
+    def to_model(self, data: np.ndarray, *, order: int = 1) -> np.ndarray:
+        """Resample a scan-grid array onto the model grid. ``(X, Y, Z)`` -> ``grid.shape``."""
+        # model voxel -> model world -> scan world -> scan voxel
+        m = np.linalg.inv(self.scan_affine) @ np.linalg.inv(self._scan_to_model_world()) @ self.grid.affine
+        return _affine_resample(data, m, self.grid.shape, order)
+
+    def to_native(self, data: np.ndarray, *, order: int = 1) -> np.ndarray:
+        """Resample a model-grid array back onto the scan's own grid. ``grid.shape`` -> ``(X, Y, Z)``."""
+        m = np.linalg.inv(self.grid.affine) @ self._scan_to_model_world() @ self.scan_affine
+        return _affine_resample(data, m, self.scan_shape, order)
+
+    def world_to_native(self, model_world: np.ndarray) -> np.ndarray:
+        """Model-space world coordinates (mm) -> the scan's own world coordinates. ``(N, 3)`` -> ``(N, 3)``."""
+        return np.asarray(model_world, dtype=np.float64) - self.shift_mm
+
+
+def _affine_resample(data: np.ndarray, m: np.ndarray, shape: tuple[int, int, int], order: int) -> np.ndarray:
+    out = ndimage.affine_transform(
+        np.asarray(data, dtype=np.float32), m[:3, :3], offset=m[:3, 3], output_shape=shape, order=order,
+        mode="constant", cval=0.0, prefilter=False,
+    )
+    return out.astype(np.float32, copy=False)
+
+
+def center_of_mass_world(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Intensity-weighted centre of mass of the foreground (above 10% of the 99th percentile), in world mm."""
+    sub = np.asarray(data[::2, ::2, ::2], dtype=np.float32)  # every 8th voxel: plenty for a centroid
+    positive = sub[sub > 0]
+    if positive.size == 0:
+        raise ScanDataError("scan has no positive intensities; expected an MRI volume with signal")
+    threshold = 0.1 * float(np.percentile(positive, 99))
+    weights = np.where(sub > threshold, sub, 0).astype(np.float64)
+    com_vox = np.array(ndimage.center_of_mass(weights)) * 2
+    return (affine @ np.append(com_vox, 1.0))[:3]
+
+
+def place(scan: Scan, grid: Grid, template_com_mm: np.ndarray, alignment: Alignment = Alignment.AUTO) -> Placement:
+    """Decide how the scan maps onto the grid (see :class:`Alignment`)."""
+    if not isinstance(alignment, Alignment):
+        raise InvalidOptionError(f"alignment {alignment!r} is unknown; expected one of {[a.value for a in Alignment]}")
+    shift = np.zeros(3)
+    used = alignment
+    if alignment is not Alignment.MNI:
+        offset = np.asarray(template_com_mm) - center_of_mass_world(scan.data, scan.affine)
+        if alignment is Alignment.CENTER or float(np.linalg.norm(offset)) > AUTO_MNI_TOLERANCE_MM:
+            shift, used = offset, Alignment.CENTER
+        else:
+            used = Alignment.MNI
+    return Placement(grid=grid, scan_affine=scan.affine, scan_shape=scan.shape, shift_mm=shift, alignment=used)
+
+
+def normalise(data: np.ndarray) -> np.ndarray:
+    """Scale intensities so the 99th percentile of the foreground is 1 (what the bundled models were trained on)."""
+    positive = data[data > 0]
+    if positive.size == 0:
+        raise ScanDataError("scan has no positive intensities inside the model's field of view; is it aligned?")
+    scale = float(np.percentile(positive[:: max(1, positive.size // 200_000)], 99))
+    return (np.clip(data, 0, None) / scale).astype(np.float32)
