@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 # The GPU image sets TORCH_SPEC/TORCH_INDEX to the CUDA build of the same release (see Dockerfile).
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# What `install` puts in the venv. The image (Dockerfile) installs EXTRAS=full EDITABLE= : runtime only, not editable.
+EXTRAS ?= dev
+EDITABLE ?= -e
 
 .PHONY: install serve test bench lint clean
 
@@ -15,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet $(EDITABLE) ".[$(EXTRAS)]"
 	touch $@
 
 install: $(BIN)/.installed
