@@ -156,7 +156,7 @@ def read_scan(
     compressed = raw[:2] == b"\x1f\x8b"
     head = _gunzip(raw, _HEAD_BYTES, allow_short=True) if compressed else raw[:_HEAD_BYTES]
     kind, shape, dtype, data_offset = _parse_header(head)
-    ndim_spatial = _check_shape(shape, volume_index, limits)
+    _check_shape(shape, volume_index, limits)
     needed = data_offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
     if needed > limits.max_decompressed_bytes:
         raise LimitExceededError(
@@ -171,7 +171,7 @@ def read_scan(
             f"scan is truncated: its header declares {needed} bytes of header and data, but only {len(raw)} arrived"
         )
     image = _nibabel_image(kind, raw)
-    data = _select_volume(image, shape, ndim_spatial, volume_index)
+    data = _select_volume(image, shape[:3], volume_index)
     affine = np.asarray(image.affine, dtype=np.float64)
     _check_affine(affine)
     data = _check_finite(data, nonfinite)
@@ -250,7 +250,7 @@ def _nifti_header(cls: Any, head: bytes, kind: str) -> tuple[str, tuple[int, ...
     return kind, tuple(dims[1 : ndim + 1]), dtype, int(hdr["vox_offset"])
 
 
-def _check_shape(shape: tuple[int, ...], volume_index: int | None, limits: ScanLimits) -> int:
+def _check_shape(shape: tuple[int, ...], volume_index: int | None, limits: ScanLimits) -> None:
     if any(s < 1 for s in shape):
         raise ScanGeometryError(f"header declares shape {shape}; every dimension must be at least 1")
     trailing = [s for s in shape[4:] if s != 1]
@@ -271,7 +271,6 @@ def _check_shape(shape: tuple[int, ...], volume_index: int | None, limits: ScanL
         )
     if volume_index is not None and not 0 <= volume_index < volumes:
         raise InvalidOptionError(f"volume_index {volume_index} is out of range; this scan has volumes 0 to {volumes - 1}")
-    return 3
 
 
 def _nibabel_image(kind: str, raw: bytes) -> Any:
@@ -282,14 +281,14 @@ def _nibabel_image(kind: str, raw: bytes) -> Any:
         raise ScanFormatError(f"{kind} file could not be parsed; expected a valid {kind} volume") from None
 
 
-def _select_volume(image: Any, shape: tuple[int, ...], _ndim: int, volume_index: int | None) -> np.ndarray:
-    proxy = image.dataobj
-    index: tuple[Any, ...] = (slice(None),) * 3 + (volume_index or 0,) * (len(shape) - 3)
+def _select_volume(image: Any, spatial: tuple[int, ...], volume_index: int | None) -> np.ndarray:
+    proxy = image.dataobj  # reads only the selected volume of a 4D series
+    index: tuple[Any, ...] = (slice(None),) * 3 + (volume_index or 0,) * (len(proxy.shape) - 3)
     try:
         data = np.asarray(proxy[index], dtype=np.float32)
     except Exception:
         raise ScanFormatError("voxel data could not be read; the file is truncated or corrupt") from None
-    return np.ascontiguousarray(data.reshape(shape[:3]))
+    return np.ascontiguousarray(data.reshape(spatial))
 
 
 def _check_affine(affine: np.ndarray) -> None:

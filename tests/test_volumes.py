@@ -1,0 +1,273 @@
+"""Scan I/O: every validation path gives its typed error; geometry round-trips within one voxel."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from neuroexplain.errors import (
+    InvalidOptionError,
+    LimitExceededError,
+    ScanDataError,
+    ScanFormatError,
+    ScanGeometryError,
+)
+from neuroexplain.template import MNI_2MM
+from neuroexplain.volumes import Alignment, NonFinite, Placement, ScanLimits, nifti_bytes, place, read_scan
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray | None = None, cls: type = nib.Nifti1Image, **hdr: object) -> bytes:
+    image = cls(data, np.eye(4) if affine is None else affine)
+    for key, value in hdr.items():
+        image.header[key] = value
+    return image.to_bytes()
+
+
+def _brain_like(shape: tuple[int, int, int] = (20, 22, 18)) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return (rng.random(shape) * 100 + 1).astype(np.float32)
+
+
+# --- formats ------------------------------------------------------------------------------------------------------
+
+
+def test_reads_nifti1_nifti2_gzip_and_mgh_alike() -> None:
+    data = _brain_like()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    raws = {
+        "nifti1": _nifti(data, affine),
+        "nifti2": _nifti(data, affine, nib.Nifti2Image),
+        "nifti1.gz": gzip.compress(_nifti(data, affine)),
+        "mgh": nib.MGHImage(data, affine).to_bytes(),
+        "mgz": gzip.compress(nib.MGHImage(data, affine).to_bytes()),
+    }
+    for name, raw in raws.items():
+        scan = read_scan(raw)
+        np.testing.assert_allclose(scan.data, data, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(scan.affine, affine, err_msg=name)
+        assert scan.format == name.split(".")[0].replace("mgz", "mgh")
+        assert len(scan.digest) == 64
+
+
+def test_reads_from_path_and_applies_scaling(tmp_path: Path) -> None:
+    data = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4) + 1
+    image = nib.Nifti1Image(data, np.eye(4))
+    image.header.set_slope_inter(2.0, 10.0)
+    path = tmp_path / "scaled.nii"
+    nib.save(image, path)
+    scan = read_scan(path)
+    np.testing.assert_allclose(scan.data, data * 2.0 + 10.0)
+
+
+def test_nibabel_real_images_read_or_fail_clearly() -> None:
+    anatomical = read_scan(NIBABEL_DATA / "anatomical.nii")
+    assert anatomical.data.ndim == 3
+    nifti2 = read_scan(NIBABEL_DATA / "example_nifti2.nii.gz", volume_index=0)
+    assert nifti2.format == "nifti2"
+    with pytest.raises(ScanGeometryError, match=r"4 dimensions .*set volume_index \(0 to 1\)"):
+        read_scan(NIBABEL_DATA / "example4d.nii.gz")
+    assert read_scan(NIBABEL_DATA / "example4d.nii.gz", volume_index=1).data.shape == (128, 96, 24)
+    with pytest.raises(InvalidOptionError, match="out of range"):
+        read_scan(NIBABEL_DATA / "example4d.nii.gz", volume_index=2)
+    mgz = read_scan(Path(nib.__file__).parents[1] / "nilearn" / "datasets" / "data" / "test.mgz", volume_index=1)
+    assert mgz.format == "mgh"
+
+
+# --- validation paths -----------------------------------------------------------------------------------------------
+
+
+def test_wrong_magic() -> None:
+    with pytest.raises(ScanFormatError, match="unrecognised file format"):
+        read_scan(b"P5\n64 64\n255\n" + bytes(5000))
+
+
+def test_truncated_gzip() -> None:
+    raw = gzip.compress(_nifti(_brain_like()))
+    with pytest.raises(ScanFormatError, match="truncated"):
+        read_scan(raw[: len(raw) // 2])
+
+
+def test_truncated_uncompressed_data() -> None:
+    raw = _nifti(_brain_like())
+    with pytest.raises(ScanFormatError, match="truncated"):
+        read_scan(raw[:-100])
+
+
+def test_two_dimensional_rejected() -> None:
+    with pytest.raises(ScanGeometryError, match="2 dimensions"):
+        read_scan(_nifti(np.ones((16, 16), dtype=np.float32)))
+    with pytest.raises(ScanGeometryError, match="at least 2 voxels"):
+        read_scan(_nifti(np.ones((16, 16, 1), dtype=np.float32)))
+
+
+def test_five_dimensional_rejected() -> None:
+    with pytest.raises(ScanGeometryError, match="5 dimensions"):
+        read_scan(_nifti(np.ones((4, 4, 4, 2, 3), dtype=np.float32)))
+
+
+def test_absurd_header_dimensions_rejected_before_allocation() -> None:
+    raw = bytearray(_nifti(_brain_like((4, 4, 4))))
+    struct.pack_into("<8h", raw, 40, 3, 30000, 30000, 30000, 1, 1, 1, 1)  # dim[] of a NIfTI-1 header
+    with pytest.raises(LimitExceededError, match=r"27000000000000 voxels .* limit is"):
+        read_scan(bytes(raw))
+
+
+def test_voxel_cap_is_configurable() -> None:
+    with pytest.raises(LimitExceededError, match="limit is 100 voxels"):
+        read_scan(_nifti(_brain_like((5, 5, 5))), limits=ScanLimits(max_voxels=100))
+
+
+def test_input_bytes_cap() -> None:
+    with pytest.raises(LimitExceededError, match="limit is 1000 bytes"):
+        read_scan(_nifti(_brain_like()), limits=ScanLimits(max_input_bytes=1000))
+
+
+def test_gzip_bomb_stops_at_declared_size() -> None:
+    # A tiny valid header that declares 8 voxels, followed by 200 MB of zeros: decompression must stop early.
+    header = _nifti(np.ones((2, 2, 2), dtype=np.uint8))
+    stream = io.BytesIO()
+    with gzip.GzipFile(fileobj=stream, mode="wb", compresslevel=9) as gz:
+        gz.write(header)
+        chunk = bytes(1 << 20)
+        for _ in range(200):
+            gz.write(chunk)
+    bomb = stream.getvalue()
+    assert len(bomb) < 1 << 20
+    with pytest.raises(LimitExceededError, match="decompression bomb"):
+        read_scan(bomb)
+
+
+def test_nan_rejected_or_zeroed() -> None:
+    data = _brain_like()
+    data[3, 4, 5] = np.nan
+    data[1, 1, 1] = np.inf
+    with pytest.raises(ScanDataError, match="2 NaN or infinite voxels"):
+        read_scan(_nifti(data))
+    scan = read_scan(_nifti(data), nonfinite=NonFinite.ZERO)
+    assert scan.data[3, 4, 5] == 0 and np.isfinite(scan.data).all()
+
+
+def test_all_zero_rejected() -> None:
+    with pytest.raises(ScanDataError, match="all zeros"):
+        read_scan(_nifti(np.zeros((4, 4, 4), dtype=np.float32)))
+
+
+def test_singular_affine_rejected() -> None:
+    # nibabel refuses to build such an image, so overwrite the header's sform row y (offset 296) in the bytes.
+    image = nib.Nifti1Image(_brain_like(), np.eye(4))
+    image.header.set_qform(None, code=0)
+    image.header.set_sform(np.eye(4), code=1)
+    raw = bytearray(image.to_bytes())
+    struct.pack_into("<4f", raw, 296, 0.0, 0.0, 0.0, -20.0)
+    with pytest.raises(ScanGeometryError, match="singular"):
+        read_scan(bytes(raw))
+
+
+def test_unsupported_dtype_rejected() -> None:
+    with pytest.raises(ScanFormatError, match="not supported"):
+        read_scan(_nifti(np.ones((4, 4, 4), dtype=np.complex64)))
+
+
+def test_analyze_pair_header_rejected() -> None:
+    with pytest.raises(ScanFormatError, match="pairs"):
+        read_scan((NIBABEL_DATA / "nifti1.hdr").read_bytes() + bytes(4096))
+
+
+def test_error_messages_never_echo_header_text() -> None:
+    data = _brain_like()
+    data[0, 0, 0] = np.nan
+    raw = _nifti(data, descrip=b"Jane Doe 1970-01-01")
+    with pytest.raises(ScanDataError) as info:
+        read_scan(raw)
+    assert "Jane" not in str(info.value)
+
+
+def test_output_header_carries_geometry_only() -> None:
+    affine = np.array([[-1.5, 0, 0, 90], [0, 1.5, 0, -126], [0, 0, 1.5, -72], [0, 0, 0, 1]])
+    out = nib.Nifti1Image.from_bytes(gzip.decompress(nifti_bytes(np.ones((3, 3, 3)), affine)))
+    np.testing.assert_allclose(out.affine, affine)
+    assert out.header["descrip"].tobytes().strip(b"\x00") == b""
+    assert len(out.header.extensions) == 0
+
+
+# --- geometry round trips -----------------------------------------------------------------------------------------
+
+
+def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _affine(linear: np.ndarray, shape: tuple[int, int, int], centre_mm: np.ndarray) -> np.ndarray:
+    """An affine with the given linear part whose grid centre lands on ``centre_mm``."""
+    a = np.eye(4)
+    a[:3, :3] = linear
+    a[:3, 3] = centre_mm - linear @ ((np.array(shape) - 1) / 2)
+    return a
+
+
+ORIENTATIONS = {
+    "RAS": np.diag([1.0, 1.0, 1.0]),
+    "LAS": np.diag([-1.0, 1.0, 1.0]),
+    "LPS": np.diag([-1.0, -1.0, 1.0]),
+    "oblique": _rotation(0.3, -0.2, 0.25) * 1.2,
+    "anisotropic": np.diag([0.9, 1.1, 3.0]),
+    "oblique+anisotropic+permuted": (_rotation(0.1, 0.2, -0.15) @ np.diag([1.0, 1.3, 2.5]))[:, [1, 2, 0]],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORIENTATIONS))
+def test_blob_round_trip_lands_within_one_voxel(name: str) -> None:
+    linear = ORIENTATIONS[name]
+    shape = (120, 110, 70)
+    target_mm = np.array([22.0, -14.0, 30.0])
+    affine = _affine(linear, shape, centre_mm=np.array([0.0, -20.0, 10.0]))
+    # Paint a Gaussian blob (sigma 4 mm) centred on target_mm in the scan's own world space.
+    idx = np.indices(shape).reshape(3, -1)
+    world = (affine[:3, :3] @ idx + affine[:3, 3:4]).T.reshape(*shape, 3)
+    blob = np.exp(-((world - target_mm) ** 2).sum(-1) / (2 * 4.0**2)).astype(np.float32)
+
+    placement = Placement(MNI_2MM, affine, shape, np.zeros(3), Alignment.MNI)
+    in_model = placement.to_model(blob)
+    peak_model = np.array(np.unravel_index(np.argmax(in_model), in_model.shape))
+    peak_model_mm = (MNI_2MM.affine @ np.append(peak_model, 1))[:3]
+    assert np.linalg.norm(peak_model_mm - target_mm) <= 2.0 * np.sqrt(3) / 2 + 1e-6  # within one 2 mm voxel
+
+    back = placement.to_native(in_model)
+    assert back.shape == shape
+    peak_native = np.array(np.unravel_index(np.argmax(back), shape))
+    peak_native_mm = (affine @ np.append(peak_native, 1))[:3]
+    native_voxel = float(np.linalg.norm(affine[:3, :3], axis=0).max())
+    assert np.linalg.norm(peak_native_mm - target_mm) <= max(native_voxel, 2.0)
+
+
+def test_auto_alignment_centres_unregistered_scans() -> None:
+    from neuroexplain.synthetic import Task, make_sample
+    from neuroexplain.template import anatomy
+
+    sample = make_sample(Task.LESION, 1_000_000)
+    com = anatomy(MNI_2MM).com_mm
+    registered = read_scan(nifti_bytes(sample.image, MNI_2MM.affine))
+    assert place(registered, MNI_2MM, com).alignment is Alignment.MNI
+
+    moved_affine = MNI_2MM.affine.copy()
+    moved_affine[:3, 3] += [60.0, -40.0, 80.0]  # scanner coordinates far from MNI's origin
+    moved = read_scan(nifti_bytes(sample.image, moved_affine))
+    placement = place(moved, MNI_2MM, com)
+    assert placement.alignment is Alignment.CENTER
+    centred = place(registered, MNI_2MM, com, Alignment.CENTER)
+    np.testing.assert_allclose(placement.shift_mm - centred.shift_mm, [-60.0, 40.0, -80.0], atol=0.5)
+    # Centring recovers the same model-space image as the registered scan.
+    registered_model = place(registered, MNI_2MM, com, Alignment.MNI).to_model(registered.data)
+    assert np.corrcoef(placement.to_model(moved.data).ravel(), registered_model.ravel())[0, 1] > 0.95
