@@ -1,0 +1,24 @@
+"""Change detection for files that are rotated while the server runs (token files, certificates, keys)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+# (inode, mtime in ns, size) per file, following symlinks: Kubernetes updates mounted Secrets by swapping a symlink
+# (`..data`), which changes the inode; an editor's in-place rewrite changes mtime and usually the size.
+Signature = tuple[tuple[int, int, int] | None, ...]
+
+
+def signature(paths: Sequence[Path]) -> Signature:
+    """What identifies the current content of ``paths`` without reading them; ``None`` for a missing file."""
+    out: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)

@@ -1,0 +1,137 @@
+"""Audit log: one JSON object per line per call, on its own logger (``neuroexplain.audit``) and its own stream.
+
+A line is written when a call ends, whether it was served or refused::
+
+    {"time": "2026-11-27T00:12:03.512Z", "event": "rpc", "rpc": "/neuroexplain.v1.NeuroExplain/Predict",
+     "caller": "pacs-bridge", "auth": "token", "cert_subject": null, "peer": "ipv4:10.0.3.7:52114",
+     "model": "lesion", "scan_digest": "9f2c...", "code": "OK", "duration_s": 0.8421}
+
+``time`` is when the call arrived (UTC), ``caller`` the token's name or, without tokens, the client certificate's
+subject (``null`` when the caller could not be identified), ``auth`` how it was identified (``token``, ``mtls`` or
+``none``). ``model`` and ``scan_digest`` are filled in by the service through :func:`annotate` (or read from the
+request); the scan is only ever named by the SHA-256 of its bytes. Health checks are not audited: kubelet asks every
+few seconds.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import logging
+import logging.handlers
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+AUDIT_LOGGER = "neuroexplain.audit"
+
+
+@dataclass
+class CallRecord:
+    """What is known about one call while it runs; owned by the thread serving it."""
+
+    rpc: str
+    peer: str
+    started: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    caller: str | None = None
+    auth: str = "none"
+    cert_subject: str | None = None
+    model: str | None = None
+    scan_digest: str | None = None
+
+    def line(self, code: str) -> str:
+        when = dt.datetime.fromtimestamp(self.started, dt.UTC).isoformat(timespec="milliseconds")
+        return json.dumps(
+            {
+                "time": when.replace("+00:00", "Z"),
+                "event": "rpc",
+                "rpc": self.rpc,
+                "caller": self.caller,
+                "auth": self.auth,
+                "cert_subject": self.cert_subject,
+                "peer": self.peer,
+                "model": self.model,
+                "scan_digest": self.scan_digest,
+                "code": code,
+                "duration_s": round(time.monotonic() - self.started_monotonic, 4),
+            },
+            separators=(", ", ": "),
+        )
+
+
+_current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar("neuroexplain_audit_call", default=None)
+
+
+def annotate(*, model: str | None = None, scan_digest: str | None = None) -> None:
+    """Attach the model and the scan's digest to the call being served on this thread (no-op outside a call).
+
+    Args:
+        model: the model name the call asked for.
+        scan_digest: SHA-256 hex digest of the scan's bytes; never a file name or header text.
+    """
+    record = _current.get()
+    if record is None:
+        return
+    if model is not None:
+        record.model = model
+    if scan_digest is not None:
+        record.scan_digest = scan_digest
+
+
+def current() -> CallRecord | None:
+    """The record of the call being served on this thread, if any."""
+    return _current.get()
+
+
+def bind(record: CallRecord) -> contextvars.Token[CallRecord | None]:
+    """Make ``record`` the current call's record; undo with :func:`unbind`."""
+    return _current.set(record)
+
+
+def unbind(token: contextvars.Token[CallRecord | None]) -> None:
+    _current.reset(token)
+
+
+class AuditLog:
+    """Writes call records to the ``neuroexplain.audit`` logger, which does not propagate to the root logger.
+
+    Args:
+        target: ``stdout`` (default), ``stderr``, or a file path (appended; reopened when logrotate moves it).
+        logger: the logger to use; tests pass their own.
+    """
+
+    def __init__(self, target: str = "stdout", *, logger: logging.Logger | None = None) -> None:
+        self.target = target
+        self.logger = logger or logging.getLogger(AUDIT_LOGGER)
+        self.logger.propagate = False
+        self.logger.setLevel(logging.INFO)
+        if logger is None:
+            self._handler: logging.Handler | None = _handler_for(target)
+            self._handler.setFormatter(logging.Formatter("%(message)s"))
+            self.logger.addHandler(self._handler)
+        else:
+            self._handler = None
+
+    def write(self, record: CallRecord, code: str) -> None:
+        """Write one line for a finished call; ``code`` is the gRPC status name (``OK``, ``UNAUTHENTICATED``...)."""
+        self.logger.info(record.line(code))
+
+    def close(self) -> None:
+        """Detach and close this log's handler."""
+        if self._handler is not None:
+            self.logger.removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+
+
+def _handler_for(target: str) -> logging.Handler:
+    if target == "stdout":
+        return logging.StreamHandler(sys.stdout)
+    if target == "stderr":
+        return logging.StreamHandler(sys.stderr)
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return logging.handlers.WatchedFileHandler(path, encoding="utf-8")

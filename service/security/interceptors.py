@@ -1,0 +1,256 @@
+"""One server interceptor for authentication, the per-caller concurrency cap and the audit log.
+
+Order inside a call: the audit record starts, the caller is identified (bearer token, else the verified client
+certificate's subject), the caller's concurrency slot is taken, the service runs, the slot is released and one audit
+line is written with the final status. Install it first (outermost) so that the audit line sees the status code the
+service's error mapping chose.
+
+Health checks (``grpc.health.v1``) are exempt from all three: they reveal nothing but serving status, kubelet must
+reach them without credentials, and auditing a probe every few seconds would drown the log. Reflection is not exempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from service.security import audit
+from service.security.tls import client_subject
+from service.security.tokens import TokenStore
+
+log = logging.getLogger("neuroexplain.security")
+
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+DEFAULT_MAX_CALLS_PER_CALLER = 8
+
+# Optional: read the model name and the scan digest from a request when the service does not call annotate().
+RequestDescriber = Callable[[Any], tuple[str | None, str | None]]
+
+
+class CallerLimiter:
+    """At most ``limit`` calls in flight per caller; ``limit`` 0 means no cap."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError(f"per-caller call limit is {limit}; expected 0 (no cap) or a positive number")
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+
+    def try_acquire(self, caller: str) -> bool:
+        if self.limit == 0:
+            return True
+        with self._lock:
+            n = self._in_flight.get(caller, 0)
+            if n >= self.limit:
+                return False
+            self._in_flight[caller] = n + 1
+            return True
+
+    def release(self, caller: str) -> None:
+        if self.limit == 0:
+            return
+        with self._lock:
+            n = self._in_flight.get(caller, 0) - 1
+            if n <= 0:
+                self._in_flight.pop(caller, None)  # no entry per caller kept forever
+            else:
+                self._in_flight[caller] = n
+
+    def in_flight(self, caller: str) -> int:
+        with self._lock:
+            return self._in_flight.get(caller, 0)
+
+
+class SecurityInterceptor(grpc.ServerInterceptor):
+    """Authenticates callers, caps their concurrent calls and writes the audit log.
+
+    Args:
+        tokens: valid bearer tokens, or ``None`` for no token authentication (then the client certificate's subject,
+            if mutual TLS is on, or nothing identifies the caller).
+        audit_log: where audit lines go, or ``None`` for none.
+        max_calls_per_caller: concurrent calls allowed per caller (0: no cap). Callers without an identity are
+            counted per peer address.
+        describe: reads ``(model, scan_digest)`` from a request message, for services that do not call
+            :func:`service.security.audit.annotate`.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokens: TokenStore | None = None,
+        audit_log: audit.AuditLog | None = None,
+        max_calls_per_caller: int = DEFAULT_MAX_CALLS_PER_CALLER,
+        describe: RequestDescriber | None = None,
+    ) -> None:
+        self.tokens = tokens
+        self.audit_log = audit_log
+        self.limiter = CallerLimiter(max_calls_per_caller)
+        self.describe = describe
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(EXEMPT_PREFIXES):
+            return handler
+        metadata = tuple(handler_call_details.invocation_metadata or ())
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, metadata, stream_in=False),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method, metadata, stream_in=True),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, metadata, stream_in=False),
+                handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream, method, metadata, stream_in=True),
+            handler.request_deserializer, handler.response_serializer)
+
+    # -- the steps --------------------------------------------------------------------------------------------------
+
+    def _admit(self, record: audit.CallRecord, metadata: tuple[Any, ...], context: grpc.ServicerContext) -> str:
+        """Identify the caller and take a concurrency slot; returns the limiter key. Aborts the call when refused."""
+        record.cert_subject = client_subject(context.auth_context())
+        if self.tokens is not None:
+            token = _bearer_token(metadata, context)
+            name = self.tokens.authenticate(token)
+            if name is None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+            record.caller, record.auth = name, "token"
+        elif record.cert_subject is not None:
+            record.caller, record.auth = record.cert_subject, "mtls"
+        key = f"caller:{record.caller}" if record.caller is not None else f"peer:{_peer_host(record.peer)}"
+        if not self.limiter.try_acquire(key):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this caller already has {self.limiter.limit} calls in flight, the per-caller limit "
+                "(--max-calls-per-caller); retry when one of them has finished",
+            )
+        return key
+
+    def _finish(self, record: audit.CallRecord, context: grpc.ServicerContext, error: BaseException | None) -> None:
+        if self.audit_log is None:
+            return
+        try:
+            self.audit_log.write(record, _status_name(context, error))
+        except Exception:  # an audit sink that fails must not turn a served call into an error
+            log.exception("could not write the audit line")
+
+    def _describe(self, record: audit.CallRecord, request: Any) -> None:
+        if self.describe is None or (record.model is not None and record.scan_digest is not None):
+            return
+        try:
+            model, digest = self.describe(request)
+        except Exception:
+            log.exception("audit: could not describe the request")
+            return
+        record.model = record.model or model
+        record.scan_digest = record.scan_digest or digest
+
+    # -- wrappers per call shape ------------------------------------------------------------------------------------
+
+    def _wrap_unary(self, inner: Callable[..., Any], method: str, metadata: tuple[Any, ...], *, stream_in: bool
+                    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            record = audit.CallRecord(rpc=method, peer=context.peer())
+            error: BaseException | None = None
+            try:
+                key = self._admit(record, metadata, context)
+                try:
+                    if not stream_in:
+                        self._describe(record, request)
+                    token = audit.bind(record)
+                    try:
+                        return inner(request, context)
+                    finally:
+                        audit.unbind(token)
+                finally:
+                    self.limiter.release(key)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._finish(record, context, error)
+
+        return behavior
+
+    def _wrap_stream(self, inner: Callable[..., Iterator[Any]], method: str, metadata: tuple[Any, ...], *,
+                     stream_in: bool) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            record = audit.CallRecord(rpc=method, peer=context.peer())
+            try:
+                key = self._admit(record, metadata, context)
+            except BaseException as exc:
+                self._finish(record, context, exc)
+                raise
+            if not stream_in:
+                self._describe(record, request)
+            return self._stream(inner, request, context, record, key)
+
+        return behavior
+
+    def _stream(self, inner: Callable[..., Iterator[Any]], request: Any, context: grpc.ServicerContext,
+                record: audit.CallRecord, key: str) -> Iterator[Any]:
+        # The slot and the record live until the last response was sent or the client went away.
+        error: BaseException | None = None
+        try:
+            token = audit.bind(record)
+            try:
+                yield from inner(request, context)
+            finally:
+                audit.unbind(token)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.limiter.release(key)
+            self._finish(record, context, error)
+
+
+def _bearer_token(metadata: tuple[Any, ...], context: grpc.ServicerContext) -> str:
+    values = [m.value for m in metadata if m.key == "authorization"]
+    if not values:
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing bearer token; send the metadata 'authorization: Bearer <token>' (client: --token or "
+            "NEUROEXPLAIN_TOKEN)",
+        )
+    if len(values) > 1:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "more than one authorization header; send exactly one")
+    value = values[0] if isinstance(values[0], str) else ""
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, "the authorization header must be 'Bearer <token>'; other schemes are "
+            "not accepted"
+        )
+    return token.strip()
+
+
+def _peer_host(peer: str) -> str:
+    # "ipv4:10.0.0.7:5311" / "ipv6:[::1]:5311" -> the address without the port: one client, many connections.
+    kind, _, rest = peer.partition(":")
+    host, sep, _port = rest.rpartition(":")
+    return f"{kind}:{host}" if sep else peer
+
+
+def _status_name(context: grpc.ServicerContext, error: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if error is None:
+        return "OK"
+    if isinstance(error, GeneratorExit) or not context.is_active():
+        return "CANCELLED"
+    return "UNKNOWN"

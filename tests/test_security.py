@@ -1,0 +1,478 @@
+"""Security components against a small real gRPC server: TLS, mTLS, tokens, rotation, health port, audit, caps.
+
+Certificates are generated here with ``cryptography``. The end-to-end checks through the real gateway live in
+``test_security_gateway.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from test_security_pki import Issued, issue, make_ca
+
+from service.security import audit
+from service.security.errors import SecurityConfigError
+from service.security.health import create_health_server
+from service.security.interceptors import SecurityInterceptor
+from service.security.tls import ReloadingServerCredentials, TlsFiles, load_material
+from service.security.tokens import TokenStore
+
+READINESS = "neuroexplain.v1.NeuroExplain"
+ALICE = "alice-token-0123456789abcdef"
+BOB = "bob-token-0123456789abcdef00"
+TIMEOUT = 10
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A tiny service: raw-bytes methods, so no generated code is needed.
+
+
+class _Echo:
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def say(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        audit.annotate(model="tiny", scan_digest=hashlib.sha256(request).hexdigest())
+        return request
+
+    def fail(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such model; known: tiny")
+
+    def slow(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.entered.release()
+        self.release.wait(TIMEOUT)
+        return b"done"
+
+    def count(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self.entered.release()
+        yield b"1"
+        self.release.wait(TIMEOUT)
+        yield b"2"
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            "test.Echo",
+            {
+                "Say": grpc.unary_unary_rpc_method_handler(self.say),
+                "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+                "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
+                "Count": grpc.unary_stream_rpc_method_handler(self.count),
+            },
+        )
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.lines]
+
+
+class _Server:
+    def __init__(
+        self, *, credentials: grpc.ServerCredentials | None = None, tokens: TokenStore | None = None,
+        max_calls_per_caller: int = 8,
+    ) -> None:
+        self.echo = _Echo()
+        self.audit_lines = _Lines()
+        logger = logging.getLogger(f"test.audit.{id(self)}")
+        logger.addHandler(self.audit_lines)
+        self.interceptor = SecurityInterceptor(
+            tokens=tokens, audit_log=audit.AuditLog(logger=logger), max_calls_per_caller=max_calls_per_caller
+        )
+        self.health = health.HealthServicer()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(READINESS, health_pb2.HealthCheckResponse.SERVING)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[self.interceptor])
+        self.server.add_generic_rpc_handlers((self.echo.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if credentials is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
+        self.server.start()
+
+    @property
+    def target(self) -> str:
+        return f"localhost:{self.port}"
+
+    def stop(self) -> None:
+        self.echo.release.set()
+        self.server.stop(None)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[_Server]]:
+    started: list[_Server] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+def _say(channel: grpc.Channel, payload: bytes = b"hello", token: str | None = None) -> bytes:
+    metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
+    return channel.unary_unary("/test.Echo/Say")(payload, timeout=TIMEOUT, metadata=metadata)
+
+
+def _code(fn, *args, **kwargs) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, **kwargs)
+    return info.value.code()
+
+
+def _check(channel: grpc.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT).status
+
+
+def _tls_channel(target: str, ca: Issued, client: Issued | None = None) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca.cert_pem,
+        private_key=client.key_pem if client else None,
+        certificate_chain=client.cert_pem if client else None,
+    )
+    return grpc.secure_channel(target, creds)
+
+
+@pytest.fixture(scope="module")
+def pki() -> dict[str, Issued]:
+    ca = make_ca("test server CA")
+    client_ca = make_ca("test client CA")
+    other_ca = make_ca("unknown CA")
+    return {
+        "ca": ca,
+        "server": issue(ca, "localhost", server=True),
+        "client_ca": client_ca,
+        "client": issue(client_ca, "pacs-bridge", server=False),
+        "unknown_client": issue(other_ca, "intruder", server=False),
+        "expired_client": issue(client_ca, "old-bridge", server=False, not_before_days=-30, not_after_days=-1),
+        "other_ca": other_ca,
+    }
+
+
+def _tls_files(tmp_path: Path, pki: dict[str, Issued], *, mtls: bool) -> TlsFiles:
+    cert, key = pki["server"].write(tmp_path, "server")
+    ca = None
+    if mtls:
+        ca = tmp_path / "client-ca.pem"
+        ca.write_bytes(pki["client_ca"].cert_pem)
+    return TlsFiles(cert, key, ca)
+
+
+def _write_tokens(path: Path, text: str) -> None:
+    # Write-then-rename, as an operator or a Secret update would; a new inode is what the store notices.
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TLS and mutual TLS
+
+
+def test_tls_off_serves_plaintext(servers: list[_Server]) -> None:
+    servers.append(s := _Server())
+    with grpc.insecure_channel(s.target) as channel:
+        assert _say(channel) == b"hello"
+    (line,) = s.audit_lines.records()
+    assert (line["caller"], line["auth"], line["code"]) == (None, "none", "OK")
+
+
+def test_tls_on_needs_a_tls_client_that_trusts_the_ca(tmp_path: Path, pki: dict[str, Issued],
+                                                        servers: list[_Server]) -> None:
+    creds = ReloadingServerCredentials(_tls_files(tmp_path, pki, mtls=False))
+    servers.append(s := _Server(credentials=creds.credentials))
+    with _tls_channel(s.target, pki["ca"]) as channel:
+        assert _say(channel) == b"hello"
+    with grpc.insecure_channel(s.target) as channel:
+        assert _code(_say, channel) == grpc.StatusCode.UNAVAILABLE
+    with _tls_channel(s.target, pki["other_ca"]) as channel:
+        assert _code(_say, channel) == grpc.StatusCode.UNAVAILABLE
+    assert [r["code"] for r in s.audit_lines.records()] == ["OK"]  # refused handshakes never reach a handler
+
+
+def test_mtls_accepts_a_valid_client_and_names_it_by_subject(tmp_path: Path, pki: dict[str, Issued],
+                                                              servers: list[_Server]) -> None:
+    creds = ReloadingServerCredentials(_tls_files(tmp_path, pki, mtls=True))
+    servers.append(s := _Server(credentials=creds.credentials))
+    with _tls_channel(s.target, pki["ca"], pki["client"]) as channel:
+        assert _say(channel) == b"hello"
+    (line,) = s.audit_lines.records()
+    assert line["auth"] == "mtls"
+    assert line["caller"] == line["cert_subject"] == "CN=pacs-bridge,O=neuroexplain tests"
+
+
+@pytest.mark.parametrize("client", ["unknown_client", "expired_client", None])
+def test_mtls_refuses_unknown_expired_and_missing_client_certificates(
+    client: str | None, tmp_path: Path, pki: dict[str, Issued], servers: list[_Server]
+) -> None:
+    creds = ReloadingServerCredentials(_tls_files(tmp_path, pki, mtls=True))
+    servers.append(s := _Server(credentials=creds.credentials))
+    with _tls_channel(s.target, pki["ca"], pki[client] if client else None) as channel:
+        assert _code(_say, channel) == grpc.StatusCode.UNAVAILABLE
+    with _tls_channel(s.target, pki["ca"], pki["client"]) as channel:  # the same server still serves valid clients
+        assert _say(channel) == b"hello"
+
+
+def test_server_certificate_rotates_without_restart(tmp_path: Path, pki: dict[str, Issued],
+                                                   servers: list[_Server]) -> None:
+    files = _tls_files(tmp_path, pki, mtls=False)
+    creds = ReloadingServerCredentials(files)
+    servers.append(s := _Server(credentials=creds.credentials))
+    with _tls_channel(s.target, pki["ca"]) as channel:
+        assert _say(channel) == b"hello"
+
+    new_ca = make_ca("next server CA")
+    new_server = issue(new_ca, "localhost", server=True)
+    # A half-finished rotation (new certificate, old key) is not used: the old pair keeps serving.
+    files.cert.write_bytes(new_server.cert_pem)
+    with _tls_channel(s.target, pki["ca"]) as channel:
+        assert _say(channel) == b"hello"
+    assert creds.reload_failures == 1
+    files.key.write_bytes(new_server.key_pem)
+    with _tls_channel(s.target, new_ca) as channel:
+        assert _say(channel) == b"hello"
+    with _tls_channel(s.target, pki["ca"]) as channel:
+        assert _code(_say, channel) == grpc.StatusCode.UNAVAILABLE
+    assert creds.reloads == 1
+
+
+def test_client_ca_rotation_takes_effect_for_new_connections(tmp_path: Path, pki: dict[str, Issued],
+                                                             servers: list[_Server]) -> None:
+    files = _tls_files(tmp_path, pki, mtls=True)
+    creds = ReloadingServerCredentials(files)
+    servers.append(s := _Server(credentials=creds.credentials))
+    with _tls_channel(s.target, pki["ca"], pki["unknown_client"]) as channel:
+        assert _code(_say, channel) == grpc.StatusCode.UNAVAILABLE
+    assert files.client_ca is not None
+    files.client_ca.write_bytes(pki["client_ca"].cert_pem + pki["other_ca"].cert_pem)
+    with _tls_channel(s.target, pki["ca"], pki["unknown_client"]) as channel:
+        assert _say(channel) == b"hello"
+
+
+def test_tls_material_is_checked_before_use(tmp_path: Path, pki: dict[str, Issued]) -> None:
+    cert, key = pki["server"].write(tmp_path, "server")
+    _other_cert, other_key = pki["client"].write(tmp_path, "other")
+    with pytest.raises(SecurityConfigError, match="does not belong"):
+        load_material(TlsFiles(cert, other_key))
+    expired = issue(pki["ca"], "localhost", server=True, not_before_days=-10, not_after_days=-1)
+    ecert, ekey = expired.write(tmp_path, "expired")
+    with pytest.raises(SecurityConfigError, match="expired"):
+        load_material(TlsFiles(ecert, ekey))
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(SecurityConfigError, match="not a PEM certificate"):
+        load_material(TlsFiles(tmp_path / "junk.pem", key))
+    with pytest.raises(SecurityConfigError, match="not a PEM private key"):
+        load_material(TlsFiles(cert, tmp_path / "junk.pem"))
+    with pytest.raises(SecurityConfigError, match="cannot read"):
+        load_material(TlsFiles(cert, tmp_path / "missing.key"))
+    with pytest.raises(SecurityConfigError, match="client CA bundle"):
+        load_material(TlsFiles(cert, key, tmp_path / "junk.pem"))
+    assert load_material(TlsFiles(cert, key)).not_after == pki["server"].cert.not_valid_after_utc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokens
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tokens"
+    _write_tokens(path, f"# callers\nalice:{ALICE}\n\nbob:{BOB}\n")
+    return path
+
+
+def test_tokens_valid_invalid_missing_and_malformed(token_file: Path, servers: list[_Server]) -> None:
+    servers.append(s := _Server(tokens=TokenStore.from_file(token_file)))
+    with grpc.insecure_channel(s.target) as channel:
+        assert _say(channel, token=ALICE) == b"hello"
+        assert _say(channel, token=BOB) == b"hello"
+        assert _code(_say, channel, token=ALICE[:-1] + "X") == grpc.StatusCode.UNAUTHENTICATED
+        assert _code(_say, channel) == grpc.StatusCode.UNAUTHENTICATED
+        call = channel.unary_unary("/test.Echo/Say")
+        assert _code(call, b"x", timeout=TIMEOUT, metadata=(("authorization", f"Basic {ALICE}"),)) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            _say(channel, token="wrong-token-but-long-enough")
+        assert "wrong-token" not in (info.value.details() or "")
+    records = s.audit_lines.records()
+    assert [(r["caller"], r["auth"], r["code"]) for r in records] == [
+        ("alice", "token", "OK"),
+        ("bob", "token", "OK"),
+        (None, "none", "UNAUTHENTICATED"),
+        (None, "none", "UNAUTHENTICATED"),
+        (None, "none", "UNAUTHENTICATED"),
+        (None, "none", "UNAUTHENTICATED"),
+    ]
+    text = "\n".join(s.audit_lines.lines)
+    assert ALICE not in text and BOB not in text
+
+
+def test_token_rotation_while_serving(token_file: Path, servers: list[_Server]) -> None:
+    store = TokenStore.from_file(token_file)
+    servers.append(s := _Server(tokens=store))
+    new_alice = "alice-NEW-token-fedcba9876543210"
+    with grpc.insecure_channel(s.target) as channel:
+        assert _say(channel, token=ALICE) == b"hello"
+        # Step 1: add the new token beside the old; both work.
+        _write_tokens(token_file, f"alice:{ALICE}\nalice:{new_alice}\nbob:{BOB}\n")
+        assert _say(channel, token=new_alice) == b"hello"
+        assert _say(channel, token=ALICE) == b"hello"
+        # Step 2: remove the old one; it stops working at once, the new one goes on.
+        _write_tokens(token_file, f"alice:{new_alice}\nbob:{BOB}\n")
+        assert _code(_say, channel, token=ALICE) == grpc.StatusCode.UNAUTHENTICATED
+        assert _say(channel, token=new_alice) == b"hello"
+        # A broken file while serving keeps the last good set (no lock-out), and is counted.
+        _write_tokens(token_file, "alice has no colon\n")
+        assert _say(channel, token=new_alice) == b"hello"
+        assert store.reload_failures == 1
+        # An in-place rewrite (same inode) is noticed too.
+        token_file.write_text(f"bob:{BOB}\n")
+        assert _code(_say, channel, token=new_alice) == grpc.StatusCode.UNAUTHENTICATED
+        assert _say(channel, token=BOB) == b"hello"
+    assert store.names == ("bob",)
+
+
+def test_token_store_rejects_bad_configuration(tmp_path: Path) -> None:
+    secret = "s3cret-value-that-must-not-leak"
+    cases = {
+        f"alice {secret}": "expected 'name:token'",
+        "alice:short": "at least 16",
+        f"al ice:{secret}": "the name must be",
+        f"alice:{secret}\nbob:{secret}": "repeats the token of line 1",
+        "# only a comment\n": "no tokens configured",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "tokens"
+        path.write_text(text)
+        with pytest.raises(SecurityConfigError, match=message) as info:
+            TokenStore.from_file(path)
+        assert secret not in str(info.value)
+    with pytest.raises(SecurityConfigError, match="cannot read tokens file"):
+        TokenStore.from_file(tmp_path / "missing")
+    with pytest.raises(SecurityConfigError, match="not both"):
+        TokenStore.from_sources(tmp_path / "tokens", f"a:{ALICE}")
+    store = TokenStore.from_sources(None, f"alice:{ALICE}, bob:{BOB}")
+    assert store is not None and store.names == ("alice", "bob")
+    assert store.authenticate(BOB) == "bob" and store.authenticate(BOB + "x") is None
+    assert TokenStore.from_sources(None, None) is None
+
+
+def test_health_needs_no_token_but_reflection_style_methods_do(token_file: Path, servers: list[_Server]) -> None:
+    servers.append(s := _Server(tokens=TokenStore.from_file(token_file)))
+    with grpc.insecure_channel(s.target) as channel:
+        assert _check(channel, "") == health_pb2.HealthCheckResponse.SERVING
+        assert _check(channel, READINESS) == health_pb2.HealthCheckResponse.SERVING
+        assert _code(_say, channel) == grpc.StatusCode.UNAUTHENTICATED
+    assert [r["rpc"] for r in s.audit_lines.records()] == ["/test.Echo/Say"]  # probes are not audited
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Health-only port
+
+
+def test_health_port_answers_plaintext_while_the_main_port_requires_tls(
+    tmp_path: Path, pki: dict[str, Issued], servers: list[_Server]
+) -> None:
+    creds = ReloadingServerCredentials(_tls_files(tmp_path, pki, mtls=True))
+    servers.append(s := _Server(credentials=creds.credentials))
+    health_server, health_port = create_health_server(s.health, host="127.0.0.1", port=0)
+    health_server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            assert _check(channel, "") == health_pb2.HealthCheckResponse.SERVING
+            assert _check(channel, READINESS) == health_pb2.HealthCheckResponse.SERVING
+            # Same servicer: readiness flips on both ports together.
+            s.health.set(READINESS, health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert _check(channel, READINESS) == health_pb2.HealthCheckResponse.NOT_SERVING
+            with _tls_channel(s.target, pki["ca"], pki["client"]) as main:
+                assert _check(main, READINESS) == health_pb2.HealthCheckResponse.NOT_SERVING
+            # Nothing but health is served there.
+            assert _code(_say, channel) == grpc.StatusCode.UNIMPLEMENTED
+        with grpc.insecure_channel(s.target) as channel:
+            assert _code(_check, channel, "") == grpc.StatusCode.UNAVAILABLE
+    finally:
+        health_server.stop(None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Audit and per-caller concurrency
+
+
+def test_audit_lines_for_allowed_and_refused_calls(token_file: Path, servers: list[_Server]) -> None:
+    servers.append(s := _Server(tokens=TokenStore.from_file(token_file)))
+    payload = b"pretend scan bytes"
+    with grpc.insecure_channel(s.target) as channel:
+        _say(channel, payload, token=ALICE)
+        assert _code(channel.unary_unary("/test.Echo/Fail"), b"", timeout=TIMEOUT,
+                     metadata=(("authorization", f"Bearer {BOB}"),)) == grpc.StatusCode.NOT_FOUND
+        _code(_say, channel, payload, token="not-a-valid-token-at-all")
+    ok, not_found, refused = s.audit_lines.records()
+    assert set(ok) == {"time", "event", "rpc", "caller", "auth", "cert_subject", "peer", "model", "scan_digest",
+                       "code", "duration_s"}
+    assert ok["rpc"] == "/test.Echo/Say" and ok["caller"] == "alice" and ok["code"] == "OK"
+    assert ok["model"] == "tiny" and ok["scan_digest"] == hashlib.sha256(payload).hexdigest()
+    assert ok["time"].endswith("Z") and ok["duration_s"] >= 0 and ok["peer"].startswith("ipv4:127.0.0.1:")
+    assert (not_found["caller"], not_found["code"]) == ("bob", "NOT_FOUND")
+    assert (refused["caller"], refused["code"], refused["scan_digest"]) == (None, "UNAUTHENTICATED", None)
+
+
+def test_audit_log_writes_json_lines_to_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit" / "audit.jsonl"
+    log = audit.AuditLog(str(path))
+    try:
+        record = audit.CallRecord(rpc="/x/Y", peer="ipv4:127.0.0.1:1", caller="alice", auth="token")
+        log.write(record, "OK")
+        log.write(record, "CANCELLED")
+    finally:
+        log.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["code"] for line in lines] == ["OK", "CANCELLED"]
+    assert not logging.getLogger(audit.AUDIT_LOGGER).propagate  # never mixed into the operational log
+
+
+def test_per_caller_concurrency_cap(token_file: Path, servers: list[_Server]) -> None:
+    servers.append(s := _Server(tokens=TokenStore.from_file(token_file), max_calls_per_caller=1))
+    auth = {n: (("authorization", f"Bearer {t}"),) for n, t in (("alice", ALICE), ("bob", BOB))}
+    with grpc.insecure_channel(s.target) as channel:
+        slow = channel.unary_unary("/test.Echo/Slow")
+        count = channel.unary_stream("/test.Echo/Count")
+        first = slow.future(b"", timeout=TIMEOUT, metadata=auth["alice"])
+        assert s.echo.entered.acquire(timeout=TIMEOUT)
+        assert _code(_say, channel, token=ALICE) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _say(channel, token=BOB) == b"hello"  # other callers are not affected
+        s.echo.release.set()
+        assert first.result() == b"done"
+        assert _say(channel, token=ALICE) == b"hello"  # the slot came back
+        # A streaming call holds its slot until its last message.
+        s.echo.release.clear()
+        stream = count(b"", timeout=TIMEOUT, metadata=auth["alice"])
+        assert next(stream) == b"1"
+        assert _code(_say, channel, token=ALICE) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        s.echo.release.set()
+        assert list(stream) == [b"2"]
+        deadline = time.monotonic() + TIMEOUT
+        while s.interceptor.limiter.in_flight("caller:alice") and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server finishes the stream just after the client saw its end
+        assert _say(channel, token=ALICE) == b"hello"
+    codes = [(r["caller"], r["code"]) for r in s.audit_lines.records()]
+    assert codes.count(("alice", "RESOURCE_EXHAUSTED")) == 2
+    assert s.interceptor.limiter.in_flight("caller:alice") == 0
