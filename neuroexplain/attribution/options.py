@@ -1,0 +1,238 @@
+"""Attribution methods and their options: one table used to validate requests and to describe them (GetModel).
+
+Options arrive as strings from the command line (``--option key=value``) and the wire, or as numbers from Python
+callers. :func:`parse_options` turns them into typed values, fills in defaults and rejects anything unknown or out
+of range with an :class:`~neuroexplain.errors.InvalidOptionError` that names what is allowed.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from neuroexplain.errors import InvalidOptionError
+
+
+class Method(enum.Enum):
+    """Canonical attribution method names (the values travel on the wire and on the command line)."""
+
+    INTEGRATED_GRADIENTS = "integrated_gradients"
+    SMOOTHGRAD = "smoothgrad"
+    GRADIENT = "gradient"
+    GRADIENT_X_INPUT = "gradient_x_input"
+    GUIDED_BACKPROP = "guided_backprop"
+    GRADCAM = "gradcam"
+    OCCLUSION = "occlusion"
+    LRP_EPSILON = "lrp_epsilon"
+    LRP_ALPHA_BETA = "lrp_alpha_beta"
+    LRP_COMPOSITE = "lrp_composite"
+    DEEPLIFT = "deeplift"
+    GRADIENT_SHAP = "gradient_shap"
+
+    @classmethod
+    def parse(cls, value: Method | str) -> Method:
+        """The method named ``value``; raises InvalidOptionError naming the allowed methods."""
+        if isinstance(value, Method):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            raise InvalidOptionError(
+                f"attribution method {value!r} is unknown; expected one of {[m.value for m in cls]}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option of one method.
+
+    Attributes:
+        name: the key (``n_steps``).
+        type: ``int``, ``float``, ``str`` or ``bool``.
+        default: value used when the caller does not send the option (``None``: decided from the model, see doc).
+        minimum: inclusive lower bound for numbers, else ``None``.
+        maximum: inclusive upper bound for numbers, else ``None``.
+        choices: allowed values for strings, else ``None`` (``layer``: the model's ``spec.layers``).
+        doc: one line for help texts and GetModel.
+    """
+
+    name: str
+    type: str
+    default: Any
+    doc: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def allowed(self) -> str:
+        """Human-readable allowed values, for error messages and help."""
+        if self.choices is not None:
+            return f"one of {list(self.choices)}"
+        if self.type == "bool":
+            return "true or false"
+        if self.minimum is not None or self.maximum is not None:
+            return f"{'an integer' if self.type == 'int' else 'a number'} from {_fmt(self.minimum)} to {_fmt(self.maximum)}"
+        return f"a {self.type}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable description (what GetModel and ``--help`` show)."""
+        return {
+            "name": self.name,
+            "type": self.type,
+            "default": self.default,
+            "minimum": self.minimum,
+            "maximum": self.maximum,
+            "choices": list(self.choices) if self.choices is not None else None,
+            "doc": self.doc,
+        }
+
+    def parse(self, method: Method, raw: str | int | float | bool) -> Any:
+        """Typed, range-checked value of ``raw``; raises InvalidOptionError saying what is allowed."""
+        where = f"option {self.name!r} of method {method.value!r}"
+        text = raw.strip() if isinstance(raw, str) else raw
+        try:
+            if self.type == "bool":
+                value: Any = _parse_bool(text)
+            elif self.type == "int":
+                if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+                    raise ValueError
+                value = int(text) if not isinstance(text, str) else int(text, 10)
+            elif self.type == "float":
+                if isinstance(text, bool):
+                    raise ValueError
+                value = float(text)
+                if not math.isfinite(value):
+                    raise ValueError
+            else:
+                value = str(text)
+        except (TypeError, ValueError):
+            raise InvalidOptionError(f"{where} must be {self.allowed()}; got {_show(raw)}") from None
+        if self.choices is not None and value not in self.choices:
+            raise InvalidOptionError(f"{where} must be {self.allowed()}; got {_show(raw)}")
+        if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
+            raise InvalidOptionError(f"{where} must be {self.allowed()}; got {_show(raw)}")
+        return value
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "unbounded"
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _show(raw: object) -> str:
+    # Option values are the caller's own parameters, never scan content; still, cap their length in messages.
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.lower() in ("true", "1", "yes", "on")
+    raise ValueError(value)
+
+
+BASELINES = ("zeros", "blur", "template")
+_SEED = OptionSpec("seed", "int", 0, "seed of the random noise / baselines (results are deterministic per seed)", 0, 2**31 - 1)
+
+
+def _batch(default: int) -> OptionSpec:
+    return OptionSpec(
+        "internal_batch_size", "int", default,
+        "volumes evaluated per forward/backward pass; bounds memory (about 0.1 GB per volume on the 2 mm grid)", 1, 64,
+    )
+
+
+def _baseline(default: str = "zeros", choices: tuple[str, ...] = BASELINES) -> OptionSpec:
+    return OptionSpec(
+        "baseline", "str", default,
+        "reference volume: zeros (background), blur (the scan smoothed by blur_sigma_mm) or template (MNI152 T1)",
+        choices=choices,
+    )
+
+
+_BLUR = OptionSpec("blur_sigma_mm", "float", 8.0, "Gaussian sigma of the blurred-scan baseline, in mm", 0.5, 50.0)
+
+METHOD_OPTIONS: dict[Method, tuple[OptionSpec, ...]] = {
+    Method.INTEGRATED_GRADIENTS: (
+        OptionSpec("n_steps", "int", 32, "steps of the Riemann/Gauss-Legendre path integral", 1, 512),
+        _baseline(), _BLUR, _batch(4),
+    ),
+    Method.SMOOTHGRAD: (
+        OptionSpec("base", "str", "gradient", "attribution averaged over noisy copies", choices=("gradient", "integrated_gradients")),
+        OptionSpec("nt_samples", "int", 16, "noisy copies averaged", 1, 256),
+        OptionSpec("stdev", "float", 0.15, "noise standard deviation as a fraction of the input's intensity range", 0.0, 1.0),
+        OptionSpec("n_steps", "int", 8, "integration steps per copy (base integrated_gradients only)", 1, 256),
+        _baseline(), _BLUR, _batch(4), _SEED,
+    ),
+    Method.GRADIENT: (),
+    Method.GRADIENT_X_INPUT: (),
+    Method.GUIDED_BACKPROP: (),
+    Method.GRADCAM: (
+        OptionSpec("layer", "str", None, "conv layer to explain, one of the model's layers (default: the last)"),
+        OptionSpec("relu", "bool", True, "keep only the positive part, as in Grad-CAM (false: signed map)"),
+        OptionSpec("interpolation", "str", "trilinear", "upsampling to the input grid", choices=("trilinear", "nearest")),
+    ),
+    Method.OCCLUSION: (
+        OptionSpec("patch", "int", 16, "edge of the cubic occluding patch, in model-grid voxels (2 mm each)", 1, 64),
+        OptionSpec("stride", "int", 16, "step between patches, in model-grid voxels", 1, 64),
+        _baseline(), _BLUR, _batch(8),
+    ),
+    Method.LRP_EPSILON: (
+        OptionSpec("epsilon", "float", 1e-6, "stabiliser of the epsilon rule (larger: sparser, less noisy)", 1e-12, 100.0),
+    ),
+    Method.LRP_ALPHA_BETA: (),  # captum 0.9 implements alpha=1, beta=0 only (Alpha1_Beta0_Rule)
+    Method.LRP_COMPOSITE: (
+        OptionSpec("gamma", "float", 0.25, "gamma rule on convolutions (favours positive contributions)", 0.0, 100.0),
+        OptionSpec("epsilon", "float", 0.25, "epsilon rule on the fully connected layers", 1e-12, 100.0),
+    ),
+    Method.DEEPLIFT: (
+        _baseline(), _BLUR,
+        OptionSpec("multiply_by_inputs", "bool", True, "global attribution (x - baseline) * multiplier; false: multipliers only"),
+    ),
+    Method.GRADIENT_SHAP: (
+        OptionSpec("n_samples", "int", 16, "random baseline/noise samples averaged", 1, 512),
+        OptionSpec("stdev", "float", 0.1, "noise standard deviation as a fraction of the input's intensity range", 0.0, 1.0),
+        _baseline("all", (*BASELINES, "all")), _BLUR, _batch(4), _SEED,
+    ),
+}
+
+
+def parse_options(method: Method | str, options: Mapping[str, str | int | float | bool] | None) -> dict[str, Any]:
+    """Typed options of ``method`` with every default filled in (the canonical form, e.g. for cache keys).
+
+    Args:
+        method: a :class:`Method` or its name.
+        options: ``name -> value``; strings (``"32"``, ``"true"``) as they come from the CLI or the wire, or numbers.
+
+    Raises:
+        InvalidOptionError: unknown method or option, a value of the wrong type, out of range or not a choice.
+    """
+    m = Method.parse(method)
+    specs = {o.name: o for o in METHOD_OPTIONS[m]}
+    given = dict(options or {})
+    unknown = sorted(set(given) - set(specs))
+    if unknown:
+        allowed = sorted(specs) or "none"
+        raise InvalidOptionError(f"method {m.value!r} has no option {unknown[0]!r}; its options: {allowed}")
+    return {name: (spec.parse(m, given[name]) if name in given else spec.default) for name, spec in specs.items()}
+
+
+def parse_option_pairs(pairs: list[str] | None) -> dict[str, str]:
+    """``["n_steps=32", "baseline=blur"]`` -> ``{"n_steps": "32", "baseline": "blur"}`` (the CLI's ``--option``)."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidOptionError(f"option {pair!r} must look like key=value, e.g. n_steps=32")
+        if key.strip() in out:
+            raise InvalidOptionError(f"option {key.strip()!r} is given twice")
+        out[key.strip()] = value.strip()
+    return out
