@@ -1,0 +1,1 @@
+"""TorchServe side of neuroexplain: the custom handler, its wire contract, and what builds model archives (.mar)."""
