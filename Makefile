@@ -21,10 +21,18 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet $(EDITABLE) ".[$(EXTRAS)]"
 	touch $@
 
-install: $(BIN)/.installed
+# gRPC stubs are generated from proto/ (never committed): by the install's build hook (setup.py) and again here
+# whenever the .proto changes. Without grpcio-tools (runtime-only image) the installed stubs must import.
+PROTO_STUBS := neuroexplain/_proto/neuroexplain_pb2.py
+$(PROTO_STUBS): proto/neuroexplain/v1/neuroexplain.proto $(BIN)/.installed
+	if $(BIN)/python -c "import grpc_tools" 2>/dev/null; then \
+		$(BIN)/python -c "import runpy; runpy.run_path('setup.py', run_name='neuroexplain_stubs')"; \
+	else $(BIN)/python -c "import neuroexplain._proto.neuroexplain_pb2"; fi
+
+install: $(BIN)/.installed $(PROTO_STUBS)
 
 serve: install
-	$(BIN)/neuroexplain serve
+	$(BIN)/neuroexplain serve $(SERVE_ARGS)
 
 test: install
 	$(BIN)/python -m pytest tests

@@ -1,0 +1,60 @@
+"""``neuroexplain serve``: run the gRPC gateway (prints ``ready`` once SERVING; SIGTERM drains and exits)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC service",
+        description="Run the gRPC gateway. Every flag also reads a NEUROEXPLAIN_* environment variable "
+        "(flag > environment > default), e.g. NEUROEXPLAIN_PORT, NEUROEXPLAIN_CACHE.",
+    )
+    p.add_argument("--host", default=None, help="address to bind (default [::])")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051; 0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default 9464; -1 = off)")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="plaintext grpc.health.v1-only port for kubelet probes (default 50052; -1 = off)")
+    p.add_argument("--backend", choices=["torchserve", "inprocess"], default=None,
+                   help="where models run (default torchserve)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--cache-dir", type=Path, default=None,
+                       help="folder of the on-disk result cache (default ~/.cache/neuroexplain)")
+    cache.add_argument("--cache", default=None, metavar="URL",
+                       help="redis://[:password@]host:port/db for a cache shared by replicas, or 'none'")
+    p.add_argument("--cache-max-bytes", type=int, default=None, help="disk cache size cap (default 2 GiB)")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="computations at once; beyond it and the queue: RESOURCE_EXHAUSTED (default 4)")
+    p.add_argument("--max-message-bytes", type=int, default=None, help="gRPC max message size (default 256 MiB)")
+    p.add_argument("--device", default=None, help="torch device of the in-process backend (default cpu)")
+    p.set_defaults(func=run)
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags given on the command line, as ``Settings`` field names (None = not given)."""
+    from service.config import BackendKind
+
+    return {
+        "host": args.host,
+        "port": args.port,
+        "metrics_port": args.metrics_port,
+        "health_port": args.health_port,
+        "backend": BackendKind(args.backend) if args.backend else None,
+        "cache_dir": args.cache_dir,
+        "cache": args.cache if args.cache else ("disk" if args.cache_dir else None),
+        "cache_max_bytes": args.cache_max_bytes,
+        "max_concurrency": args.max_concurrency,
+        "max_message_bytes": args.max_message_bytes,
+        "device": args.device,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.config import build_settings
+    from service.server import serve
+
+    return serve(build_settings(overrides(args)))

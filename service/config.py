@@ -1,0 +1,167 @@
+"""The one settings object of the gateway, built once from flags and ``NEUROEXPLAIN_*`` environment variables.
+
+Precedence: command-line flag > environment variable > default. Nothing reads argv or the environment at import
+time; :func:`settings_from_env` and ``neuroexplain serve`` build a :class:`Settings` and pass it down.
+
+Other parts of the service add their fields here (security: TLS and tokens; TorchServe: engine options) with a
+default, an environment variable in :data:`ENV`, and a flag in ``neuroexplain/cli/commands/serve.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neuroexplain.errors import InvalidOptionError
+
+MiB = 1 << 20
+
+
+class BackendKind(enum.Enum):
+    TORCHSERVE = "torchserve"
+    INPROCESS = "inprocess"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "neuroexplain"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Gateway configuration (immutable).
+
+    Attributes:
+        host: address the gRPC port binds to.
+        port: gRPC port (0 = pick a free one; ``create_server`` returns the bound port).
+        metrics_port: Prometheus ``/metrics`` port (0 = pick a free one, -1 = no metrics server).
+        health_port: plaintext port serving only grpc.health.v1 (kubelet probes); -1 = none.
+        backend: ``torchserve`` or ``inprocess``.
+        cache: ``disk`` (default), ``none``, or a ``redis://[:password@]host:port/db`` URL.
+        cache_dir: folder of the disk cache.
+        cache_max_bytes: disk cache size cap (least recently used entries are evicted beyond it).
+        cache_ttl_s: Redis entry time-to-live.
+        cache_max_value_bytes: results larger than this are not cached.
+        max_message_bytes: gRPC max send and receive message size.
+        max_concurrency: computations running at once; more are refused with RESOURCE_EXHAUSTED.
+        max_queue: requests that may wait for a computation slot before refusals start (0 = refuse at once).
+        max_visualize_steps: cap on Visualize steps.
+        scan_store_entries / scan_store_bytes / scan_store_ttl_s: the store of recently received scans that
+            ``Scan.digest`` refers to.
+        grace_s: how long SIGTERM waits for in-flight calls to finish.
+        workers: gRPC handler threads.
+        model_dirs: extra model folders (also ``NEUROEXPLAIN_MODEL_DIRS``, read by the library).
+        device: torch device of the in-process backend.
+    """
+
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int = 9464
+    health_port: int = 50052
+    backend: BackendKind = BackendKind.TORCHSERVE
+    cache: str = "disk"
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_max_bytes: int = 2048 * MiB
+    cache_ttl_s: int = 7 * 24 * 3600
+    cache_max_value_bytes: int = 64 * MiB
+    max_message_bytes: int = 256 * MiB
+    max_concurrency: int = 4
+    max_queue: int = 64
+    max_visualize_steps: int = 4096
+    scan_store_entries: int = 64
+    scan_store_bytes: int = 2048 * MiB
+    scan_store_ttl_s: int = 3600
+    grace_s: float = 30.0
+    workers: int = 32
+    model_dirs: tuple[Path, ...] = ()
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port", "health_port"):
+            value = getattr(self, name)
+            if not -1 <= value <= 65535:
+                raise InvalidOptionError(f"{name} is {value}; allowed: 0..65535 (0 = any free port, -1 = off)")
+        for name in ("max_message_bytes", "max_concurrency", "workers", "scan_store_entries", "max_visualize_steps"):
+            if getattr(self, name) < 1:
+                raise InvalidOptionError(f"{name} is {getattr(self, name)}; allowed: >= 1")
+        if self.max_queue < 0:
+            raise InvalidOptionError(f"max_queue is {self.max_queue}; allowed: >= 0")
+        if not (self.cache in ("disk", "none") or self.cache.startswith(("redis://", "rediss://"))):
+            raise InvalidOptionError(
+                "cache must be 'disk', 'none' or a redis://[:password@]host:port/db URL; got a value of another form"
+            )
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel/server options both sides must use (large scans and maps in both directions)."""
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]
+
+
+# field name -> environment variable. Values are parsed with the field's type.
+ENV: dict[str, str] = {f.name: "NEUROEXPLAIN_" + f.name.upper() for f in dataclasses.fields(Settings)}
+ENV["cache"] = "NEUROEXPLAIN_CACHE"
+ENV["model_dirs"] = "NEUROEXPLAIN_GATEWAY_MODEL_DIRS"  # NEUROEXPLAIN_MODEL_DIRS is read by the library itself
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(default, enum.Enum):
+            return type(default)(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path):
+            return Path(raw)
+        if isinstance(default, tuple):
+            return tuple(Path(p) for p in raw.split(os.pathsep) if p)
+        return raw
+    except ValueError:
+        allowed = [m.value for m in type(default)] if isinstance(default, enum.Enum) else type(default).__name__
+        raise InvalidOptionError(f"{ENV.get(name, name)}={raw!r} is not valid; allowed: {allowed}") from None
+
+
+def build_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from defaults, then ``NEUROEXPLAIN_*`` variables, then ``overrides`` (flags; None values ignored).
+
+    Args:
+        overrides: field name -> value from the command line; ``None`` means "not given".
+        environ: the environment to read (default ``os.environ``).
+
+    Raises:
+        InvalidOptionError: an unknown field, or a value of the wrong type or range.
+    """
+    env = os.environ if environ is None else environ
+    defaults = Settings.__new__(Settings)  # field defaults without validation side effects
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        object.__setattr__(defaults, f.name, default)
+        var = ENV.get(f.name)
+        if var and var in env and env[var] != "":
+            values[f.name] = _parse(f.name, env[var], default)
+    for name, value in (overrides or {}).items():
+        if name not in ENV:
+            raise InvalidOptionError(f"unknown setting {name!r}; known: {sorted(ENV)}")
+        if value is not None:
+            values[name] = value
+    return Settings(**values)
+
+
+def settings_from_env() -> Settings:
+    return build_settings()

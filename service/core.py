@@ -1,0 +1,437 @@
+"""The transport-neutral core: model lookup, scan validation and store, cache, singleflight, concurrency limit.
+
+The servicer hands it domain requests and a :class:`Caller` (is the client still there, when is its deadline); the
+core answers with results and whether they came from the cache. Each computation runs on the core's own worker
+pool, not on the caller's thread, so that identical concurrent requests share it (singleflight) and it outlives any
+one caller: it is cancelled only when the last caller waiting for it has gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from neuroexplain.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    InvalidOptionError,
+    LimitExceededError,
+    NotFoundError,
+    UnavailableError,
+)
+from service import cache as cache_mod
+from service.backend import (
+    AttributeRequest,
+    AttributeResult,
+    Backend,
+    CallContext,
+    ModelInfo,
+    Operation,
+    PredictRequest,
+    PredictResult,
+    Progress,
+    ScanInput,
+    StartKind,
+    VisualizeRequest,
+    VisualizeResult,
+    new_job_id,
+)
+from service.config import Settings
+from service.errors import status_for
+from service.metrics import Metrics
+
+log = logging.getLogger("neuroexplain.service")
+
+R = TypeVar("R")
+
+_POLL_S = 0.05  # how often a waiting caller checks whether its client is still there
+_ALIGNMENTS = ("auto", "mni", "center")
+_NONFINITE = ("reject", "zero")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """One waiting client, as the transport sees it.
+
+    Attributes:
+        is_active: False once the client cancelled or disconnected.
+        deadline: ``time.monotonic()`` value of the client's deadline, or None.
+    """
+
+    is_active: Callable[[], bool] = lambda: True
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class ScanRef:
+    """A scan as a request names it: bytes, or the digest of bytes received earlier."""
+
+    data: bytes | None = None
+    digest: str | None = None
+    volume_index: int | None = None
+    alignment: str = "auto"
+    nonfinite: str = "reject"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scan store
+
+
+class ScanStore:
+    """Recently received scans by digest: bounded in entries and bytes, each kept at most ``ttl_s``."""
+
+    def __init__(self, max_entries: int, max_bytes: int, ttl_s: float, metrics: Metrics | None = None) -> None:
+        self.max_entries, self.max_bytes, self.ttl_s = max_entries, max_bytes, ttl_s
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._metrics = metrics
+
+    def put(self, digest: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(digest, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            self._items[digest] = (time.monotonic() + self.ttl_s, data)
+            self._bytes += len(data)
+            self._trim()
+
+    def get(self, digest: str) -> bytes | None:
+        with self._lock:
+            self._trim()
+            item = self._items.get(digest)
+            if item is None:
+                return None
+            self._items.move_to_end(digest)
+            return item[1]
+
+    def _trim(self) -> None:
+        now = time.monotonic()
+        for digest in [d for d, (expires, _) in self._items.items() if expires <= now]:
+            self._bytes -= len(self._items.pop(digest)[1])
+        while self._items and (len(self._items) > self.max_entries or self._bytes > self.max_bytes):
+            _digest, (_expires, data) = self._items.popitem(last=False)  # least recently used
+            self._bytes -= len(data)
+        if self._metrics is not None:
+            self._metrics.scan_store_bytes.set(self._bytes)
+            self._metrics.scan_store_entries.set(len(self._items))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Singleflight
+
+
+@dataclass(eq=False)
+class Flight(Generic[R]):
+    """One computation and the callers waiting for it."""
+
+    key: str
+    job_id: str = field(default_factory=new_job_id)
+    waiters: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    result: R | None = None
+    error: BaseException | None = None
+    progress: list[Progress] = field(default_factory=list)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def publish(self, event: Progress) -> None:
+        with self.changed:
+            self.progress.append(event)
+            self.changed.notify_all()
+
+    def finish(self, result: R | None, error: BaseException | None) -> None:
+        with self.changed:
+            self.result, self.error = result, error
+            self.done.set()
+            self.changed.notify_all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Core
+
+
+class Core:
+    """Everything between the servicer and the backend.
+
+    Args:
+        settings: limits and sizes.
+        backend: where computations run.
+        cache: result cache (``service.cache``); failures are counted and ignored.
+        metrics: where to record.
+    """
+
+    def __init__(self, settings: Settings, backend: Backend, cache: cache_mod.ResultCache, metrics: Metrics) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.cache = cache
+        self.metrics = metrics
+        self.scans = ScanStore(settings.scan_store_entries, settings.scan_store_bytes, settings.scan_store_ttl_s, metrics)
+        self._pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="compute")
+        self._flights: dict[str, Flight[Any]] = {}
+        self._lock = threading.Lock()
+        self._pending = 0  # computations running or queued
+        self._models: dict[str, ModelInfo] = {}
+        self._models_lock = threading.Lock()
+
+    # -- models --------------------------------------------------------------------------------------------------
+
+    def refresh_models(self) -> list[ModelInfo]:
+        models = self.backend.models()
+        with self._models_lock:
+            self._models = {m.name: m for m in models}
+        return models
+
+    def models(self) -> list[ModelInfo]:
+        """Every served model (asks the backend each time: cheap, and catches a restarted engine)."""
+        self._require_ready()
+        return self.refresh_models()
+
+    def model_names(self) -> frozenset[str]:
+        with self._models_lock:
+            return frozenset(self._models)
+
+    def model(self, name: str) -> ModelInfo:
+        with self._models_lock:
+            info = self._models.get(name)
+        if info is None:
+            self._require_ready()
+            info = {m.name: m for m in self.refresh_models()}.get(name)
+        if info is None:
+            raise NotFoundError(f"model {name!r} is not served here; served models: {sorted(self.model_names())}")
+        return info
+
+    def _require_ready(self) -> None:
+        if not self.backend.ready():
+            raise UnavailableError("the model backend is not ready (starting or restarting); retry in a few seconds")
+
+    # -- scans ---------------------------------------------------------------------------------------------------
+
+    def resolve_scan(self, ref: ScanRef) -> ScanInput:
+        """Bytes and digest of a scan sent inline or by digest; inline bytes are remembered for later references."""
+        if ref.alignment not in _ALIGNMENTS:
+            raise InvalidOptionError(f"alignment {ref.alignment!r} is unknown; allowed: {list(_ALIGNMENTS)}")
+        if ref.nonfinite not in _NONFINITE:
+            raise InvalidOptionError(f"non_finite {ref.nonfinite!r} is unknown; allowed: {list(_NONFINITE)}")
+        if ref.data is not None:
+            if not ref.data:
+                raise InvalidOptionError("scan.data is empty; send the bytes of a NIfTI-1/-2 or MGH/MGZ file")
+            digest = hashlib.sha256(ref.data).hexdigest()
+            data = ref.data
+        elif ref.digest:
+            digest = ref.digest.lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise InvalidOptionError("scan.digest must be 64 hex digits (the SHA-256 of the scan's bytes)")
+            stored = self.scans.get(digest)
+            if stored is None:
+                raise NotFoundError(
+                    f"scan {digest[:12]}… is not held by this server (scans are kept for "
+                    f"{self.settings.scan_store_ttl_s} s, at most {self.settings.scan_store_entries}); send its bytes"
+                )
+            data = stored
+        else:
+            raise InvalidOptionError("scan is missing; set scan.data (file bytes) or scan.digest")
+        return ScanInput(data=data, digest=digest, volume_index=ref.volume_index, alignment=ref.alignment,
+                         nonfinite=ref.nonfinite)
+
+    def _decoded(self, scan: ScanInput) -> ScanInput:
+        """Validate (decode) a scan; a valid one is stored for digest references."""
+        from neuroexplain.volumes import NonFinite, ScanLimits, read_scan
+
+        limits = ScanLimits(max_input_bytes=self.settings.max_message_bytes)
+        decoded = read_scan(scan.data, volume_index=scan.volume_index, nonfinite=NonFinite(scan.nonfinite),
+                            limits=limits)
+        self.scans.put(scan.digest, scan.data)
+        return dataclasses.replace(scan, decoded=decoded)
+
+    # -- operations ----------------------------------------------------------------------------------------------
+
+    def predict(self, request: PredictRequest, caller: Caller) -> tuple[PredictResult, bool]:
+        info = self.model(request.model)
+        key = self._key(Operation.PREDICT, info, request.scan, {})
+        return self._run(Operation.PREDICT, info, key, caller, request.scan,
+                         lambda scan, ctx: self.backend.predict(dataclasses.replace(request, scan=scan), ctx))
+
+    def attribute(self, request: AttributeRequest, caller: Caller) -> tuple[AttributeResult, bool]:
+        info = self.model(request.model)
+        if not request.method:
+            names = [m.name for m in info.attribution_methods]
+            raise InvalidOptionError(f"method is missing; allowed: {names}")
+        known = {m.name for m in info.attribution_methods}
+        if known and request.method not in known:
+            raise InvalidOptionError(f"attribution method {request.method!r} is unknown; allowed: {sorted(known)}")
+        if request.target and request.target not in info.classes:
+            raise InvalidOptionError(f"target class {request.target!r} is unknown; classes: {list(info.classes)}")
+        options = {"method": request.method, "target": request.target, "options": dict(request.options),
+                   "png": request.png}
+        key = self._key(Operation.ATTRIBUTE, info, request.scan, options)
+        return self._run(Operation.ATTRIBUTE, info, key, caller, request.scan,
+                         lambda scan, ctx: self.backend.attribute(dataclasses.replace(request, scan=scan), ctx))
+
+    def visualize(self, request: VisualizeRequest, caller: Caller) -> Iterator[tuple[str, Progress | tuple[VisualizeResult, bool]]]:
+        """Yields ``(job_id, Progress)`` events, then ``(job_id, (result, cached))``."""
+        info = self.model(request.model)
+        if request.steps > self.settings.max_visualize_steps:
+            raise LimitExceededError(
+                f"steps is {request.steps}; this server allows at most {self.settings.max_visualize_steps}"
+            )
+        if request.start is StartKind.SCAN and request.scan is None:
+            raise InvalidOptionError("start 'scan' needs a scan; set scan.data or scan.digest")
+        if request.start is not StartKind.SCAN and request.scan is not None:
+            raise InvalidOptionError(f"a scan was sent but start is {request.start.value!r}; set start to 'scan'")
+        known = {p.name for p in info.visualization_presets}
+        if known and request.preset not in known:
+            raise InvalidOptionError(f"preset {request.preset!r} is unknown; allowed: {sorted(known)}")
+        options = {"target": request.target, "preset": request.preset, "steps": request.steps, "seed": request.seed,
+                   "start": request.start.value, "options": dict(request.options),
+                   "preview_every": request.preview_every, "png": request.png}
+        key = self._key(Operation.VISUALIZE, info, request.scan, options)
+        model = info.name
+
+        def compute(scan: ScanInput | None, ctx: CallContext) -> VisualizeResult:
+            def on_progress(p: Progress) -> None:
+                self.metrics.visualize_steps.labels(model).inc()
+                ctx.on_progress(p)
+
+            return self.backend.visualize(dataclasses.replace(request, scan=scan),
+                                          dataclasses.replace(ctx, on_progress=on_progress))
+
+        yield from self._run_streaming(Operation.VISUALIZE, info, key, caller, request.scan, compute)
+
+    # -- machinery -----------------------------------------------------------------------------------------------
+
+    def _key(self, op: Operation, info: ModelInfo, scan: ScanInput | None, options: dict[str, Any]) -> str:
+        scan_doc = None if scan is None else {"digest": scan.digest, **scan.options_key()}
+        return cache_mod.cache_key(operation=op, model=info.name, model_version=info.version,
+                                   weights_sha256=info.weights_sha256, scan=scan_doc, options=options)
+
+    def _cache_get(self, op: Operation, key: str) -> Any | None:
+        try:
+            raw = self.cache.get(key)
+            value = None if raw is None else cache_mod.decode(raw)
+        except cache_mod.CacheError as exc:
+            self.metrics.cache_errors.labels(op.value).inc()
+            log.warning("cache read failed for %s: %s", op.value, exc)
+            return None
+        (self.metrics.cache_hits if value is not None else self.metrics.cache_misses).labels(op.value).inc()
+        return value
+
+    def _cache_put(self, op: Operation, key: str, value: Any) -> None:
+        try:
+            self.cache.put(key, cache_mod.encode(value))
+        except cache_mod.CacheError as exc:
+            self.metrics.cache_errors.labels(op.value).inc()
+            log.warning("cache write failed for %s: %s", op.value, exc)
+
+    def _run(self, op: Operation, info: ModelInfo, key: str, caller: Caller, scan: ScanInput | None,
+             compute: Callable[[Any, CallContext], R]) -> tuple[R, bool]:
+        for _job, event in self._run_streaming(op, info, key, caller, scan, compute):
+            if isinstance(event, tuple):
+                return event
+        raise AssertionError("unreachable: a flight always ends with a result or an error")
+
+    def _run_streaming(self, op: Operation, info: ModelInfo, key: str, caller: Caller, scan: ScanInput | None,
+                       compute: Callable[[Any, CallContext], R]) -> Iterator[tuple[str, Any]]:
+        hit = self._cache_get(op, key)
+        if hit is not None:
+            yield "", (hit, True)
+            return
+        self._require_ready()
+        flight, leader = self._join(op, key)
+        try:
+            if leader:
+                self._start(op, info, key, flight, scan, compute)
+            seen = 0
+            while True:
+                with flight.changed:
+                    if not flight.done.is_set() and len(flight.progress) == seen:
+                        flight.changed.wait(_POLL_S)
+                    events = flight.progress[seen:]
+                    seen += len(events)
+                for ev in events:
+                    yield flight.job_id, ev
+                if flight.done.is_set() and seen == len(flight.progress):
+                    break
+                if not caller.is_active():
+                    raise CancelledError("the call was cancelled by the client")
+                if caller.deadline is not None and time.monotonic() > caller.deadline:
+                    raise DeadlineExceededError(f"the deadline passed before {op.value} finished")
+            if flight.error is not None:
+                raise flight.error
+            yield flight.job_id, (flight.result, False)
+        finally:
+            self._leave(flight)
+
+    def _join(self, op: Operation, key: str) -> tuple[Flight[Any], bool]:
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None and not flight.cancelled.is_set():
+                flight.waiters += 1
+                self.metrics.singleflight_joins.labels(op.value).inc()
+                return flight, False
+            limit = self.settings.max_concurrency + self.settings.max_queue
+            if self._pending >= limit:
+                self.metrics.rejected.labels(op.value).inc()
+                raise LimitExceededError(
+                    f"the server is at its limit of {self.settings.max_concurrency} running and "
+                    f"{self.settings.max_queue} queued computations; retry later"
+                )
+            flight = Flight(key=key, waiters=1)
+            self._flights[key] = flight
+            self._pending += 1
+            return flight, True
+
+    def _leave(self, flight: Flight[Any]) -> None:
+        with self._lock:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.done.is_set():
+                # the last caller has gone: stop the computation and let the next identical request start afresh
+                flight.cancelled.set()
+                if self._flights.get(flight.key) is flight:
+                    del self._flights[flight.key]
+
+    def _start(self, op: Operation, info: ModelInfo, key: str, flight: Flight[R], scan: ScanInput | None,
+               compute: Callable[[Any, CallContext], R]) -> None:
+        ctx = CallContext(job_id=flight.job_id, is_cancelled=flight.cancelled.is_set, on_progress=flight.publish)
+
+        def work() -> None:
+            self.metrics.computations_in_flight.inc()
+            start = time.perf_counter()
+            result: R | None = None
+            error: BaseException | None = None
+            try:
+                if flight.cancelled.is_set():
+                    raise CancelledError("every caller went away before the computation started")
+                resolved = None if scan is None else self._decoded(scan)
+                result = compute(resolved, ctx)
+                self.metrics.backend_duration.labels(op.value, info.name).observe(time.perf_counter() - start)
+                self._cache_put(op, key, result)
+            except BaseException as exc:  # handed to every waiter, which re-raises it on its own thread
+                error = exc
+                mapped = status_for(exc)
+                self.metrics.backend_errors.labels(op.value, mapped[0].name if mapped else "INTERNAL").inc()
+                if mapped is None:
+                    log.error("%s computation failed", op.value, exc_info=exc)
+            finally:
+                self.metrics.computations_in_flight.dec()
+                with self._lock:
+                    self._pending -= 1
+                    if self._flights.get(key) is flight:
+                        del self._flights[key]
+                flight.finish(result, error)
+
+        self._pool.submit(work)
+
+    def close(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        self.cache.close()

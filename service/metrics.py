@@ -1,0 +1,181 @@
+"""Every Prometheus metric of the gateway, in one place, on an injectable registry.
+
+Names carry the ``neuroexplain_`` prefix and a unit suffix; labels are few and bounded: ``rpc`` (the five RPC names),
+``model`` (served model names, anything else becomes ``unknown``), ``operation`` (predict, attribute, visualize),
+``code`` (gRPC status code names). Never request ids, digests or anything from a scan.
+
+The TorchServe backend re-exports TorchServe's own metrics by registering a custom collector on the same registry
+(``Metrics.registry``), so one scrape of ``/metrics`` sees both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds-to-minutes work: Predict takes tenths of a second, Visualize minutes; the last finite bucket is 10 minutes.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+SIZE_BUCKETS = tuple(float(1 << p) for p in range(10, 29, 2))  # 1 KiB .. 256 MiB
+
+RPCS = ("ListModels", "GetModel", "Predict", "Attribute", "Visualize")
+UNKNOWN = "unknown"
+
+
+class Metrics:
+    """The gateway's metrics, registered on ``registry`` (a fresh ``CollectorRegistry`` in tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "neuroexplain_requests", "RPCs finished, by RPC, model and gRPC status code.", ["rpc", "model", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "neuroexplain_request_duration_seconds", "Time from receiving an RPC to its last response message.",
+            ["rpc", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge("neuroexplain_requests_in_flight", "RPCs being served now.", ["rpc"], registry=r)
+        self.request_bytes = Histogram(
+            "neuroexplain_request_size_bytes", "Serialized size of request messages.", ["rpc"],
+            buckets=SIZE_BUCKETS, registry=r,
+        )
+        self.response_bytes = Histogram(
+            "neuroexplain_response_size_bytes", "Serialized size of response messages (each streamed event).",
+            ["rpc"], buckets=SIZE_BUCKETS, registry=r,
+        )
+        self.cache_hits = Counter(
+            "neuroexplain_cache_hits", "Results served from the result cache.", ["operation"], registry=r
+        )
+        self.cache_misses = Counter(
+            "neuroexplain_cache_misses", "Result cache lookups that found nothing.", ["operation"], registry=r
+        )
+        self.cache_errors = Counter(
+            "neuroexplain_cache_errors",
+            "Result cache reads or writes that failed (the request went on without the cache).", ["operation"],
+            registry=r,
+        )
+        self.singleflight_joins = Counter(
+            "neuroexplain_singleflight_joins",
+            "Requests that waited for an identical computation already running instead of starting their own.",
+            ["operation"], registry=r,
+        )
+        self.backend_duration = Histogram(
+            "neuroexplain_backend_duration_seconds",
+            "Time of one backend computation (its count is the number of computations).", ["operation", "model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.backend_errors = Counter(
+            "neuroexplain_backend_errors", "Backend computations that raised, by error class family.",
+            ["operation", "code"], registry=r,
+        )
+        self.computations_in_flight = Gauge(
+            "neuroexplain_computations_in_flight", "Backend computations running now.", registry=r
+        )
+        self.rejected = Counter(
+            "neuroexplain_rejected_requests", "Requests refused because the concurrency limit and queue were full.",
+            ["operation"], registry=r,
+        )
+        self.visualize_steps = Counter(
+            "neuroexplain_visualize_steps", "Feature-visualization optimisation steps completed.", ["model"],
+            registry=r,
+        )
+        self.backend_ready = Gauge(
+            "neuroexplain_backend_ready", "1 while the backend answers (readiness), else 0.", registry=r
+        )
+        self.scan_store_bytes = Gauge(
+            "neuroexplain_scan_store_bytes", "Bytes of recently received scans held for digest references.",
+            registry=r,
+        )
+        self.scan_store_entries = Gauge(
+            "neuroexplain_scan_store_entries", "Scans held for digest references.", registry=r
+        )
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts RPCs by RPC, model and status code; times them; measures message sizes; tracks in-flight RPCs.
+
+    Args:
+        metrics: where to record.
+        known_models: returns the served model names; any other name is recorded as ``unknown`` so a caller cannot
+            grow the label set.
+    """
+
+    def __init__(self, metrics: Metrics, known_models: Callable[[], frozenset[str]]) -> None:
+        self._m = metrics
+        self._known = known_models
+
+    def _model(self, request: Any) -> str:
+        name = getattr(request, "model", None) or getattr(request, "name", None) or ""
+        if not name:
+            return ""
+        return name if name in self._known() else UNKNOWN
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        rpc = method.rsplit("/", 1)[-1]
+        if not method.startswith("/neuroexplain.v1.") or rpc not in RPCS:
+            return handler
+        m = self._m
+
+        def finish(context: grpc.ServicerContext, model: str, start: float, failed: bool) -> None:
+            code = context.code()
+            if code is None:
+                if not context.is_active():
+                    code = grpc.StatusCode.CANCELLED  # the client went away (or its deadline passed)
+                else:
+                    code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+            m.requests.labels(rpc, model, code.name).inc()
+            m.request_duration.labels(rpc, model).observe(time.perf_counter() - start)
+            m.in_flight.labels(rpc).dec()
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                start = time.perf_counter()
+                model = self._model(request)
+                m.in_flight.labels(rpc).inc()
+                m.request_bytes.labels(rpc).observe(request.ByteSize())
+                failed = True
+                try:
+                    response = inner(request, context)
+                    m.response_bytes.labels(rpc).observe(response.ByteSize())
+                    failed = False
+                    return response
+                finally:
+                    finish(context, model, start, failed)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                start = time.perf_counter()
+                model = self._model(request)
+                m.in_flight.labels(rpc).inc()
+                m.request_bytes.labels(rpc).observe(request.ByteSize())
+                failed = True
+                try:
+                    for response in inner_stream(request, context):
+                        m.response_bytes.labels(rpc).observe(response.ByteSize())
+                        yield response
+                    failed = False
+                finally:
+                    finish(context, model, start, failed)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler

@@ -1,0 +1,69 @@
+"""The gRPC servicer: wire -> domain, one core call, domain -> wire. Nothing else happens here.
+
+Errors are raised (``neuroexplain.errors``) and mapped to status codes by ``service.errors.ErrorInterceptor``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from neuroexplain._proto import neuroexplain_pb2 as pb
+from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
+from neuroexplain.errors import InvalidOptionError
+from service import convert
+from service.backend import NOTICE, AttributeRequest, PredictRequest, Progress, VisualizeRequest
+from service.core import Caller, Core
+
+
+def caller(context: grpc.ServicerContext) -> Caller:
+    """The transport's view of the client: still there? deadline?"""
+    remaining = context.time_remaining()
+    deadline = None if remaining is None else time.monotonic() + remaining
+    return Caller(is_active=context.is_active, deadline=deadline)
+
+
+def _require(value: str, field: str) -> None:
+    if not value:
+        raise InvalidOptionError(f"{field} is missing")
+
+
+class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[convert.model_info(m) for m in self.core.models()], notice=NOTICE)
+
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        _require(request.name, "name")
+        return convert.model_info(self.core.model(request.name))
+
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        _require(request.model, "model")
+        model, ref = convert.predict_request(request)
+        scan = self.core.resolve_scan(ref)
+        result, cached = self.core.predict(PredictRequest(model=model, scan=scan), caller(context))
+        return convert.predict_response(result, cached, scan.digest)
+
+    def Attribute(self, request: pb.AttributeRequest, context: grpc.ServicerContext) -> pb.AttributeResponse:
+        _require(request.model, "model")
+        fields = convert.attribute_fields(request)
+        scan = self.core.resolve_scan(convert.scan_ref(request.scan))
+        result, cached = self.core.attribute(AttributeRequest(scan=scan, **fields), caller(context))  # type: ignore[arg-type]
+        return convert.attribute_response(result, cached, scan.digest)
+
+    def Visualize(self, request: pb.VisualizeRequest, context: grpc.ServicerContext) -> Iterator[pb.VisualizeEvent]:
+        _require(request.model, "model")
+        _require(request.target, "target")
+        fields = convert.visualize_fields(request)
+        scan = self.core.resolve_scan(convert.scan_ref(request.scan)) if request.HasField("scan") else None
+        digest = scan.digest if scan is not None else ""
+        for job_id, event in self.core.visualize(VisualizeRequest(scan=scan, **fields), caller(context)):  # type: ignore[arg-type]
+            if isinstance(event, Progress):
+                yield convert.visualize_progress(job_id, event)
+            else:
+                result, cached = event
+                yield convert.visualize_result(job_id, result, cached, digest)
