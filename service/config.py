@@ -57,6 +57,10 @@ class Settings:
         workers: gRPC handler threads.
         model_dirs: extra model folders (also ``NEUROEXPLAIN_MODEL_DIRS``, read by the library).
         device: torch device of the in-process backend.
+        model_store: TorchServe backend: folder of ``.mar`` archives; every archive in it is served, and archives
+            of the bundled (and ``NEUROEXPLAIN_MODEL_DIRS``) models missing there are built at start.
+        torchserve_startup_timeout_s: TorchServe backend: how long TorchServe and every model's first worker may
+            take to become ready (at start and after each restart).
     """
 
     host: str = "[::]"
@@ -80,6 +84,8 @@ class Settings:
     workers: int = 32
     model_dirs: tuple[Path, ...] = ()
     device: str = "cpu"
+    model_store: Path = Path("model_store")
+    torchserve_startup_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "health_port"):

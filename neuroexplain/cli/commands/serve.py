@@ -31,6 +31,9 @@ def register(sub: Any) -> None:
                    help="computations at once; beyond it and the queue: RESOURCE_EXHAUSTED (default 4)")
     p.add_argument("--max-message-bytes", type=int, default=None, help="gRPC max message size (default 256 MiB)")
     p.add_argument("--device", default=None, help="torch device of the in-process backend (default cpu)")
+    p.add_argument("--model-store", type=Path, default=None,
+                   help="TorchServe backend: folder of .mar archives to serve; missing bundled ones are built "
+                   "(default ./model_store)")
     p.set_defaults(func=run)
 
 
@@ -50,6 +53,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "max_concurrency": args.max_concurrency,
         "max_message_bytes": args.max_message_bytes,
         "device": args.device,
+        "model_store": args.model_store,
     }
 
 
