@@ -29,6 +29,9 @@ DEFAULT_MAX_CALLS_PER_CALLER = 8
 
 # Optional: read the model name and the scan digest from a request when the service does not call annotate().
 RequestDescriber = Callable[[Any], tuple[str | None, str | None]]
+# The service's own exception -> status table, so the audit line shows the code the caller will get even though the
+# error interceptor that applies it runs outside this one.
+StatusOf = Callable[[BaseException], grpc.StatusCode | None]
 
 
 class CallerLimiter:
@@ -77,6 +80,8 @@ class SecurityInterceptor(grpc.ServerInterceptor):
             counted per peer address.
         describe: reads ``(model, scan_digest)`` from a request message, for services that do not call
             :func:`service.security.audit.annotate`.
+        status_of: the status code an exception raised by the service will be mapped to (``None``: unmapped, which
+            the error interceptor turns into INTERNAL).
     """
 
     def __init__(
@@ -86,11 +91,13 @@ class SecurityInterceptor(grpc.ServerInterceptor):
         audit_log: audit.AuditLog | None = None,
         max_calls_per_caller: int = DEFAULT_MAX_CALLS_PER_CALLER,
         describe: RequestDescriber | None = None,
+        status_of: StatusOf | None = None,
     ) -> None:
         self.tokens = tokens
         self.audit_log = audit_log
         self.limiter = CallerLimiter(max_calls_per_caller)
         self.describe = describe
+        self.status_of = status_of
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
@@ -143,7 +150,7 @@ class SecurityInterceptor(grpc.ServerInterceptor):
         if self.audit_log is None:
             return
         try:
-            self.audit_log.write(record, _status_name(context, error))
+            self.audit_log.write(record, _status_name(context, error, self.status_of))
         except Exception:  # an audit sink that fails must not turn a served call into an error
             log.exception("could not write the audit line")
 
@@ -245,7 +252,7 @@ def _peer_host(peer: str) -> str:
     return f"{kind}:{host}" if sep else peer
 
 
-def _status_name(context: grpc.ServicerContext, error: BaseException | None) -> str:
+def _status_name(context: grpc.ServicerContext, error: BaseException | None, status_of: StatusOf | None) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
@@ -253,4 +260,7 @@ def _status_name(context: grpc.ServicerContext, error: BaseException | None) -> 
         return "OK"
     if isinstance(error, GeneratorExit) or not context.is_active():
         return "CANCELLED"
-    return "UNKNOWN"
+    if status_of is not None:
+        mapped = status_of(error)
+        return mapped.name if mapped is not None else grpc.StatusCode.INTERNAL.name
+    return grpc.StatusCode.UNKNOWN.name  # what grpc itself answers for an exception nobody mapped
