@@ -156,7 +156,7 @@ def build_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[
     defaults = Settings.__new__(Settings)  # field defaults without validation side effects
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Settings):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         object.__setattr__(defaults, f.name, default)
         var = ENV.get(f.name)
         if var and var in env and env[var] != "":

@@ -31,7 +31,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     MemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
-_GENERIC = {
+_GENERIC: dict[type[BaseException], str] = {
     MemoryError: "the server ran out of memory for this request; try a smaller scan or fewer steps",
 }
 

@@ -6,13 +6,15 @@ call runs on the core's worker thread with no state kept on ``self`` besides the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from neuroexplain.errors import CancelledError, InvalidOptionError, LimitExceededError, NotFoundError
+from neuroexplain.errors import LimitExceededError, NotFoundError
 from service.backend import (
     AttributeRequest,
     AttributeResult,
@@ -21,14 +23,18 @@ from service.backend import (
     LayerSummary,
     MethodInfo,
     ModelInfo,
+    OptionInfo,
     PredictRequest,
     PredictResult,
+    Progress,
     ScanInput,
     VisualizeRequest,
     VisualizeResult,
 )
 
 log = logging.getLogger("neuroexplain.service")
+
+DEFAULT_STEPS = 256  # the CLI's --steps default
 
 
 def model_info(spec: Any) -> ModelInfo:
@@ -42,7 +48,7 @@ def model_info(spec: Any) -> ModelInfo:
         grid_affine=tuple(float(v) for v in spec.grid.affine.ravel()),
         voxel_mm=tuple(float(z) for z in spec.grid.zooms),  # type: ignore[arg-type]
         weights_sha256=spec.weights_sha256,
-        layers=tuple(LayerSummary(l.name, int(l.channels), tuple(int(s) for s in l.shape)) for l in spec.layers),  # type: ignore[misc]
+        layers=tuple(LayerSummary(l.name, int(l.channels), tuple(int(s) for s in l.shape)) for l in spec.layers),  # type: ignore[misc,arg-type]
         attribution_methods=attribution_methods(),
         visualization_presets=visualization_presets(),
         held_out_accuracy=spec.metrics.get("held_out_accuracy"),
@@ -50,13 +56,45 @@ def model_info(spec: Any) -> ModelInfo:
 
 
 def attribution_methods() -> tuple[MethodInfo, ...]:
-    """Attribution methods the library offers, with their options (wired in when the attribution package lands)."""
-    return ()
+    """Attribution methods the library offers, with each option's default and allowed values."""
+    from neuroexplain.attribution import METHOD_OPTIONS
+
+    return tuple(
+        MethodInfo(
+            name=method.value,
+            options=tuple(
+                OptionInfo(name=o.name, type=o.type, default=_text(o.default), allowed=o.allowed(), description=o.doc)
+                for o in options
+            ),
+        )
+        for method, options in METHOD_OPTIONS.items()
+    )
 
 
 def visualization_presets() -> tuple[MethodInfo, ...]:
-    """Visualization presets the library offers, with their options (wired in when the featvis package lands)."""
-    return ()
+    """Visualization presets with every option's value under that preset."""
+    from neuroexplain.featvis import OPTIONS, PRESETS
+
+    return tuple(
+        MethodInfo(
+            name=preset.value,
+            options=tuple(
+                OptionInfo(name=o.name, type=o.type, default=_text(values.get(o.name, o.default)),
+                           allowed=o.range_text, description=o.doc)
+                for o in OPTIONS
+            ),
+        )
+        for preset, values in PRESETS.items()
+    )
+
+
+def _text(value: Any) -> str:
+    """An option value as the wire and the CLI write it (``true``, ``0.05``; ``""`` = decided by the model)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value.value if hasattr(value, "value") else value)
 
 
 class InProcessBackend:
@@ -129,83 +167,67 @@ class InProcessBackend:
                              probabilities=dict(pred.probabilities), predicted_class=pred.predicted_class)
 
     def attribute(self, request: AttributeRequest, ctx: CallContext) -> AttributeResult:
-        try:
-            from neuroexplain.attribution import explain_scan  # type: ignore[attr-defined,unused-ignore]
-        except ImportError:
-            raise InvalidOptionError("attribution is not available in this build of the server") from None
+        from neuroexplain.attribution import explain
+        from neuroexplain.volumes import Alignment
+
         model = self._model(request.model)
         with _oom_as_limit():
-            out = explain_scan(
-                model, self._scan(request.scan), method=request.method, target=request.target or None,
-                options=dict(request.options), alignment=request.scan.alignment, png=request.png,
+            out = explain(
+                model, self._scan(request.scan), request.method, target=request.target or None,
+                options=dict(request.options), alignment=Alignment(request.scan.alignment), png=request.png,
+                should_cancel=ctx.is_cancelled,
             )
         return attribute_result(model.spec, out)
 
     def visualize(self, request: VisualizeRequest, ctx: CallContext) -> VisualizeResult:
-        try:
-            from neuroexplain.featvis import visualize_model  # type: ignore[attr-defined,unused-ignore]
-        except ImportError:
-            raise InvalidOptionError("feature visualization is not available in this build of the server") from None
-        model = self._model(request.model)
-        scan = self._scan(request.scan) if request.scan is not None else None
+        from neuroexplain import featvis
 
-        def should_stop() -> bool:
-            return ctx.is_cancelled()
+        model = self._model(request.model)
+        start: Any = self._scan(request.scan) if request.scan is not None else request.start.value
+
+        def progress(p: Any) -> None:
+            ctx.on_progress(Progress(step=p.step, steps=p.total, objective=float(p.objective),
+                                     preview_png=p.preview_png or b""))
 
         with _oom_as_limit():
-            out = visualize_model(
-                model, target=request.target, preset=request.preset, steps=request.steps or None, seed=request.seed,
-                start=request.start.value, scan=scan, options=dict(request.options),
-                preview_every=request.preview_every, png=request.png, on_progress=ctx.on_progress,
-                should_stop=should_stop,
+            out = featvis.visualize(
+                model, request.target, preset=request.preset, steps=request.steps or DEFAULT_STEPS,
+                seed=request.seed, start=start, options=dict(request.options), progress=progress,
+                should_cancel=ctx.is_cancelled, preview_every=request.preview_every,
             )
-        if ctx.is_cancelled():
-            raise CancelledError("the visualization was cancelled: every caller went away")
-        return visualize_result(model.spec, out)
+        return VisualizeResult(
+            model=model.spec.name, model_version=model.spec.version, nifti=out.nifti,
+            native_nifti=out.native_nifti or b"", png=out.png if request.png else b"",
+            objective_curve=tuple(float(v) for v in out.curve),
+        )
 
 
 def attribute_result(spec: Any, out: Any) -> AttributeResult:
-    """Domain result from the library's attribution output (a mapping or an object with the same fields)."""
-    get = out.get if isinstance(out, dict) else lambda k, d=None: getattr(out, k, d)
-    summary = get("summary", {}) or {}
+    """Domain result from the library's ``AttributionResult`` (also used by the TorchServe backend)."""
+    summary = out.summary
     clusters = tuple(
-        Cluster(peak_mm=tuple(c.get("peak_mm", (0, 0, 0))), center_mm=tuple(c.get("center_mm", (0, 0, 0))),
-                voxels=int(c.get("voxels", 0)), volume_mm3=float(c.get("volume_mm3", 0.0)),
-                relevance=float(c.get("relevance", 0.0)))
+        Cluster(peak_mm=tuple(float(v) for v in c["peak_mm"]), center_mm=tuple(float(v) for v in c["centroid_mm"]),  # type: ignore[arg-type]
+                voxels=int(c["voxels"]), volume_mm3=float(c["volume_ml"]) * 1000.0, relevance=float(c["relevance"]))
         for c in summary.get("clusters", ())
     )
     return AttributeResult(
-        model=spec.name, model_version=spec.version, method=str(get("method")), target=str(get("target")),
-        nifti=bytes(get("nifti")), total_positive=float(summary.get("total_positive", 0.0)),
-        total_negative=float(summary.get("total_negative", 0.0)), clusters=clusters,
-        summary_json=json.dumps(summary, default=float), png=bytes(get("png", b"") or b""),
+        model=spec.name, model_version=spec.version, method=out.method.value, target=out.target_class,
+        nifti=out.nifti, total_positive=float(summary["totals"]["positive"]),
+        total_negative=float(summary["totals"]["negative"]), clusters=clusters,
+        summary_json=json.dumps(summary, sort_keys=True, default=_text), png=out.png or b"",
     )
 
 
-def visualize_result(spec: Any, out: Any) -> VisualizeResult:
-    get = out.get if isinstance(out, dict) else lambda k, d=None: getattr(out, k, d)
-    return VisualizeResult(
-        model=spec.name, model_version=spec.version, nifti=bytes(get("nifti")),
-        native_nifti=bytes(get("native_nifti", b"") or b""), png=bytes(get("png", b"") or b""),
-        objective_curve=tuple(float(v) for v in (get("objective_curve", ()) or ())),
-    )
-
-
-class _oom_as_limit:
+@contextlib.contextmanager
+def _oom_as_limit() -> Iterator[None]:
     """Turn torch's out-of-memory error (the real type, not its message) into ``LimitExceededError``."""
+    import torch
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None:
-            return False
-        import torch
-
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            raise LimitExceededError("the model ran out of accelerator memory for this request; try a smaller "
-                                     "scan, fewer steps or a smaller internal batch size") from None
-        return False
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise LimitExceededError("the model ran out of accelerator memory for this request; try a smaller scan, "
+                                 "fewer steps or a smaller internal batch size") from None
 
 
-__all__ = ["InProcessBackend", "attribute_result", "model_info", "visualize_result"]
+__all__ = ["InProcessBackend", "attribute_result", "model_info"]
