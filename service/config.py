@@ -61,6 +61,14 @@ class Settings:
             of the bundled (and ``NEUROEXPLAIN_MODEL_DIRS``) models missing there are built at start.
         torchserve_startup_timeout_s: TorchServe backend: how long TorchServe and every model's first worker may
             take to become ready (at start and after each restart).
+        tls_cert / tls_key: PEM certificate chain and key of the main port (TLS); reloaded when the files change.
+        tls_client_ca: PEM CA bundle; set, every client must present a certificate it signed (mutual TLS).
+        tokens_file: ``name:token`` lines; every call needs ``authorization: Bearer <token>`` (reloaded on change).
+        tokens: ``name:token,name:token`` (``NEUROEXPLAIN_TOKENS``), the alternative to ``tokens_file``.
+        audit_log: ``stdout`` (default), ``stderr``, a file path, or ``off``: one JSON line per call.
+        max_calls_per_caller: calls one caller (token name, certificate subject, else peer address) may have in
+            flight; 0 = no cap.
+        redis_password_file / redis_password: the Redis password, kept out of the ``--cache`` URL (and the logs).
     """
 
     host: str = "[::]"
@@ -86,6 +94,15 @@ class Settings:
     device: str = "cpu"
     model_store: Path = Path("model_store")
     torchserve_startup_timeout_s: float = 300.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tokens_file: str | None = None
+    tokens: str | None = field(default=None, repr=False)
+    audit_log: str = "stdout"
+    max_calls_per_caller: int = 8
+    redis_password_file: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "health_port"):
