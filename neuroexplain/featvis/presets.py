@@ -1,0 +1,232 @@
+"""Options of the feature-visualization engine, their documented ranges, and the named presets.
+
+Every option has a type, a default, an allowed range and a one-line doc (:data:`OPTIONS`); the gateway publishes the
+same table in GetModel. A preset (:class:`Preset`) is a named set of values for these options (:data:`PRESETS`);
+options passed by the caller override the preset's.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from neuroexplain.errors import InvalidOptionError, LimitExceededError
+
+MAX_STEPS = 4096
+MAX_BATCH = 8
+
+
+class Preset(enum.Enum):
+    """Named regularization strategies (see :data:`PRESETS` for their parameters)."""
+
+    NONE = "none"  # plain gradient ascent on voxels: the unregularized baseline
+    PAPER = "paper"  # voxel + L2 (Adam weight decay) + Gaussian blur, after Eitel et al. (2022)
+    ROBUST = "robust"  # 3D Fourier parametrization + transformation robustness (jitter, scale, rotate)
+    FULL = "full"  # robust + brain mask + total variation + L1 + intensity range
+
+    @classmethod
+    def parse(cls, value: Preset | str) -> Preset:
+        if isinstance(value, Preset):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidOptionError(f"preset {value!r} is unknown; expected one of {[p.value for p in cls]}") from None
+
+
+class Param(enum.Enum):
+    """How the volume is parametrized during optimisation."""
+
+    VOXEL = "voxel"  # one free value per voxel
+    FOURIER = "fourier"  # 3D spectrum (rfftn) scaled by 1/f^decay: low frequencies move first
+
+
+class RangeMap(enum.Enum):
+    """Optional mapping of the parametrization into an intensity range."""
+
+    NONE = "none"
+    SIGMOID = "sigmoid"  # range_min + (range_max - range_min) * sigmoid(raw)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option: name, type (``float``, ``int``, ``bool`` or ``enum``), default, range and doc."""
+
+    name: str
+    type: str
+    default: Any
+    doc: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def range_text(self) -> str:
+        if self.choices:
+            return "|".join(self.choices)
+        if self.type == "bool":
+            return "true|false"
+        if self.type == "layer":
+            return "a targetable layer of the model"
+        return f"{self.minimum:g} to {self.maximum:g}"
+
+    def parse(self, value: Any) -> Any:
+        """Convert a caller's value (``str``, ``int``, ``float`` or ``bool``) and check its range."""
+        name = self.name
+        if self.choices:
+            text = value.value if isinstance(value, enum.Enum) else str(value)
+            if text not in self.choices:
+                raise InvalidOptionError(f"option {name}={text!r} is not allowed; expected one of {list(self.choices)}")
+            return text
+        if self.type == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise InvalidOptionError(f"option {name}={value!r} is not a boolean; expected true or false")
+        try:
+            number = float(value) if self.type == "float" else _to_int(value)
+        except (TypeError, ValueError):
+            raise InvalidOptionError(f"option {name}={value!r} is not a{'n integer' if self.type == 'int' else ' number'}; "
+                                     f"expected {self.range_text}") from None
+        if isinstance(number, float) and not math.isfinite(number):
+            raise InvalidOptionError(f"option {name} must be finite; expected {self.range_text}")
+        lo = -math.inf if self.minimum is None else self.minimum
+        hi = math.inf if self.maximum is None else self.maximum
+        if not lo <= number <= hi:
+            raise InvalidOptionError(f"option {name}={number:g} is out of range; expected {self.range_text}")
+        return number
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("bool")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("fraction")
+        return int(value)
+    return int(str(value).strip())
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("param", "enum", Param.VOXEL.value, "parametrization: one value per voxel, or a 3D Fourier spectrum",
+               choices=tuple(p.value for p in Param)),
+    OptionSpec("decay", "float", 1.0, "Fourier only: spectrum scaled by 1/f^decay (higher = smoother)", 0.0, 3.0),
+    OptionSpec("range_map", "enum", RangeMap.NONE.value,
+               "map the parametrization into [range_min, range_max] with a sigmoid",
+               choices=tuple(r.value for r in RangeMap)),
+    OptionSpec("range_min", "float", 0.0, "lower intensity bound (normalised units: brain 99th percentile = 1)",
+               -10.0, 10.0),
+    OptionSpec("range_max", "float", 1.5, "upper intensity bound (normalised units)", -10.0, 10.0),
+    OptionSpec("clamp", "bool", False, "clamp intensities into [range_min, range_max] at every step"),
+    OptionSpec("lr", "float", 0.05, "Adam learning rate", 1e-5, 10.0),
+    OptionSpec("weight_decay", "float", 0.0, "Adam weight decay on the parameters (an L2 pull towards 0)", 0.0, 1.0),
+    OptionSpec("l1", "float", 0.0, "weight of the mean |volume - start| penalty (start = 0 for noise)", 0.0, 100.0),
+    OptionSpec("l2", "float", 0.0, "weight of the mean (volume - start)^2 penalty (start = 0 for noise)", 0.0, 100.0),
+    OptionSpec("tv", "float", 0.0, "weight of the 3D total-variation penalty (mean |gradient|)", 0.0, 100.0),
+    OptionSpec("blur_sigma", "float", 0.0, "Gaussian blur of the parameters every blur_every steps, in voxels", 0.0, 5.0),
+    OptionSpec("blur_every", "int", 0, "blur period in steps (0 = never)", 0, MAX_STEPS),
+    OptionSpec("pad", "int", 0, "zero margin, in voxels, around the volume while it is transformed", 0, 32),
+    OptionSpec("jitter", "int", 0, "random shift per step, up to this many voxels along each axis", 0, 32),
+    OptionSpec("scale", "float", 0.0, "random isotropic scaling per step, by a factor in [1 - scale, 1 + scale]",
+               0.0, 0.5),
+    OptionSpec("rotate", "float", 0.0, "random rotation per step about each of the three axes, up to this many degrees",
+               0.0, 45.0),
+    OptionSpec("brain_mask", "bool", False, "keep everything outside the template's brain mask at 0"),
+    OptionSpec("noise_std", "float", 0.1, "noise start: standard deviation around mid-grey 0.5", 0.0, 1.0),
+    OptionSpec("batch", "int", 1, f"number of samples optimised together (1 to {MAX_BATCH})", 1, MAX_BATCH),
+    OptionSpec("diversity", "float", 0.0, "weight of the diversity term between the samples of a batch", 0.0, 100.0),
+    OptionSpec("diversity_layer", "layer", "", "layer whose Gram matrices the diversity term compares "
+               "(default: the target's layer, or the last targetable layer for class targets)"),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+_PAPER = {"param": "voxel", "lr": 0.05, "weight_decay": 0.01, "blur_sigma": 1.0, "blur_every": 4}
+_ROBUST = {"param": "fourier", "decay": 1.0, "lr": 0.05, "pad": 4, "jitter": 4, "scale": 0.1, "rotate": 10.0}
+PRESETS: Mapping[Preset, Mapping[str, Any]] = {
+    Preset.NONE: {"param": "voxel", "lr": 0.05},
+    Preset.PAPER: _PAPER,
+    Preset.ROBUST: _ROBUST,
+    Preset.FULL: {**_ROBUST, "brain_mask": True, "tv": 0.5, "l1": 0.05, "clamp": True},
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved options of one visualization (preset, then the caller's overrides), all validated."""
+
+    values: Mapping[str, Any]
+    explicit: frozenset[str]  # options the caller set (for contradiction checks)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def canonical(self) -> dict[str, Any]:
+        """Every option's value, sorted: stable input for cache keys."""
+        return dict(sorted(self.values.items()))
+
+
+def resolve(preset: Preset | str, options: Mapping[str, Any] | None, layer_names: tuple[str, ...]) -> Settings:
+    """Merge defaults, the preset and the caller's options; validate ranges and contradictions.
+
+    Args:
+        preset: the preset name or enum.
+        options: the caller's overrides (values as ``str``, ``int``, ``float`` or ``bool``).
+        layer_names: the model's targetable layers (allowed values of ``diversity_layer``).
+
+    Raises:
+        InvalidOptionError: unknown option, value out of range, or options that contradict each other.
+    """
+    p = Preset.parse(preset)
+    values: dict[str, Any] = {o.name: o.default for o in OPTIONS}
+    values.update(PRESETS[p])
+    explicit = dict(options or {})
+    for name, raw in explicit.items():
+        spec = _BY_NAME.get(name)
+        if spec is None:
+            raise InvalidOptionError(f"option {name!r} is unknown; options: {sorted(_BY_NAME)}")
+        if name == "diversity_layer":
+            if raw not in layer_names:
+                raise InvalidOptionError(f"option diversity_layer={raw!r} is not a layer of the model; "
+                                         f"layers: {list(layer_names)}")
+            values[name] = str(raw)
+        else:
+            values[name] = spec.parse(raw)
+    s = Settings(values, frozenset(explicit))
+    _check_contradictions(s)
+    return s
+
+
+def _check_contradictions(s: Settings) -> None:
+    if s["range_min"] >= s["range_max"]:
+        raise InvalidOptionError(f"range_min ({s['range_min']:g}) must be below range_max ({s['range_max']:g})")
+    if "decay" in s.explicit and s["param"] != Param.FOURIER.value:
+        raise InvalidOptionError("option decay applies to param=fourier only; set param=fourier or drop decay")
+    if s.explicit & {"blur_sigma", "blur_every"} and (s["blur_sigma"] > 0) != (s["blur_every"] > 0):
+        raise InvalidOptionError("blur needs both blur_sigma > 0 and blur_every > 0 (or both 0 to turn it off)")
+    if (s["diversity"] > 0 or "diversity_layer" in s.explicit) and s["batch"] < 2:
+        raise InvalidOptionError("the diversity term compares samples of a batch; set batch to 2 or more")
+    if "clamp" in s.explicit and s["clamp"] and s["range_map"] == RangeMap.SIGMOID.value:
+        raise InvalidOptionError("clamp and range_map=sigmoid both bound intensities; choose one")
+
+
+def check_steps(steps: int) -> int:
+    """Validate the number of optimisation steps (1 to :data:`MAX_STEPS`)."""
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise InvalidOptionError(f"steps must be an integer; expected 1 to {MAX_STEPS}")
+    if steps < 1:
+        raise InvalidOptionError(f"steps={steps} is out of range; expected 1 to {MAX_STEPS}")
+    if steps > MAX_STEPS:
+        raise LimitExceededError(f"steps={steps} exceeds the limit of {MAX_STEPS}")
+    return steps
+
+
+def describe_presets() -> dict[str, dict[str, Any]]:
+    """Each preset's full option values (defaults filled in), for docs and GetModel."""
+    return {p.value: {o.name: PRESETS[p].get(o.name, o.default) for o in OPTIONS} for p in Preset}
