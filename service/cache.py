@@ -237,14 +237,16 @@ class RedisCache:
     itself when Redis comes back.
     """
 
-    def __init__(self, url: str, ttl_s: int, max_value_bytes: int, timeout_s: float = 0.5) -> None:
+    def __init__(self, url: str, ttl_s: int, max_value_bytes: int, timeout_s: float = 0.5,
+                 password: str | None = None) -> None:
         import redis
 
         self._redis = redis
         self.ttl_s = ttl_s
         self.max_value_bytes = max_value_bytes
         self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False,
+            **({"password": password} if password else {}),
         )
         self._prefix = "neuroexplain:result:"
 
@@ -270,10 +272,12 @@ class RedisCache:
             pass
 
 
-def open_cache(spec: str, folder: Path, max_bytes: int, ttl_s: int, max_value_bytes: int) -> ResultCache:
-    """The cache a ``--cache`` value names: ``disk``, ``none`` or a Redis URL."""
+def open_cache(
+    spec: str, folder: Path, max_bytes: int, ttl_s: int, max_value_bytes: int, password: str | None = None
+) -> ResultCache:
+    """The cache a ``--cache`` value names: ``disk``, ``none`` or a Redis URL (``password`` overrides the URL's)."""
     if spec == "none":
         return NullCache()
     if spec == "disk":
         return DiskCache(folder, max_bytes, max_value_bytes)
-    return RedisCache(spec, ttl_s, max_value_bytes)
+    return RedisCache(spec, ttl_s, max_value_bytes, password=password)

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -33,6 +33,7 @@ from service.backend import (
     AttributeResult,
     Backend,
     CallContext,
+    MethodInfo,
     ModelInfo,
     Operation,
     PredictRequest,
@@ -79,6 +80,20 @@ class ScanRef:
     volume_index: int | None = None
     alignment: str = "auto"
     nonfinite: str = "reject"
+
+
+def canonical_options(described: MethodInfo | None, given: Mapping[str, str], what: str) -> dict[str, str]:
+    """Options with the documented defaults filled in, so that spelling a default out hits the same cache entry.
+
+    Unknown names are refused here; values are checked by the library (types and ranges).
+    """
+    if described is None:
+        return dict(sorted(given.items()))
+    defaults = {o.name: o.default for o in described.options}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise InvalidOptionError(f"{what} has no option {unknown[0]!r}; its options: {sorted(defaults) or 'none'}")
+    return {name: str(given.get(name, default)).strip() for name, default in sorted(defaults.items())}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,8 +287,9 @@ class Core:
             raise InvalidOptionError(f"attribution method {request.method!r} is unknown; allowed: {sorted(known)}")
         if request.target and request.target not in info.classes:
             raise InvalidOptionError(f"target class {request.target!r} is unknown; classes: {list(info.classes)}")
-        options = {"method": request.method, "target": request.target, "options": dict(request.options),
-                   "png": request.png}
+        method = next((m for m in info.attribution_methods if m.name == request.method), None)
+        options = {"method": request.method, "target": request.target, "png": request.png,
+                   "options": canonical_options(method, request.options, f"method {request.method!r}")}
         key = self._key(Operation.ATTRIBUTE, info, request.scan, options)
         return self._run(Operation.ATTRIBUTE, info, key, caller, request.scan,
                          lambda scan, ctx: self.backend.attribute(dataclasses.replace(request, scan=scan), ctx))
@@ -292,8 +308,10 @@ class Core:
         known = {p.name for p in info.visualization_presets}
         if known and request.preset not in known:
             raise InvalidOptionError(f"preset {request.preset!r} is unknown; allowed: {sorted(known)}")
+        preset = next((p for p in info.visualization_presets if p.name == request.preset), None)
         options = {"target": request.target, "preset": request.preset, "steps": request.steps, "seed": request.seed,
-                   "start": request.start.value, "options": dict(request.options),
+                   "start": request.start.value,
+                   "options": canonical_options(preset, request.options, f"preset {request.preset!r}"),
                    "preview_every": request.preview_every, "png": request.png}
         key = self._key(Operation.VISUALIZE, info, request.scan, options)
         model = info.name

@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -135,7 +136,7 @@ def create_server(
     if cache is None:
         try:
             cache = open_cache(settings.cache, settings.cache_dir, settings.cache_max_bytes, settings.cache_ttl_s,
-                               settings.cache_max_value_bytes)
+                               settings.cache_max_value_bytes, password=redis_password(settings))
         except CacheError as exc:
             raise InvalidOptionError(f"cache {settings.cache!r} cannot be opened: {exc}") from None
     core = Core(settings, backend, cache, metrics)
@@ -165,6 +166,18 @@ def create_server(
     if port == 0:
         raise UnavailableError(f"cannot bind the gRPC port {address}; is it in use?")
     return GatewayServer(grpc_server=server, core=core, metrics=metrics, health=health_servicer), port
+
+
+def redis_password(settings: Settings) -> str | None:
+    """The Redis password from ``redis_password`` or the first line of ``redis_password_file`` (never logged)."""
+    password = getattr(settings, "redis_password", None)
+    path = getattr(settings, "redis_password_file", None)
+    if not password and path:
+        try:
+            password = Path(path).read_text().splitlines()[0].strip()
+        except (OSError, IndexError):
+            raise InvalidOptionError("redis_password_file cannot be read or is empty") from None
+    return password or None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,11 +211,19 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    from service.errors import status_for
+    from service.security.setup import build_security, start_health_port
+
+    # Certificates, keys and tokens are checked before anything slow starts: a bad file fails at once.
+    security = build_security(settings, status_of=lambda exc: (status_for(exc) or (None,))[0])
+    log.info(security.describe())
     registry = CollectorRegistry()
     backend = make_backend(settings)
     backend.start()
-    gateway, port = create_server(settings, backend, registry=registry, extra_interceptors=extra_interceptors,
-                                  credentials=credentials)
+    gateway, port = create_server(settings, backend, registry=registry,
+                                  extra_interceptors=[security.interceptor, *extra_interceptors],
+                                  credentials=credentials or security.credentials)
+    health_port: tuple[grpc.Server, int] | None = None
     metrics_server: Any = None
     if settings.metrics_port >= 0:
         metrics_server, _thread = start_http_server(settings.metrics_port, registry=registry)
@@ -215,6 +236,7 @@ def serve(
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         gateway.start()
+        health_port = start_health_port(settings, gateway.health)  # plaintext, grpc.health.v1 only (kubelet)
         log.info("gRPC on port %d (backend %s, cache %s)", port, settings.backend.value,
                  "redis" if settings.cache.startswith("redis") else settings.cache)
         while not stopping.is_set():
@@ -229,6 +251,9 @@ def serve(
             signal.signal(s, handler)
         gateway.close()
         backend.close()
+        if health_port is not None:
+            health_port[0].stop(None)
+        security.close()
         if metrics_server is not None:
             metrics_server.shutdown()
     log.info("stopped")

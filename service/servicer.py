@@ -14,8 +14,9 @@ from neuroexplain._proto import neuroexplain_pb2 as pb
 from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
 from neuroexplain.errors import InvalidOptionError
 from service import convert
-from service.backend import NOTICE, AttributeRequest, PredictRequest, Progress, VisualizeRequest
-from service.core import Caller, Core
+from service.backend import NOTICE, AttributeRequest, PredictRequest, Progress, ScanInput, VisualizeRequest
+from service.core import Caller, Core, ScanRef
+from service.security import audit
 
 
 def caller(context: grpc.ServicerContext) -> Caller:
@@ -23,6 +24,19 @@ def caller(context: grpc.ServicerContext) -> Caller:
     remaining = context.time_remaining()
     deadline = None if remaining is None else time.monotonic() + remaining
     return Caller(is_active=context.is_active, deadline=deadline)
+
+
+def _resolve(core: Core, ref: ScanRef) -> ScanInput:
+    scan = core.resolve_scan(ref)
+    audit.annotate(scan_digest=scan.digest)  # the audit line names the scan by its digest, never by anything else
+    return scan
+
+
+def _annotate(model: str, digest: str | None) -> None:
+    """Tell the audit log which model and scan digest a call used (never the scan itself)."""
+    from service.security import audit
+
+    audit.annotate(model=model, scan_digest=digest)
 
 
 def _require(value: str, field: str) -> None:
@@ -44,14 +58,14 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         _require(request.model, "model")
         model, ref = convert.predict_request(request)
-        scan = self.core.resolve_scan(ref)
+        scan = _resolve(self.core, ref)
         result, cached = self.core.predict(PredictRequest(model=model, scan=scan), caller(context))
         return convert.predict_response(result, cached, scan.digest)
 
     def Attribute(self, request: pb.AttributeRequest, context: grpc.ServicerContext) -> pb.AttributeResponse:
         _require(request.model, "model")
         fields = convert.attribute_fields(request)
-        scan = self.core.resolve_scan(convert.scan_ref(request.scan))
+        scan = _resolve(self.core, convert.scan_ref(request.scan))
         result, cached = self.core.attribute(AttributeRequest(scan=scan, **fields), caller(context))  # type: ignore[arg-type]
         return convert.attribute_response(result, cached, scan.digest)
 
@@ -59,8 +73,9 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
         _require(request.model, "model")
         _require(request.target, "target")
         fields = convert.visualize_fields(request)
-        scan = self.core.resolve_scan(convert.scan_ref(request.scan)) if request.HasField("scan") else None
+        scan = _resolve(self.core, convert.scan_ref(request.scan)) if request.HasField("scan") else None
         digest = scan.digest if scan is not None else ""
+        _annotate(request.model, digest or None)
         for job_id, event in self.core.visualize(VisualizeRequest(scan=scan, **fields), caller(context)):  # type: ignore[arg-type]
             if isinstance(event, Progress):
                 yield convert.visualize_progress(job_id, event)

@@ -72,8 +72,11 @@ def attribution_methods() -> tuple[MethodInfo, ...]:
 
 
 def visualization_presets() -> tuple[MethodInfo, ...]:
-    """Visualization presets with every option's value under that preset."""
-    from neuroexplain.featvis import OPTIONS, PRESETS
+    """Visualization presets with every option's value under that preset (none while featvis is absent)."""
+    try:
+        from neuroexplain.featvis import OPTIONS, PRESETS
+    except ImportError:
+        return ()
 
     return tuple(
         MethodInfo(
