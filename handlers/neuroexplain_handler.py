@@ -24,17 +24,29 @@ from typing import Any
 import torch
 from ts.context import Context
 from ts.handler_utils.utils import send_intermediate_predict_response
+from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import envelope as env
+from handlers.tasks import ModelRunner
 from neuroexplain import errors
+from service.backend import (
+    AttributeRequest,
+    CallContext,
+    PredictRequest,
+    PredictResult,
+    Progress,
+    VisualizeRequest,
+)
 
 log = logging.getLogger(__name__)
 
 CANCEL_DIR_ENV = "NEUROEXPLAIN_CANCEL_DIR"
 REQUESTS_METRIC = "NeuroExplainHandlerRequests"
 SECONDS_METRIC = "NeuroExplainHandlerSeconds"
+REQUEST_TYPES = {env.Task.PREDICT: PredictRequest, env.Task.ATTRIBUTE: AttributeRequest,
+                 env.Task.VISUALIZE: VisualizeRequest}  # fmt: skip
 
 
 class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
@@ -50,6 +62,7 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
         self.device = self._choose_device(properties.get("gpu_id"))
         self.model = self._load(Path(properties["model_dir"]), context.manifest)
         self._warm_up()
+        self.runner = ModelRunner(self.model)
         cancel_dir = os.environ.get(CANCEL_DIR_ENV)
         self.cancel_dir = Path(cancel_dir) if cancel_dir else None
         self.initialized = True
@@ -88,126 +101,92 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
         """Answer one batch: one envelope per request row, in order."""
         started = time.perf_counter()
         answers: list[bytes | None] = [None] * len(data)
-        parsed: dict[int, env.Request] = {}
+        parsed: dict[int, tuple[env.Task, Any, str | None]] = {}
         for idx, row in enumerate(data):
             try:
-                parsed[idx] = env.decode_request(row)
+                parsed[idx] = env.decode_request(row, REQUEST_TYPES)
             except errors.NeuroExplainError as exc:
                 answers[idx] = env.encode_error(exc)
-        predicts = [i for i, r in parsed.items() if r.task is env.Task.PREDICT]
+        predicts = [i for i, (task, _r, _j) in parsed.items() if task is env.Task.PREDICT]
         if predicts:
-            for i, answer in zip(predicts, self._predict_batch([parsed[i] for i in predicts])):
+            for i, answer in zip(predicts, self._predict_batch([parsed[i][1] for i in predicts])):
                 answers[i] = answer
-        for idx, request in parsed.items():
-            if request.task is env.Task.ATTRIBUTE:
-                answers[idx] = self._guarded(self._attribute, request)
-            elif request.task is env.Task.VISUALIZE:
-                answers[idx] = self._guarded(self._visualize, request, idx=idx, context=context)
+        for idx, (task, request, job_id) in parsed.items():
+            if task is env.Task.PREDICT:
+                continue
+            ctx = self._call_context(job_id, idx, context)
+            run = self.runner.attribute if task is env.Task.ATTRIBUTE else self.runner.visualize
+            answers[idx] = self._guarded(lambda: env.encode(env.Kind.RESULT, run(request, ctx)))  # noqa: B023
         self._record_metrics(context, parsed, answers, time.perf_counter() - started)
         return [a if a is not None else env.encode_error(RuntimeError()) for a in answers]
 
     @staticmethod
-    def _guarded(fn: Any, *args: Any, **kwargs: Any) -> bytes:
+    def _guarded(fn: Any) -> bytes:
         try:
-            return bytes(fn(*args, **kwargs))
+            return bytes(fn())
         except errors.NeuroExplainError as exc:
             return env.encode_error(exc)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return env.encode_error(errors.LimitExceededError("the model worker ran out of GPU memory; retry later"))
-        except Exception as exc:  # an unexpected bug: log it here (the worker log), answer a generic error
+        except Exception as exc:  # an unexpected bug: logged here (the worker log), answered as a generic error
             log.exception("handler failed")
             return env.encode_error(exc)
 
-    def _read(self, request: env.Request) -> Any:
-        from neuroexplain.volumes import NonFinite, read_scan
-
-        if request.scan is None:
-            raise errors.InvalidInputError(f"task {request.task.value!r} needs a scan")
-        opts = request.options
-        try:
-            nonfinite = NonFinite(opts.get("nonfinite", "reject"))
-        except ValueError:
-            raise errors.InvalidOptionError(f"nonfinite must be one of {[n.value for n in NonFinite]}") from None
-        return read_scan(request.scan, volume_index=opts.get("volume_index"), nonfinite=nonfinite)
-
-    @staticmethod
-    def _alignment(request: env.Request) -> Any:
-        from neuroexplain.volumes import Alignment
-
-        try:
-            return Alignment(request.options.get("alignment", "auto"))
-        except ValueError:
-            raise errors.InvalidOptionError(f"alignment must be one of {[a.value for a in Alignment]}") from None
-
-    def _predict_batch(self, requests: list[env.Request]) -> list[bytes]:
-        """Decode and place each scan, then one forward pass over all that are valid (TorchServe batching)."""
+    def _predict_batch(self, requests: list[Any]) -> list[bytes]:
+        """Decode and place each scan, then one forward pass over all valid ones (TorchServe batching)."""
         from neuroexplain.predict import predict_arrays, prepare
+        from neuroexplain.volumes import Alignment, NonFinite, read_scan
 
         out: list[bytes | None] = [None] * len(requests)
         arrays, slots = [], []
         for i, request in enumerate(requests):
             try:
-                arrays.append(prepare(self._read(request), self.model, self._alignment(request)).array)
+                if request.model != self.model.spec.name:
+                    raise errors.NotFoundError(f"model {request.model!r} is not served by this worker")
+                scan = read_scan(request.scan.data, volume_index=request.scan.volume_index,
+                                 nonfinite=NonFinite(request.scan.nonfinite))
+                arrays.append(prepare(scan, self.model, Alignment(request.scan.alignment)).array)
                 slots.append(i)
             except errors.NeuroExplainError as exc:
                 out[i] = env.encode_error(exc)
+            except ValueError:  # an enum value the gateway would have refused
+                out[i] = env.encode_error(errors.InvalidOptionError("alignment or nonfinite has an unknown value"))
         if arrays:
             spec = self.model.spec
+            batch = b""
             try:
                 predictions = predict_arrays(self.model, arrays, batch_size=len(arrays))
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
-                oom = env.encode_error(errors.LimitExceededError("the model worker ran out of GPU memory"))
-                predictions, out = [], [o if o is not None else oom for o in out]
+                batch = env.encode_error(errors.LimitExceededError("the model worker ran out of GPU memory"))
+                predictions = []
             for i, p in zip(slots, predictions):
-                out[i] = env.encode(
-                    env.Kind.RESULT,
-                    {
-                        "model": spec.name,
-                        "model_version": spec.version,
-                        "logits": list(p.logits),
-                        "probabilities": p.probabilities,
-                        "predicted_class": p.predicted_class,
-                    },
-                )
-        return [o if o is not None else env.encode_error(RuntimeError()) for o in out]
+                out[i] = env.encode(env.Kind.RESULT, PredictResult(
+                    model=spec.name, model_version=spec.version, logits=tuple(p.logits),
+                    probabilities=dict(p.probabilities), predicted_class=p.predicted_class,
+                ))  # fmt: skip
+            out = [o if o is not None else batch for o in out]
+        return [o if o else env.encode_error(RuntimeError()) for o in out]
 
-    def _attribute(self, request: env.Request) -> bytes:
-        from handlers import tasks
+    def _call_context(self, job_id: str | None, idx: int, context: Context) -> CallContext:
+        flag = self.cancel_dir / job_id if (job_id and self.cancel_dir) else None  # job_id: [A-Za-z0-9_-] only
+        request_ids = {idx: context.request_ids[idx]} if getattr(context, "request_ids", None) else {}
 
-        scan = self._read(request)
-        header, payload = tasks.attribute(self.model, scan, self._alignment(request), request.options)
-        return env.encode(env.Kind.RESULT, header, payload)
+        def is_cancelled() -> bool:
+            return flag is not None and flag.exists()
 
-    def _visualize(self, request: env.Request, *, idx: int, context: Context) -> bytes:
-        from handlers import tasks
-
-        scan = self._read(request) if request.scan is not None else None
-        job_flag = self._cancel_flag(request.job_id)
-        request_ids = {idx: context.request_ids[idx]} if context.request_ids else {}
-
-        def should_cancel() -> bool:
-            return job_flag is not None and job_flag.exists()
-
-        def progress(step: int, steps: int, objective: float, preview: bytes = b"") -> None:
-            message = env.encode(env.Kind.PROGRESS, {"step": step, "steps": steps, "objective": objective}, preview)
-            # Only meaningful on StreamPredictions (batch size 1); a unary call just ignores intermediate frames.
+        def on_progress(progress: Progress) -> None:
+            # Streamed on StreamPredictions (batch size 1); a unary Predictions call never sees these frames.
             if request_ids:
+                message = env.encode(env.Kind.PROGRESS, progress)
                 send_intermediate_predict_response([message], request_ids, "Intermediate response", 200, context)
 
-        header, payload = tasks.visualize(
-            self.model, scan, self._alignment(request), request.options, progress=progress, should_cancel=should_cancel
-        )
-        return env.encode(env.Kind.RESULT, header, payload)
-
-    def _cancel_flag(self, job_id: str | None) -> Path | None:
-        if job_id is None or self.cancel_dir is None:
-            return None
-        return self.cancel_dir / job_id  # job_id is restricted to [A-Za-z0-9_-] by the envelope decoder
+        return CallContext(job_id=job_id or "-", is_cancelled=is_cancelled, on_progress=on_progress)
 
     def _record_metrics(
-        self, context: Context, parsed: dict[int, env.Request], answers: list[bytes | None], seconds: float
+        self, context: Context, parsed: dict[int, tuple[env.Task, Any, str | None]], answers: list[bytes | None],
+        seconds: float,
     ) -> None:
         # Declared in handlers/metrics.yaml (TorchServe drops undeclared model metrics). Labels are bounded:
         # model name, task, outcome (ok | error).
@@ -217,11 +196,11 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
         try:
             requests = metrics.get_metric(REQUESTS_METRIC, MetricTypes.COUNTER)
             busy = metrics.get_metric(SECONDS_METRIC, MetricTypes.COUNTER)
-        except Exception:  # metric cache without our declarations (e.g. a default metrics.yaml): skip, never fail
+        except MetricsCacheKeyError:  # a metrics.yaml without our declarations: skip, never fail a request
             return
         name = self.model.spec.name
-        for idx, request in parsed.items():
+        for idx, (task, _request, _job) in parsed.items():
             answer = answers[idx] or b""
             outcome = "error" if answer and env.decode(answer).kind is env.Kind.ERROR else "ok"
-            requests.add_or_update(1, [name, request.task.value, outcome])
+            requests.add_or_update(1, [name, task.value, outcome])
         busy.add_or_update(seconds, [name])

@@ -1,30 +1,26 @@
-"""Attribution and feature visualization as the handler runs them: library calls in, (JSON header, bytes) out.
+"""Attribution and feature visualization as the handler runs them: exactly the in-process backend's code.
 
-Kept apart from the handler class so the handler module defines exactly one class (TorchServe's loader requires it)
-and so these adapters can be unit-tested without TorchServe.
+The worker wraps its one loaded model in :class:`ModelRunner`, an :class:`~service.backends.inprocess.InProcessBackend`
+whose model table is that model, so both backends run the same library calls and build the same domain results —
+a response does not depend on which backend computed it. Kept apart from the handler module because TorchServe's
+loader requires the handler module to define exactly one class.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from neuroexplain import errors
+from service.backends.inprocess import InProcessBackend
 
 
-def attribute(model: Any, scan: Any, alignment: Any, options: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    """Run one attribution; returns the result header and the map as gzipped NIfTI on the scan's grid."""
-    raise errors.UnavailableError("attribution is not available in this model worker build")
+class ModelRunner(InProcessBackend):
+    """The in-process backend serving one already-loaded model (the worker's).
 
+    Args:
+        model: the worker's ``LoadedModel``.
+    """
 
-def visualize(
-    model: Any,
-    scan: Any,
-    alignment: Any,
-    options: dict[str, Any],
-    *,
-    progress: Callable[..., None],
-    should_cancel: Callable[[], bool],
-) -> tuple[dict[str, Any], bytes]:
-    """Run one feature visualization; returns the result header and the volume(s) as payload."""
-    raise errors.UnavailableError("feature visualization is not available in this model worker build")
+    def __init__(self, model: Any) -> None:
+        super().__init__(device=str(model.device))
+        self._models = {model.spec.name: model}
+        self._ready.set()

@@ -1,0 +1,292 @@
+"""TorchServe backend: the gateway's computations run in TorchServe workers (custom handler ``handlers/``).
+
+The gateway talks to its own supervised TorchServe over loopback gRPC (client generated from the protos inside the
+installed torchserve package, see :mod:`service.backends.torchserve_proto`):
+
+- Predict and Attribute: unary ``Predictions``; Visualize: ``StreamPredictions`` (one progress envelope per step,
+  then the result). Requests and results are the gateway's own domain types (:mod:`handlers.envelope`).
+- Deadlines travel as the gRPC timeout. Cancellation: a unary call is cancelled at once; a Visualize raises the
+  job's cancel flag (a file in the supervisor's cancel directory, which the handler checks every step) and waits
+  for the worker to stop, so the worker is free again when the call returns (pytorch/serve#2814).
+- Errors: the handler answers typed error envelopes, re-raised here as the same ``neuroexplain.errors`` class.
+  TorchServe's own failures map by state, never by message text: UNAVAILABLE or a dead TorchServe ->
+  ``UnavailableError``; INTERNAL while the model has no ready worker -> ``UnavailableError``; INTERNAL while it has
+  one -> ``LimitExceededError`` (TorchServe answers INTERNAL when the model's job queue is full).
+- ``/metrics``: :class:`TorchServeCollector` re-exports TorchServe's Prometheus metrics (from its loopback metrics
+  port) into the gateway's registry — call :meth:`TorchServeBackend.register_metrics` with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from handlers import envelope as env
+from neuroexplain import errors
+from service.backend import (
+    AttributeRequest,
+    AttributeResult,
+    CallContext,
+    ModelInfo,
+    PredictRequest,
+    PredictResult,
+    Progress,
+    VisualizeRequest,
+    VisualizeResult,
+)
+from service.backends.torchserve_supervisor import EngineOptions, TorchServeSupervisor
+
+log = logging.getLogger("neuroexplain.service")
+
+POLL_S = 0.1
+CANCEL_GRACE_S = 120.0  # how long a cancelled Visualize waits for its worker to notice the flag
+
+
+class TorchServeBackend:
+    """The :class:`service.backend.Backend` that runs models in a supervised TorchServe.
+
+    Args:
+        settings: the gateway's ``Settings`` (model store, message size, startup timeout).
+        engine: override the TorchServe options (tests); default built from ``settings``.
+        build_archives: build missing or stale archives of the registry's models into the store at start.
+    """
+
+    def __init__(self, settings: Any, *, engine: EngineOptions | None = None, build_archives: bool = True) -> None:
+        self.settings = settings
+        self.engine = engine or EngineOptions(
+            model_store=Path(settings.model_store),
+            max_message_bytes=settings.max_message_bytes,
+            startup_timeout_s=settings.torchserve_startup_timeout_s,
+        )
+        self.build_archives = build_archives
+        self.supervisor = TorchServeSupervisor(self.engine)
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stub: Any = None
+        self._channel_generation = -1
+        self._infos: list[ModelInfo] = []
+        from service.backends.torchserve_proto import load
+
+        self._pb2, self._pb2_grpc = load()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Build missing archives, start TorchServe and wait until every model has a ready worker."""
+        from service.backends.inprocess import model_info
+
+        store = self.engine.model_store
+        if self.build_archives:
+            from handlers.archive import ensure_bundled_archives
+
+            ensure_bundled_archives(store)
+        archives = sorted(store.glob("*.mar")) if store.is_dir() else []
+        if not archives:
+            raise errors.UnavailableError(f"no model archives (.mar) in the model store {store}")
+        self._infos = [model_info(spec) for spec in (archive_spec(a) for a in archives)]
+        self.supervisor.start()
+
+    def close(self) -> None:
+        self.supervisor.close()
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = None
+
+    def ready(self) -> bool:
+        return self.supervisor.ready()
+
+    def models(self) -> list[ModelInfo]:
+        return list(self._infos)
+
+    def register_metrics(self, registry: Any) -> None:
+        """Re-export TorchServe's metrics on the gateway's Prometheus ``registry``."""
+        registry.register(TorchServeCollector(self.supervisor))
+
+    # -- operations --------------------------------------------------------------------------------------------------
+
+    def predict(self, request: PredictRequest, ctx: CallContext) -> PredictResult:
+        answer = self._unary(env.Task.PREDICT, request.model, request, ctx)
+        return env.load(PredictResult, answer.value, answer.blobs)
+
+    def attribute(self, request: AttributeRequest, ctx: CallContext) -> AttributeResult:
+        answer = self._unary(env.Task.ATTRIBUTE, request.model, request, ctx)
+        return env.load(AttributeResult, answer.value, answer.blobs)
+
+    def visualize(self, request: VisualizeRequest, ctx: CallContext) -> VisualizeResult:
+        job_id = ctx.job_id if env.JOB_ID_PATTERN.match(ctx.job_id) else None
+        if job_id is None:
+            raise errors.InvalidOptionError("job id must be 1-64 characters from [A-Za-z0-9_-]")
+        fields = env.encode_request(env.Task.VISUALIZE, request, job_id=job_id)
+        flag = self.supervisor.cancel_dir / job_id
+        stub = self._current_stub()
+        call = stub.StreamPredictions(
+            self._pb2.PredictionsRequest(model_name=request.model, input=fields), timeout=_remaining(ctx)
+        )
+        stop = threading.Event()
+        stopped_by: list[errors.NeuroExplainError] = []
+
+        def watch() -> None:
+            # Raise the worker's cancel flag once every caller has gone or the deadline passed, then give the worker
+            # CANCEL_GRACE_S to notice it (it checks every step) before giving up on the stream.
+            while not stop.wait(POLL_S):
+                expired = ctx.deadline is not None and time.monotonic() >= ctx.deadline
+                if ctx.is_cancelled() or expired:
+                    stopped_by.append(
+                        errors.DeadlineExceededError("the visualization ran past its deadline") if expired
+                        else errors.CancelledError("the visualization was cancelled: every caller went away")
+                    )  # fmt: skip
+                    flag.touch()
+                    if not stop.wait(CANCEL_GRACE_S):
+                        call.cancel()
+                    return
+
+        watcher = threading.Thread(target=watch, name=f"visualize-watch-{job_id[:8]}", daemon=True)
+        watcher.start()
+        result: VisualizeResult | None = None
+        try:
+            for message in _responses(call, self, request.model, stopped_by):
+                answer = env.decode(message.prediction)
+                if answer.kind is env.Kind.PROGRESS:
+                    # Also after a cancel: the steps the worker still ran are observable (tests, logs).
+                    ctx.on_progress(env.load(Progress, answer.value, answer.blobs))
+                    continue
+                if stopped_by:
+                    raise stopped_by[0]
+                result = env.load(VisualizeResult, env.raise_if_error(answer).value, answer.blobs)
+        finally:
+            stop.set()
+            watcher.join()
+            with contextlib.suppress(OSError):
+                flag.unlink()
+        if stopped_by:
+            raise stopped_by[0]
+        if result is None:
+            raise errors.UnavailableError("the model server ended the visualization without a result")
+        return result
+
+    # -- internals ---------------------------------------------------------------------------------------------------
+
+    def _current_stub(self) -> Any:
+        endpoints = self.supervisor.endpoints  # raises UnavailableError while TorchServe (re)starts
+        with self._lock:
+            if self._channel_generation != self.supervisor.generation or self._stub is None:
+                if self._channel is not None:
+                    self._channel.close()
+                self._channel = grpc.insecure_channel(
+                    endpoints.grpc_inference,
+                    options=[
+                        ("grpc.max_send_message_length", self.engine.max_message_bytes),
+                        ("grpc.max_receive_message_length", self.engine.max_message_bytes),
+                        ("grpc.enable_http_proxy", 0),  # loopback: never through a proxy from the environment
+                    ],
+                )
+                self._stub = self._pb2_grpc.InferenceAPIsServiceStub(self._channel)
+                self._channel_generation = self.supervisor.generation
+            return self._stub
+
+    def _unary(self, task: env.Task, model: str, request: Any, ctx: CallContext) -> env.Envelope:
+        fields = env.encode_request(task, request)
+        stub = self._current_stub()
+        future = stub.Predictions.future(
+            self._pb2.PredictionsRequest(model_name=model, input=fields), timeout=_remaining(ctx)
+        )
+        while True:
+            try:
+                response = future.result(timeout=POLL_S)
+                break
+            except grpc.FutureTimeoutError:
+                if ctx.is_cancelled():
+                    future.cancel()
+                    raise errors.CancelledError("the request was cancelled: every caller went away") from None
+            except grpc.RpcError as exc:
+                raise self.map_rpc_error(exc, model) from None
+        return env.raise_if_error(env.decode(response.prediction))
+
+    def map_rpc_error(self, exc: grpc.RpcError, model: str) -> errors.NeuroExplainError:
+        """The typed error for a failed call to TorchServe (decided by code and TorchServe's state)."""
+        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return errors.DeadlineExceededError("the request ran past its deadline in the model server")
+        if code is grpc.StatusCode.CANCELLED:
+            return errors.CancelledError("the request was cancelled")
+        if code is grpc.StatusCode.NOT_FOUND:
+            return errors.NotFoundError(f"model {model!r} is not served by the model server")
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return errors.LimitExceededError("the request or its answer exceeds the model server's message size limit")
+        if code is grpc.StatusCode.INTERNAL and self.supervisor.alive() and self._has_ready_worker(model):
+            # TorchServe answers INTERNAL when the model's job queue is full.
+            return errors.LimitExceededError(f"the model server's queue for model {model!r} is full; retry later")
+        return errors.UnavailableError("the model server (TorchServe) is unavailable or restarting; retry shortly")
+
+    def _has_ready_worker(self, model: str) -> bool:
+        try:
+            for described in self.supervisor.models():
+                if described.get("modelName") == model:
+                    return any(w.get("status") == "READY" for w in described.get("workers", []))  # type: ignore[union-attr]
+        except (errors.UnavailableError, OSError, ValueError, KeyError):
+            return False
+        return False
+
+
+def _responses(call: Any, backend: TorchServeBackend, model: str, stopped_by: list[Any]) -> Iterator[Any]:
+    try:
+        yield from call
+    except grpc.RpcError as exc:
+        if stopped_by:
+            raise stopped_by[0] from None
+        raise backend.map_rpc_error(exc, model) from None
+
+
+def _remaining(ctx: CallContext) -> float | None:
+    if ctx.deadline is None:
+        return None
+    left = ctx.deadline - time.monotonic()
+    if left <= 0:
+        raise errors.DeadlineExceededError("the deadline passed before the request reached the model server")
+    return left
+
+
+def archive_spec(archive: Path) -> Any:
+    """The ``ModelSpec`` inside a ``.mar`` (what its workers serve)."""
+    from neuroexplain.models import ModelSpec
+
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return ModelSpec.from_dict(json.loads(z.read("spec.json")))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise errors.InvalidInputError(f"{archive.name} is not a neuroexplain model archive ({type(exc).__name__})") from None
+
+
+class TorchServeCollector:
+    """A Prometheus collector that re-exports TorchServe's own metrics (scraped from its loopback port).
+
+    TorchServe's families keep their names (``ts_inference_requests_total``, ``ts_queue_latency_microseconds``,
+    ``NeuroExplainHandlerRequests`` ...); nothing is collected while TorchServe is down.
+    """
+
+    def __init__(self, supervisor: TorchServeSupervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.supervisor.metrics_text()
+        if not text:
+            return
+        try:
+            yield from text_string_to_metric_families(text)
+        except ValueError:
+            log.warning("TorchServe's metrics could not be parsed; skipped")
+
+    def describe(self) -> list[Any]:
+        return []  # unknown until scraped; an empty describe keeps registration from scraping TorchServe
