@@ -65,7 +65,7 @@ class Settings:
         tls_client_ca: PEM CA bundle; set, every client must present a certificate it signed (mutual TLS).
         tokens_file: ``name:token`` lines; every call needs ``authorization: Bearer <token>`` (reloaded on change).
         tokens: ``name:token,name:token`` (``NEUROEXPLAIN_TOKENS``), the alternative to ``tokens_file``.
-        audit_log: ``stdout`` (default), ``stderr``, a file path, or ``off``: one JSON line per call.
+        audit_log: ``stderr`` (default), ``stdout``, a file path, or ``off``: one JSON line per call.
         max_calls_per_caller: calls one caller (token name, certificate subject, else peer address) may have in
             flight; 0 = no cap.
         redis_password_file / redis_password: the Redis password, kept out of the ``--cache`` URL (and the logs).
@@ -99,7 +99,7 @@ class Settings:
     tls_client_ca: str | None = None
     tokens_file: str | None = None
     tokens: str | None = field(default=None, repr=False)
-    audit_log: str = "stdout"
+    audit_log: str = "stderr"
     max_calls_per_caller: int = 8
     redis_password_file: str | None = None
     redis_password: str | None = field(default=None, repr=False)

@@ -99,11 +99,11 @@ class AuditLog:
     """Writes call records to the ``neuroexplain.audit`` logger, which does not propagate to the root logger.
 
     Args:
-        target: ``stdout`` (default), ``stderr``, or a file path (appended; reopened when logrotate moves it).
+        target: ``stderr`` (default), ``stdout``, or a file path (appended; reopened when logrotate moves it).
         logger: the logger to use; tests pass their own.
     """
 
-    def __init__(self, target: str = "stdout", *, logger: logging.Logger | None = None) -> None:
+    def __init__(self, target: str = "stderr", *, logger: logging.Logger | None = None) -> None:
         self.target = target
         self.logger = logger or logging.getLogger(AUDIT_LOGGER)
         self.logger.propagate = False

@@ -96,7 +96,7 @@ def build_security(
         raise SecurityConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     tls = ReloadingServerCredentials(TlsFiles(Path(cert), Path(key), Path(ca) if ca else None)) if cert else None
     tokens = TokenStore.from_sources(getattr(settings, "tokens_file", None), getattr(settings, "tokens", None))
-    target = getattr(settings, "audit_log", "stdout") or "off"
+    target = getattr(settings, "audit_log", "stderr") or "off"
     audit_log: AuditLog | None
     if audit_logger is not None:
         audit_log = AuditLog(logger=audit_logger)

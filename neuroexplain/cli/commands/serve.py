@@ -34,6 +34,23 @@ def register(sub: Any) -> None:
     p.add_argument("--model-store", type=Path, default=None,
                    help="TorchServe backend: folder of .mar archives to serve; missing bundled ones are built "
                    "(default ./model_store)")
+    sec = p.add_argument_group("security", "see the README's Security section; every flag also has its "
+                               "NEUROEXPLAIN_* variable (e.g. NEUROEXPLAIN_TLS_CERT)")
+    sec.add_argument("--tls-cert", default=None, metavar="F",
+                     help="PEM certificate chain of the main port: turns TLS on (reloaded when the file changes)")
+    sec.add_argument("--tls-key", default=None, metavar="F", help="PEM private key of --tls-cert (unencrypted)")
+    sec.add_argument("--tls-client-ca", default=None, metavar="F",
+                     help="PEM CA bundle: every client must present a certificate it signed (mutual TLS)")
+    sec.add_argument("--tokens-file", default=None, metavar="F",
+                     help="'name:token' lines; calls need 'authorization: Bearer <token>'; reloaded when the file "
+                     "changes (alternative: NEUROEXPLAIN_TOKENS=name:token,name:token)")
+    sec.add_argument("--audit-log", default=None, metavar="TARGET",
+                     help="one JSON line per call to stderr (default), stdout, a file path, or 'off'")
+    sec.add_argument("--max-calls-per-caller", type=int, default=None, metavar="N",
+                     help="calls one caller may have in flight (default 8; 0 = no cap)")
+    sec.add_argument("--redis-password-file", default=None, metavar="F",
+                     help="file holding the Redis password, kept out of the --cache URL "
+                     "(alternative: NEUROEXPLAIN_REDIS_PASSWORD)")
     p.set_defaults(func=run)
 
 
@@ -54,6 +71,13 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "max_message_bytes": args.max_message_bytes,
         "device": args.device,
         "model_store": args.model_store,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "tokens_file": args.tokens_file,
+        "audit_log": args.audit_log,
+        "max_calls_per_caller": args.max_calls_per_caller,
+        "redis_password_file": args.redis_password_file,
     }
 
 
