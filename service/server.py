@@ -137,8 +137,11 @@ def create_server(
         try:
             cache = open_cache(settings.cache, settings.cache_dir, settings.cache_max_bytes, settings.cache_ttl_s,
                                settings.cache_max_value_bytes, password=redis_password(settings))
-        except CacheError as exc:
-            raise InvalidOptionError(f"cache {settings.cache!r} cannot be opened: {exc}") from None
+        except (CacheError, ValueError) as exc:
+            from service.security.redact import redact_url
+
+            shown = settings.cache if settings.cache in ("disk", "none") else redact_url(settings.cache)  # no password
+            raise InvalidOptionError(f"cache {shown!r} cannot be opened: {exc}") from None
     core = Core(settings, backend, cache, metrics)
     interceptors: list[grpc.ServerInterceptor] = [
         MetricsInterceptor(metrics, core.model_names),

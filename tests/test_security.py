@@ -476,3 +476,14 @@ def test_per_caller_concurrency_cap(token_file: Path, servers: list[_Server]) ->
     codes = [(r["caller"], r["code"]) for r in s.audit_lines.records()]
     assert codes.count(("alice", "RESOURCE_EXHAUSTED")) == 2
     assert s.interceptor.limiter.in_flight("caller:alice") == 0
+
+
+def test_redis_urls_are_redacted_before_they_reach_a_message() -> None:
+    from service.security.redact import redact_url
+
+    assert redact_url("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redact_url("rediss://app:s3cret@[::1]:6380/1?ssl_ca_certs=/etc/ca.pem&password=s3cret") == (
+        "rediss://app:***@[::1]:6380/1?ssl_ca_certs=/etc/ca.pem&password=***"
+    )
+    assert redact_url("redis://cache:6379/0") == "redis://cache:6379/0"
+    assert redact_url("redis://:s3cret@cache:notaport") == "***"  # unparsable: hide all of it
