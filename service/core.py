@@ -65,10 +65,14 @@ class Caller:
     Attributes:
         is_active: False once the client cancelled or disconnected.
         deadline: ``time.monotonic()`` value of the client's deadline, or None.
+        add_done_callback: registers a function the transport calls when the call ends for any reason (gRPC:
+            ``context.add_callback``), so that a cancelled client releases its computation at once instead of at
+            the next poll.
     """
 
     is_active: Callable[[], bool] = lambda: True
     deadline: float | None = None
+    add_done_callback: Callable[[Callable[[], None]], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -366,6 +370,17 @@ class Core:
             return
         self._require_ready()
         flight, leader = self._join(op, key)
+        left = threading.Event()  # this caller's membership, released exactly once
+
+        def leave() -> None:
+            with self._lock:
+                if left.is_set():
+                    return
+                left.set()
+            self._leave(flight)
+
+        if caller.add_done_callback is not None:
+            caller.add_done_callback(leave)
         try:
             if leader:
                 self._start(op, info, key, flight, scan, compute)
@@ -388,7 +403,7 @@ class Core:
                 raise flight.error
             yield flight.job_id, (flight.result, False)
         finally:
-            self._leave(flight)
+            leave()
 
     def _join(self, op: Operation, key: str) -> tuple[Flight[Any], bool]:
         with self._lock:

@@ -23,7 +23,7 @@ def caller(context: grpc.ServicerContext) -> Caller:
     """The transport's view of the client: still there? deadline?"""
     remaining = context.time_remaining()
     deadline = None if remaining is None else time.monotonic() + remaining
-    return Caller(is_active=context.is_active, deadline=deadline)
+    return Caller(is_active=context.is_active, deadline=deadline, add_done_callback=context.add_callback)
 
 
 def _resolve(core: Core, ref: ScanRef) -> ScanInput:

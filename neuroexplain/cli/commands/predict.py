@@ -1,10 +1,17 @@
-"""``neuroexplain predict SCAN... --model NAME --local [--json]``."""
+"""``neuroexplain predict SCAN... --model NAME [--local | --server H:P] [--json]``.
+
+Without ``--local`` the scans go to a server (``--server``, default ``localhost:50051``). With ``--json`` each scan
+gives one JSON object on its own line: ``scan``, ``model``, ``model_version``, ``predicted_class``, ``probabilities``,
+``logits``, ``cached``, ``notice``; a scan that fails gives ``{"scan": ..., "error": {"code": ..., "message": ...}}``
+(``code`` is the gRPC status name, also with ``--local``). The exit code is 1 if any scan failed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from neuroexplain import RESEARCH_NOTICE
@@ -12,30 +19,26 @@ from neuroexplain.errors import NeuroExplainError
 
 
 def register(sub: Any) -> None:
+    from neuroexplain.client import add_client_arguments
+
     p = sub.add_parser("predict", help="class probabilities for one or more scans")
     p.add_argument("scans", nargs="+", metavar="SCAN", help=".nii, .nii.gz, .mgh or .mgz files")
     p.add_argument("--model", required=True, help="model name (see `neuroexplain models`)")
-    p.add_argument("--local", action="store_true", help="run the library in this process")
     p.add_argument("--json", action="store_true", help="one JSON object per scan per line")
+    add_client_arguments(p)
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _local(args: argparse.Namespace) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
     from neuroexplain.models import load_model
     from neuroexplain.predict import predict
     from neuroexplain.volumes import read_scan
 
     model = load_model(args.model)
-    failed = 0
-    for path in args.scans:
-        try:
-            pred = predict(model, [read_scan(path)])[0]
-        except NeuroExplainError as exc:
-            failed += 1
-            line: dict[str, Any] = {"scan": path, "error": {"code": type(exc).__name__, "message": str(exc)}}
-            print(json.dumps(line) if args.json else f"{path}: error: {exc}", file=sys.stdout if args.json else sys.stderr)
-            continue
-        result = {
+
+    def one(path: str) -> dict[str, Any]:
+        pred = predict(model, [read_scan(path)])[0]
+        return {
             "scan": path,
             "model": model.spec.name,
             "model_version": model.spec.version,
@@ -45,11 +48,52 @@ def run(args: argparse.Namespace) -> int:
             "cached": False,
             "notice": RESEARCH_NOTICE,
         }
+
+    for path in args.scans:
+        yield path, lambda path=path: one(path)  # type: ignore[misc]
+
+
+def _remote(args: argparse.Namespace) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    from neuroexplain.client import client_from_args
+
+    with client_from_args(args) as client:
+
+        def one(path: str) -> dict[str, Any]:
+            r = client.predict(path, model=args.model)
+            return {
+                "scan": path,
+                "model": r.info.model,
+                "model_version": r.info.model_version,
+                "predicted_class": r.predicted_class,
+                "probabilities": dict(r.probabilities),
+                "logits": list(r.logits),
+                "cached": r.info.cached,
+                "notice": r.info.notice,
+            }
+
+        for path in args.scans:
+            yield path, lambda path=path: one(path)  # type: ignore[misc]
+
+
+def run(args: argparse.Namespace) -> int:
+    from neuroexplain.client import error_code
+
+    failed = 0
+    for path, compute in (_local(args) if args.local else _remote(args)):
+        try:
+            result = compute()
+        except NeuroExplainError as exc:
+            failed += 1
+            if args.json:
+                print(json.dumps({"scan": path, "error": {"code": error_code(exc), "message": str(exc)}}), flush=True)
+            else:
+                print(f"{path}: error: {exc}", file=sys.stderr)
+            continue
         if args.json:
-            print(json.dumps(result))
+            print(json.dumps(result), flush=True)
         else:
-            probs = "  ".join(f"{k}={v:.3f}" for k, v in pred.probabilities.items())
-            print(f"{path}: {pred.predicted_class}  ({probs})")
+            probs = "  ".join(f"{k}={v:.3f}" for k, v in result["probabilities"].items())
+            print(f"{path}: {result['predicted_class']}  ({probs}){'  [cached]' if result['cached'] else ''}")
     if not args.json:
         print(RESEARCH_NOTICE, file=sys.stderr)
     return 1 if failed else 0

@@ -1,0 +1,276 @@
+"""Python client of the neuroexplain gRPC service. Needs grpcio and protobuf only (no torch, no numpy).
+
+Example::
+
+    from neuroexplain.client import Client
+
+    with Client("localhost:50051") as client:
+        pred = client.predict("scan.nii.gz", model="lesion")
+        print(pred.predicted_class, dict(pred.probabilities), pred.info.notice)
+        # explain the same scan without uploading it again
+        attr = client.attribute(model="lesion", digest=pred.info.scan_digest, method="integrated_gradients")
+        open("relevance.nii.gz", "wb").write(attr.nifti)
+
+Errors come back as the project's exception classes (``neuroexplain.errors``), with the server's message and
+``exc.code`` set to the gRPC status name (``INVALID_ARGUMENT``, ``NOT_FOUND``...).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import grpc
+
+from neuroexplain import errors
+from neuroexplain._proto import neuroexplain_pb2 as pb
+from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
+
+DEFAULT_SERVER = "localhost:50051"
+MAX_MESSAGE_BYTES = 256 << 20
+TOKEN_ENV = "NEUROEXPLAIN_TOKEN"
+
+# gRPC status -> the project's exception class (the inverse of the gateway's table).
+_ERRORS: dict[grpc.StatusCode, type[errors.NeuroExplainError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInputError,
+    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.LimitExceededError,
+    grpc.StatusCode.UNAVAILABLE: errors.UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
+    grpc.StatusCode.CANCELLED: errors.CancelledError,
+}
+_ALIGNMENTS = {"auto": pb.ALIGNMENT_AUTO, "mni": pb.ALIGNMENT_MNI, "center": pb.ALIGNMENT_CENTER}
+_NONFINITE = {"reject": pb.NON_FINITE_REJECT, "zero": pb.NON_FINITE_ZERO}
+
+
+class RemoteError(errors.NeuroExplainError):
+    """A status the project's tree has no class for (UNAUTHENTICATED, PERMISSION_DENIED, INTERNAL...)."""
+
+
+def error_from_rpc(exc: grpc.RpcError) -> errors.NeuroExplainError:
+    """The project exception for a failed call; ``.code`` holds the gRPC status name."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else ""
+    cls = _ERRORS.get(code, RemoteError)
+    message = details or code.name.lower().replace("_", " ")
+    if code is grpc.StatusCode.UNAVAILABLE and not details:
+        message = "the server is not reachable"
+    out = cls(message if cls is not RemoteError else f"{code.name}: {message}")
+    out.code = code.name  # type: ignore[attr-defined]
+    return out
+
+
+_CODES: tuple[tuple[type[errors.NeuroExplainError], str], ...] = (
+    (errors.InvalidInputError, "INVALID_ARGUMENT"),
+    (errors.NotFoundError, "NOT_FOUND"),
+    (errors.LimitExceededError, "RESOURCE_EXHAUSTED"),
+    (errors.UnavailableError, "UNAVAILABLE"),
+    (errors.DeadlineExceededError, "DEADLINE_EXCEEDED"),
+    (errors.CancelledError, "CANCELLED"),
+)
+
+
+def error_code(exc: BaseException) -> str:
+    """gRPC status name of an error, the same whether it came from a server or from the library in this process."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):
+        return code
+    return next((name for cls, name in _CODES if isinstance(exc, cls)), "INTERNAL")
+
+
+def _scan_message(
+    scan: bytes | str | os.PathLike[str] | None, digest: str | None, volume_index: int | None, alignment: str,
+    non_finite: str,
+) -> pb.Scan:
+    if (scan is None) == (digest is None):
+        raise errors.InvalidOptionError("give exactly one of a scan (bytes or path) and a scan digest")
+    if alignment not in _ALIGNMENTS:
+        raise errors.InvalidOptionError(f"alignment {alignment!r} is unknown; allowed: {list(_ALIGNMENTS)}")
+    if non_finite not in _NONFINITE:
+        raise errors.InvalidOptionError(f"non_finite {non_finite!r} is unknown; allowed: {list(_NONFINITE)}")
+    msg = pb.Scan(alignment=_ALIGNMENTS[alignment], non_finite=_NONFINITE[non_finite])
+    if digest is not None:
+        msg.digest = digest
+    elif isinstance(scan, bytes):
+        msg.data = scan
+    else:
+        try:
+            msg.data = Path(scan).read_bytes()  # type: ignore[arg-type]
+        except OSError as exc:
+            raise errors.NotFoundError(f"cannot read scan file {scan!s}: {exc.strerror}") from None
+    if volume_index is not None:
+        msg.volume_index = volume_index
+    return msg
+
+
+class Client:
+    """A connection to one neuroexplain server.
+
+    Args:
+        target: ``host:port``.
+        timeout: default deadline of each call, seconds (None = no deadline).
+        credentials: TLS channel credentials (``grpc.ssl_channel_credentials``, see :func:`tls_credentials`);
+            None = plaintext.
+        token: bearer token sent as ``authorization: Bearer <token>``; default ``NEUROEXPLAIN_TOKEN``.
+        max_message_bytes: largest message sent or received (scans and maps can be large).
+        options: extra channel options.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_SERVER,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        opts = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            *options,
+        ]
+        self.target = target
+        self.timeout = timeout
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=opts)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=opts)
+        )
+        self._stub = pb_grpc.NeuroExplainStub(self._channel)
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout if timeout is not None else self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    # -- RPCs ------------------------------------------------------------------------------------------------------
+
+    def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
+        """Every model the server serves."""
+        return list(self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout).models)
+
+    def get_model(self, name: str, *, timeout: float | None = None) -> pb.ModelInfo:
+        return self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout)  # type: ignore[no-any-return]
+
+    def predict(
+        self, scan: bytes | str | os.PathLike[str] | None = None, *, model: str, digest: str | None = None,
+        volume_index: int | None = None, alignment: str = "auto", non_finite: str = "reject",
+        timeout: float | None = None,
+    ) -> pb.PredictResponse:
+        """Class probabilities of one scan (file path, bytes, or the ``digest`` of a scan sent before)."""
+        request = pb.PredictRequest(
+            model=model, scan=_scan_message(scan, digest, volume_index, alignment, non_finite)
+        )
+        return self._call(self._stub.Predict, request, timeout)  # type: ignore[no-any-return]
+
+    def attribute(
+        self, scan: bytes | str | os.PathLike[str] | None = None, *, model: str, method: str,
+        digest: str | None = None, target: str = "", options: Mapping[str, str] | None = None, png: bool = False,
+        volume_index: int | None = None, alignment: str = "auto", non_finite: str = "reject",
+        timeout: float | None = None,
+    ) -> pb.AttributeResponse:
+        """Signed relevance map (``.nifti``, on the scan's grid) and summary of one scan."""
+        request = pb.AttributeRequest(
+            model=model, scan=_scan_message(scan, digest, volume_index, alignment, non_finite), method=method,
+            target=target, options={k: str(v) for k, v in (options or {}).items()}, png=png,
+        )
+        return self._call(self._stub.Attribute, request, timeout)  # type: ignore[no-any-return]
+
+    def visualize_events(
+        self, *, model: str, target: str, preset: str = "", steps: int = 0, seed: int = 0, start: str = "",
+        scan: bytes | str | os.PathLike[str] | None = None, digest: str | None = None,
+        options: Mapping[str, str] | None = None, preview_every: int = 0, png: bool = False,
+        timeout: float | None = None,
+    ) -> grpc.Future | Iterator[pb.VisualizeEvent]:
+        """The raw event stream (cancellable: call ``.cancel()`` on it)."""
+        request = pb.VisualizeRequest(
+            model=model, target=target, preset=preset, steps=steps, seed=seed, start=start,
+            options={k: str(v) for k, v in (options or {}).items()}, preview_every=preview_every, png=png,
+        )
+        if scan is not None or digest is not None:
+            request.scan.CopyFrom(_scan_message(scan, digest, None, "auto", "reject"))
+            request.start = request.start or "scan"
+        return self._stub.Visualize(  # type: ignore[no-any-return]
+            request, timeout=timeout if timeout is not None else self.timeout, metadata=self._metadata
+        )
+
+    def visualize(
+        self, *, on_progress: Callable[[str, pb.VisualizeProgress], None] | None = None, **kwargs: Any
+    ) -> tuple[str, pb.VisualizeResult]:
+        """Run a feature visualization; ``on_progress(job_id, progress)`` sees every step.
+
+        Takes the arguments of :meth:`visualize_events`. Returns ``(job_id, result)``.
+        """
+        stream = self.visualize_events(**kwargs)
+        try:
+            for event in stream:
+                if event.HasField("progress"):
+                    if on_progress is not None:
+                        on_progress(event.job_id, event.progress)
+                else:
+                    return event.job_id, event.result
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            stream.cancel()  # type: ignore[union-attr]  # no-op after the end; stops the server on early exit
+        raise errors.UnavailableError("the server closed the Visualize stream without a result")
+
+
+def tls_credentials(
+    ca: str | os.PathLike[str] | None = None, cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS (``ca`` = the server's CA bundle, default: system roots) or mutual TLS (also ``cert`` and ``key``)."""
+    if (cert is None) != (key is None):
+        raise errors.InvalidOptionError("--cert and --key go together; give both or neither")
+
+    def read(path: str | os.PathLike[str] | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise errors.NotFoundError(f"cannot read {Path(path).name}: {exc.strerror}") from None
+
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command-line helpers shared by the client commands (models, predict, attribute, visualize)
+
+
+def add_client_arguments(parser: Any) -> None:
+    """``--server``, ``--local``, ``--timeout`` and the client security flags (``--tls --ca --cert --key --token``)."""
+    parser.add_argument("--local", action="store_true", help="run the library in this process instead of a server")
+    parser.add_argument("--server", default=os.environ.get("NEUROEXPLAIN_SERVER", DEFAULT_SERVER), metavar="H:P",
+                        help=f"server address (default {DEFAULT_SERVER}, or NEUROEXPLAIN_SERVER)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline per call in seconds")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--ca", default=None, metavar="F", help="CA bundle of the server's certificate (with --tls)")
+    parser.add_argument("--cert", default=None, metavar="F", help="client certificate for mutual TLS (with --tls)")
+    parser.add_argument("--key", default=None, metavar="F", help="key of --cert (with --tls)")
+    parser.add_argument("--token", default=None, metavar="T", help=f"bearer token (default {TOKEN_ENV})")
+
+
+def client_from_args(args: Any) -> Client:
+    """A :class:`Client` from the flags of :func:`add_client_arguments`."""
+    if (args.ca or args.cert or args.key) and not args.tls:
+        raise errors.InvalidOptionError("--ca, --cert and --key need --tls")
+    credentials = tls_credentials(args.ca, args.cert, args.key) if args.tls else None
+    return Client(args.server, timeout=args.timeout, credentials=credentials, token=args.token)

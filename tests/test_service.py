@@ -1,0 +1,342 @@
+"""End-to-end tests of the gateway: a real gRPC server on a free port, every interceptor installed, a tiny real model.
+
+Every RPC; cache repeats with identical bytes; the digest path; singleflight; cancellation; deadlines; every error code
+with its message; health; metrics.
+"""
+
+# ruff: noqa: F811  (pytest fixtures imported from test_service_support are redefined as parameters)
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nibabel as nib
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_service_support import (  # noqa: F401  (fixtures)
+    TINY,
+    TINY_GRID,
+    GatedBackend,
+    Running,
+    backend,
+    gated,
+    gateway,
+    make_scan,
+    scan_msg,
+    start_gateway,
+    tiny_model_dir,
+)
+
+from neuroexplain import RESEARCH_NOTICE
+from neuroexplain._proto import neuroexplain_pb2 as pb
+from neuroexplain.models import load_model
+from neuroexplain.predict import predict
+from neuroexplain.volumes import read_scan
+from service.server import SERVICE_NAME
+
+SCAN = make_scan(0)
+
+
+def _image(nifti: bytes) -> Any:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(nifti))
+
+
+def _code(exc: grpc.RpcError) -> grpc.StatusCode:
+    return exc.code()  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every RPC
+
+
+def test_list_and_get_model_describe_the_contract(gateway: Running) -> None:
+    listed = gateway.stub.ListModels(pb.ListModelsRequest())
+    assert listed.notice == RESEARCH_NOTICE
+    assert [m.name for m in listed.models] == [TINY]
+    info = gateway.stub.GetModel(pb.GetModelRequest(name=TINY))
+    assert list(info.classes) == ["healthy", "lesion"]
+    assert tuple(info.grid_shape) == TINY_GRID and list(info.voxel_mm) == [4.0, 4.0, 4.0]
+    assert len(info.grid_affine) == 16 and len(info.weights_sha256) == 64
+    assert [(layer.name, layer.channels) for layer in info.layers] == [(f"conv{i}", 2) for i in range(1, 5)]
+    methods = {m.name: m for m in info.attribution_methods}
+    assert "integrated_gradients" in methods and "gradcam" in methods
+    n_steps = {o.name: o for o in methods["integrated_gradients"].options}["n_steps"]
+    assert n_steps.default and n_steps.allowed and n_steps.description
+    presets = {p.name: {o.name: o.default for o in p.options} for p in info.visualization_presets}
+    assert presets["robust"]["param"] == "fourier" and presets["paper"]["param"] == "voxel"
+    assert info.held_out_accuracy == 0.5 and info.notice == RESEARCH_NOTICE
+
+
+def test_predict_matches_the_library_and_repeats_from_the_cache(gateway: Running, tiny_model_dir: Path) -> None:
+    first = gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(SCAN)))
+    expected = predict(load_model(TINY, model_dirs=(tiny_model_dir,)), [read_scan(SCAN)])[0]
+    np.testing.assert_allclose(first.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    assert first.predicted_class == expected.predicted_class
+    assert set(first.probabilities) == {"healthy", "lesion"}
+    assert first.info.model == TINY and first.info.model_version == "0.1.0"
+    assert first.info.notice == RESEARCH_NOTICE and not first.info.cached
+    assert first.info.scan_digest == hashlib.sha256(SCAN).hexdigest()
+    again = gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(SCAN)))
+    assert again.info.cached
+    assert list(again.logits) == list(first.logits) and dict(again.probabilities) == dict(first.probabilities)
+    assert gateway.sample("neuroexplain_backend_duration_seconds_count", operation="predict", model=TINY) == 1
+    assert gateway.sample("neuroexplain_cache_hits_total", operation="predict") == 1
+
+
+def test_attribute_returns_a_map_on_the_scans_grid_and_repeats_byte_identical(gateway: Running) -> None:
+    request = pb.AttributeRequest(model=TINY, scan=scan_msg(SCAN), method="gradient", target="lesion", png=True)
+    first = gateway.stub.Attribute(request)
+    scan = read_scan(SCAN)
+    image = _image(first.nifti)
+    assert image.shape == scan.shape
+    np.testing.assert_allclose(image.affine, scan.affine, atol=1e-5)
+    assert image.get_data_dtype() == np.float32
+    assert first.method == "gradient" and first.target == "lesion"
+    assert first.png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert first.summary.total_positive > 0 and first.summary.json
+    assert not first.info.cached and first.info.notice == RESEARCH_NOTICE
+    again = gateway.stub.Attribute(request)
+    assert again.info.cached
+    assert again.nifti == first.nifti and again.png == first.png and again.summary == first.summary
+    # the same options spelled out at their defaults are the same computation
+    plain = gateway.stub.Attribute(pb.AttributeRequest(model=TINY, scan=scan_msg(SCAN), method="gradcam"))
+    spelled = gateway.stub.Attribute(pb.AttributeRequest(model=TINY, scan=scan_msg(SCAN), method="gradcam",
+                                                         options={"relu": "true"}))
+    assert not plain.info.cached and spelled.info.cached and spelled.nifti == plain.nifti
+
+
+def test_a_scan_sent_once_is_explained_by_digest(gateway: Running) -> None:
+    pred = gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(3))))
+    by_digest = gateway.stub.Attribute(
+        pb.AttributeRequest(model=TINY, scan=pb.Scan(digest=pred.info.scan_digest), method="gradient_x_input")
+    )
+    assert by_digest.info.scan_digest == pred.info.scan_digest
+    assert _image(by_digest.nifti).shape == read_scan(make_scan(3)).shape
+    with pytest.raises(grpc.RpcError) as unknown:
+        gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=pb.Scan(digest="ab" * 32)))
+    assert _code(unknown.value) is grpc.StatusCode.NOT_FOUND and "send its bytes" in unknown.value.details()
+    with pytest.raises(grpc.RpcError) as malformed:
+        gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=pb.Scan(digest="scan.nii.gz")))
+    assert _code(malformed.value) is grpc.StatusCode.INVALID_ARGUMENT and "64 hex digits" in malformed.value.details()
+
+
+def test_visualize_streams_progress_then_the_result(gateway: Running) -> None:
+    request = pb.VisualizeRequest(model=TINY, target="class:lesion", preset="none", steps=4, seed=1, png=True,
+                                  preview_every=2)
+    events = list(gateway.stub.Visualize(request))
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert [p.step for p in progress] == [1, 2, 3, 4] and all(p.steps == 4 for p in progress)
+    assert progress[1].preview_png[:4] == b"\x89PNG" and not progress[0].preview_png
+    assert events[-1].HasField("result") and len({e.job_id for e in events}) == 1 and events[0].job_id
+    result = events[-1].result
+    assert _image(result.nifti).shape[:3] == TINY_GRID
+    assert len(result.objective_curve) == 4 and result.png[:4] == b"\x89PNG"
+    assert not result.info.cached and result.info.notice == RESEARCH_NOTICE
+    assert gateway.sample("neuroexplain_visualize_steps_total", model=TINY) == 4
+    again = list(gateway.stub.Visualize(request))
+    assert len(again) == 1 and again[0].result.info.cached and again[0].result.nifti == result.nifti
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Singleflight, cancellation, deadlines, limits
+
+
+def test_concurrent_identical_calls_compute_once(gateway: Running, gated: GatedBackend) -> None:
+    gated.gate.clear()
+    n = 6
+    request = pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(5)))
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(gateway.stub.Predict, request) for _ in range(n)]
+        gateway.wait_for(lambda: gateway.sample("neuroexplain_singleflight_joins_total", operation="predict") == n - 1)
+        gated.gate.set()
+        results = [f.result(timeout=30) for f in futures]
+    assert len({tuple(r.logits) for r in results}) == 1
+    assert gateway.sample("neuroexplain_backend_duration_seconds_count", operation="predict", model=TINY) == 1
+    assert gateway.sample("neuroexplain_requests_total", rpc="Predict", model=TINY, code="OK") == n
+
+
+def test_a_shared_computation_survives_its_first_caller_leaving(gateway: Running, gated: GatedBackend) -> None:
+    gated.gate.clear()
+    request = pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(6)))
+    leaving = gateway.stub.Predict.future(request)
+    assert gated.entered.acquire(timeout=20)
+    staying = gateway.stub.Predict.future(request)
+    gateway.wait_for(lambda: gateway.sample("neuroexplain_singleflight_joins_total", operation="predict") == 1)
+    leaving.cancel()
+    gateway.wait_for(lambda: gateway.sample("neuroexplain_requests_total", rpc="Predict", model=TINY,
+                                            code="CANCELLED") == 1)
+    gated.gate.set()
+    assert staying.result(timeout=30).predicted_class in ("healthy", "lesion")
+    assert gateway.sample("neuroexplain_backend_duration_seconds_count", operation="predict", model=TINY) == 1
+
+
+def test_cancelling_visualize_stops_the_optimisation_within_a_few_steps(gateway: Running, gated: GatedBackend) -> None:
+    gated.step_delay_s = 0.02
+    stream = gateway.stub.Visualize(pb.VisualizeRequest(model=TINY, target="class:lesion", preset="none", steps=2000))
+    seen = 0
+    for event in stream:
+        assert event.HasField("progress")
+        seen = event.progress.step
+        if seen >= 3:
+            stream.cancel()
+            break
+    gateway.wait_for(lambda: gateway.sample("neuroexplain_computations_in_flight") == 0)
+    done = gateway.sample("neuroexplain_visualize_steps_total", model=TINY)
+    assert seen <= done <= seen + 3, f"optimisation ran {done} steps after the client left at step {seen}"
+    assert gateway.sample("neuroexplain_backend_errors_total", operation="visualize", code="CANCELLED") == 1
+    gateway.wait_for(lambda: gateway.sample("neuroexplain_requests_total", rpc="Visualize", model=TINY,
+                                            code="CANCELLED") == 1)
+
+
+def test_deadline_exceeded(gateway: Running, gated: GatedBackend) -> None:
+    gated.gate.clear()
+    with pytest.raises(grpc.RpcError) as exc:
+        gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(7))), timeout=0.3)
+    assert _code(exc.value) is grpc.StatusCode.DEADLINE_EXCEEDED
+    gated.gate.set()
+    gateway.wait_for(lambda: gateway.sample("neuroexplain_requests_total", rpc="Predict", model=TINY,
+                                            code="DEADLINE_EXCEEDED") + gateway.sample(
+        "neuroexplain_requests_total", rpc="Predict", model=TINY, code="CANCELLED") == 1)
+
+
+def test_full_server_answers_resource_exhausted(gated: GatedBackend, tmp_path: Path) -> None:
+    running = start_gateway(gated, tmp_path, max_concurrency=1, max_queue=0)
+    try:
+        gated.gate.clear()
+        busy = running.stub.Predict.future(pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(8))))
+        assert gated.entered.acquire(timeout=20)
+        with pytest.raises(grpc.RpcError) as exc:
+            running.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(9))))
+        assert _code(exc.value) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit of 1 running and 0 queued" in exc.value.details()
+        assert running.sample("neuroexplain_rejected_requests_total", operation="predict") == 1
+        gated.gate.set()
+        assert busy.result(timeout=30).info.model == TINY
+    finally:
+        gated.gate.set()
+        running.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors: every code with its message
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "words"),
+    [
+        (pb.PredictRequest(model=TINY, scan=pb.Scan(data=b"not a scan at all")), "INVALID_ARGUMENT", "unrecognised"),
+        (pb.PredictRequest(model=TINY), "INVALID_ARGUMENT", "scan is missing"),
+        (pb.PredictRequest(scan=pb.Scan(data=SCAN)), "INVALID_ARGUMENT", "model is missing"),
+        (pb.PredictRequest(model="nope", scan=pb.Scan(data=SCAN)), "NOT_FOUND", "served models: ['tiny']"),
+        (pb.AttributeRequest(model=TINY, scan=pb.Scan(data=SCAN), method="magic"), "INVALID_ARGUMENT",
+         "integrated_gradients"),
+        (pb.AttributeRequest(model=TINY, scan=pb.Scan(data=SCAN), method="gradient", target="tumour"),
+         "INVALID_ARGUMENT", "classes: ['healthy', 'lesion']"),
+        (pb.AttributeRequest(model=TINY, scan=pb.Scan(data=SCAN), method="integrated_gradients",
+                             options={"n_steps": "0"}), "INVALID_ARGUMENT", "n_steps"),
+        (pb.AttributeRequest(model=TINY, scan=pb.Scan(data=SCAN), method="gradient", options={"bogus": "1"}),
+         "INVALID_ARGUMENT", "has no option 'bogus'"),
+        (pb.AttributeRequest(model=TINY, scan=pb.Scan(data=SCAN), method="gradcam", options={"layer": "conv9"}),
+         "NOT_FOUND", "conv1"),
+        (pb.VisualizeRequest(model=TINY, target="channel:conv1:7", steps=2), "INVALID_ARGUMENT", "channel"),
+        (pb.VisualizeRequest(model=TINY, target="class:lesion", steps=100_000), "RESOURCE_EXHAUSTED", "at most"),
+        (pb.VisualizeRequest(model=TINY, target="class:lesion", preset="glitter"), "INVALID_ARGUMENT", "robust"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_errors_map_to_codes_with_helpful_messages(gateway: Running, request_: Any, code: str, words: str) -> None:
+    rpc = {pb.PredictRequest: gateway.stub.Predict, pb.AttributeRequest: gateway.stub.Attribute,
+           pb.VisualizeRequest: lambda r: list(gateway.stub.Visualize(r))}[type(request_)]
+    with pytest.raises(grpc.RpcError) as exc:
+        rpc(request_)
+    assert _code(exc.value).name == code, exc.value.details()
+    assert words in exc.value.details()
+
+
+def test_backend_down_is_unavailable_and_not_ready(gateway: Running, gated: GatedBackend) -> None:
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    check = health_pb2.HealthCheckRequest
+    assert health.Check(check(service=SERVICE_NAME)).status == health_pb2.HealthCheckResponse.SERVING
+    gated.down = True
+    gateway.server.update_health()
+    assert health.Check(check(service=SERVICE_NAME)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health.Check(check(service="")).status == health_pb2.HealthCheckResponse.SERVING  # liveness
+    assert gateway.sample("neuroexplain_backend_ready") == 0
+    with pytest.raises(grpc.RpcError) as exc:
+        gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(11))))
+    assert _code(exc.value) is grpc.StatusCode.UNAVAILABLE and "retry" in exc.value.details()
+    gated.down = False
+    gateway.server.update_health()
+    assert health.Check(check(service=SERVICE_NAME)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_unexpected_errors_are_internal_without_details(gateway: Running, gated: GatedBackend,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    gated.fail_with = RuntimeError("secret path /data/patient-42.nii")
+    with pytest.raises(grpc.RpcError) as exc:
+        gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(12))))
+    assert _code(exc.value) is grpc.StatusCode.INTERNAL
+    assert "patient" not in exc.value.details() and "error id" in exc.value.details()
+    error_id = exc.value.details().split("error id ")[1].split(")")[0]
+    assert any(error_id in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_oversized_messages_are_refused(gated: GatedBackend, tmp_path: Path) -> None:
+    running = start_gateway(gated, tmp_path, max_message_bytes=4096)
+    try:
+        with pytest.raises(grpc.RpcError) as exc:
+            running.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(SCAN)))
+        assert _code(exc.value) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        running.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reflection, disk cache across restarts
+
+
+def test_reflection_lists_the_service(gateway: Running) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(gateway.channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+def test_disk_cache_survives_a_restart(gated: GatedBackend, tmp_path: Path) -> None:
+    request = pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(13)))
+    first = start_gateway(gated, tmp_path)
+    try:
+        assert not first.stub.Predict(request).info.cached
+    finally:
+        first.stop()
+    second = start_gateway(gated, tmp_path)
+    try:
+        assert second.stub.Predict(request).info.cached
+        assert second.sample("neuroexplain_backend_duration_seconds_count", operation="predict", model=TINY) == 0
+    finally:
+        second.stop()
+
+
+def test_request_threads_do_not_share_state(gateway: Running) -> None:
+    """Different scans at once get their own answers (no per-request state on shared objects)."""
+    scans = [make_scan(20 + i) for i in range(4)]
+    expected = [gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(s))).logits for s in scans]
+    barrier = threading.Barrier(4)
+
+    def call(i: int) -> list[float]:
+        barrier.wait()
+        req = pb.AttributeRequest(model=TINY, scan=scan_msg(scans[i]), method="gradient")
+        gateway.stub.Attribute(req)
+        return list(gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(scans[i]))).logits)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(call, range(4)))
+    assert got == [list(e) for e in expected]
