@@ -245,7 +245,9 @@ def encode(kind: Kind, value: Any) -> bytes:
 def encode_error(exc: BaseException) -> bytes:
     """An error envelope; classes outside the project's tree are reported as a generic internal error."""
     if isinstance(exc, errors.NeuroExplainError):
-        return encode(Kind.ERROR, {"type": type(exc).__name__, "message": str(exc)})
+        # A library subclass (e.g. featvis' VisualizationCancelled) travels as its nearest class of the tree.
+        name = next(c.__name__ for c in type(exc).__mro__ if _ERROR_TYPES.get(c.__name__) is c)
+        return encode(Kind.ERROR, {"type": name, "message": str(exc)})
     return encode(Kind.ERROR, {"type": "InternalError", "message": "internal error in the model worker"})
 
 

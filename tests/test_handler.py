@@ -1,0 +1,313 @@
+"""The TorchServe custom handler, its wire contract and the archive builder — without starting TorchServe.
+
+The handler is driven exactly as a TorchServe worker drives it (``initialize(context)``, ``handle(rows, context)``)
+with tiny real models; TorchServe itself is exercised in ``tests/test_torchserve.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from torchserve_models import scan_bytes, tiny_scan_cnn, user_model  # noqa: E402
+
+from handlers import envelope as env  # noqa: E402
+from neuroexplain import errors  # noqa: E402
+from service.backend import (  # noqa: E402
+    AttributeRequest,
+    AttributeResult,
+    CallContext,
+    Cluster,
+    PredictRequest,
+    PredictResult,
+    Progress,
+    ScanInput,
+    StartKind,
+    VisualizeRequest,
+    VisualizeResult,
+)
+
+
+def _scan(data: bytes) -> ScanInput:
+    return ScanInput(data=data, digest=hashlib.sha256(data).hexdigest())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    tiny_scan_cnn(root / "tinyles")
+    user_model(root / "mynet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def scan() -> bytes:
+    return scan_bytes()
+
+
+class FakeContext:
+    """What a TorchServe worker passes to a handler (the attributes the handler reads)."""
+
+    def __init__(self, model_dir: Path, manifest: dict[str, Any], request_ids: dict[int, str] | None = None) -> None:
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": 0, "batch_size": 4}
+        self.manifest = manifest
+        self.request_ids = request_ids
+        self.metrics = None
+
+
+def _handler(model_dir: Path, model_file: str | None = None) -> Any:
+    from handlers.neuroexplain_handler import NeuroExplainHandler
+
+    handler = NeuroExplainHandler()
+    manifest = {"model": {"modelName": model_dir.name, **({"modelFile": model_file} if model_file else {})}}
+    handler.initialize(FakeContext(model_dir, manifest))
+    return handler
+
+
+@pytest.fixture(scope="module")
+def handler(models: Path) -> Any:
+    return _handler(models / "tinyles")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Wire contract
+
+
+def test_every_domain_type_round_trips() -> None:
+    scan = ScanInput(data=b"\x00scan", digest="d" * 64, volume_index=2, alignment="mni", nonfinite="zero")
+    values = [
+        PredictRequest("m", scan),
+        AttributeRequest("m", scan, method="gradient", target="lesion", options={"n_steps": "8"}, png=True),
+        VisualizeRequest("m", "neuron:conv2:1:2:3:4", steps=7, seed=3, start=StartKind.SCAN, scan=scan,
+                         options={"lr": "0.1"}, preview_every=2),
+        VisualizeRequest("m", "class:lesion"),
+        PredictResult("m", "1.0.0", (0.25, -1.5), {"healthy": 0.2, "lesion": 0.8}, "lesion"),
+        AttributeResult("m", "1.0.0", "gradient", "lesion", nifti=b"N" * 99, total_positive=1.5, total_negative=-0.5,
+                        clusters=(Cluster((1.0, 2.0, 3.0), (4.0, 5.0, 6.0), 7, 8.0, 0.9),), png=b"P"),
+        VisualizeResult("m", "1.0.0", nifti=b"V", native_nifti=b"W" * 5, objective_curve=(0.1, 0.2)),
+        Progress(3, 9, 0.5, preview_png=b"png"),
+    ]
+    for value in values:
+        answer = env.decode(env.encode(env.Kind.RESULT, value))
+        assert env.load(type(value), answer.value, answer.blobs) == value
+    task, back, job = env.decode_request(env.encode_request(env.Task.VISUALIZE, values[2], job_id="job_1"),
+                                         {env.Task.VISUALIZE: VisualizeRequest})
+    assert (task, back, job) == (env.Task.VISUALIZE, values[2], "job_1")
+
+
+def test_scan_bytes_travel_outside_the_json() -> None:
+    fields = env.encode_request(env.Task.PREDICT, PredictRequest("m", _scan(b"\xff\xfe raw")))
+    assert fields["blob:scan.data"] == b"\xff\xfe raw"
+    assert b"raw" not in fields["request"]
+
+
+@pytest.mark.parametrize(
+    ("row", "error"),
+    [
+        ({"request": b"{}"}, errors.InvalidInputError),
+        ({"task": b"explode", "request": b"{}"}, errors.InvalidOptionError),
+        ({"task": b"predict", "request": b"{not json"}, errors.InvalidInputError),
+        ({"task": b"predict"}, errors.InvalidInputError),
+        ({"task": b"predict", "request": json.dumps({"model": "m", "scan": {"data": "x", "digest": "d"},
+                                                     "extra": 1}).encode()}, errors.InvalidInputError),
+        ({"task": bytearray(b"predict"), "request": json.dumps({"model": "m", "scan": {"data": "x", "digest": "d"}}),
+          "job_id": b"../../etc/passwd"}, errors.InvalidOptionError),
+    ],
+)
+def test_malformed_requests_are_refused(row: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        env.decode_request(row, {env.Task.PREDICT: PredictRequest})
+
+
+def test_job_ids_are_restricted_on_the_sending_side_too() -> None:
+    with pytest.raises(errors.InvalidOptionError):
+        env.encode_request(env.Task.VISUALIZE, VisualizeRequest("m", "class:a"), job_id="a/b")
+
+
+def test_error_envelopes_re_raise_the_same_class() -> None:
+    class LibraryCancelled(errors.CancelledError):
+        pass
+
+    for exc in (errors.ScanFormatError("bad"), errors.LimitExceededError("big"), LibraryCancelled("gone")):
+        with pytest.raises(type(exc).__mro__[0 if type(exc) is not LibraryCancelled else 1], match=str(exc)):
+            env.raise_if_error(env.decode(env.encode_error(exc)))
+    # Anything outside the project's tree leaves the worker as a generic message: no internals, no input data.
+    with pytest.raises(RuntimeError, match="^internal error in the model worker$"):
+        env.raise_if_error(env.decode(env.encode_error(KeyError("/secret/path.nii"))))
+
+
+@pytest.mark.parametrize("raw", [b"", b"NXE", b"<html>500</html>", env.encode(env.Kind.RESULT, {"a": 1}) + b"x"])
+def test_foreign_answers_are_unavailable(raw: bytes) -> None:
+    with pytest.raises(errors.UnavailableError):
+        env.decode(raw)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Handler
+
+
+def _predict_row(data: bytes, model: str = "tinyles") -> dict[str, Any]:
+    # As TorchServe hands it over: field name -> bytearray.
+    return {k: bytearray(v) for k, v in env.encode_request(env.Task.PREDICT, PredictRequest(model, _scan(data))).items()}
+
+
+def test_initialize_falls_back_to_cpu_without_cuda(handler: Any) -> None:
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert handler.device.type == expected
+    assert next(handler.model.module.parameters()).device.type == expected
+
+
+def test_a_batch_answers_each_request_on_its_own(handler: Any, models: Path, scan: bytes) -> None:
+    from service.backends.inprocess import InProcessBackend
+
+    rows = [_predict_row(scan), _predict_row(b"not a scan"), {"task": b"dance", "request": b"{}"}, _predict_row(scan)]
+    answers = [env.decode(a) for a in handler.handle(rows, FakeContext(models / "tinyles", {}))]
+    assert [a.kind for a in answers] == [env.Kind.RESULT, env.Kind.ERROR, env.Kind.ERROR, env.Kind.RESULT]
+    with pytest.raises(errors.ScanFormatError):
+        env.raise_if_error(answers[1])
+    with pytest.raises(errors.InvalidOptionError):
+        env.raise_if_error(answers[2])
+    # Same numbers as the in-process backend computes for the same request.
+    inprocess = InProcessBackend(model_dirs=(models,))
+    inprocess.start()
+    expected = inprocess.predict(PredictRequest("tinyles", _scan(scan)), CallContext())
+    for answer in (answers[0], answers[3]):
+        got = env.load(PredictResult, answer.value, answer.blobs)
+        assert got.predicted_class == expected.predicted_class
+        assert got.logits == pytest.approx(expected.logits, abs=1e-5)
+
+
+def test_handler_keeps_no_per_request_state(handler: Any, models: Path, scan: bytes) -> None:
+    before = {k: id(v) for k, v in vars(handler).items()}
+    handler.handle([_predict_row(scan), _predict_row(b"junk")], FakeContext(models / "tinyles", {}))
+    assert {k: id(v) for k, v in vars(handler).items()} == before
+
+
+def test_a_model_the_worker_does_not_serve_is_not_found(handler: Any, models: Path, scan: bytes) -> None:
+    [answer] = handler.handle([_predict_row(scan, model="other")], FakeContext(models / "tinyles", {}))
+    with pytest.raises(errors.NotFoundError):
+        env.raise_if_error(env.decode(answer))
+
+
+def test_user_architecture_file_is_loaded_from_the_model_dir(models: Path, scan: bytes) -> None:
+    handler = _handler(models / "mynet", model_file="mynet.py")
+    [answer] = handler.handle([_predict_row(scan, model="mynet")], FakeContext(models / "mynet", {}))
+    result = env.load(PredictResult, *(lambda e: (e.value, e.blobs))(env.raise_if_error(env.decode(answer))))
+    assert set(result.probabilities) == {"a", "b", "c"}
+
+
+def test_visualize_streams_progress_and_stops_on_the_cancel_flag(
+    handler: Any, models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import handlers.neuroexplain_handler as module
+
+    handler_cancel_dir = tmp_path / "cancel"
+    handler_cancel_dir.mkdir()
+    monkeypatch.setattr(handler, "cancel_dir", handler_cancel_dir)
+    sent: list[Progress] = []
+
+    def fake_send(messages: list[bytes], request_ids: dict[int, str], *_args: Any) -> None:
+        assert request_ids == {0: "req-0"}
+        answer = env.decode(messages[0])
+        sent.append(env.load(Progress, answer.value, answer.blobs))
+        if len(sent) == 2:  # the gateway raises the flag after the second step
+            (handler_cancel_dir / "job-7").touch()
+
+    monkeypatch.setattr(module, "send_intermediate_predict_response", fake_send)
+    request = VisualizeRequest("tinyles", "class:lesion", preset="robust", steps=50)
+    row = env.encode_request(env.Task.VISUALIZE, request, job_id="job-7")
+    [answer] = handler.handle([row], FakeContext(models / "tinyles", {}, request_ids={0: "req-0"}))
+    with pytest.raises(errors.CancelledError):
+        env.raise_if_error(env.decode(answer))
+    assert 2 <= len(sent) <= 3, f"the worker ran {len(sent)} steps; it must stop within one step of the flag"
+    assert [p.step for p in sent] == list(range(1, len(sent) + 1))
+    # The same worker serves the next request normally.
+    (handler_cancel_dir / "job-7").unlink()
+    [answer] = handler.handle(
+        [env.encode_request(env.Task.VISUALIZE, VisualizeRequest("tinyles", "class:lesion", steps=2), job_id="job-8")],
+        FakeContext(models / "tinyles", {}),
+    )
+    result = env.load(VisualizeResult, *(lambda e: (e.value, e.blobs))(env.raise_if_error(env.decode(answer))))
+    assert len(result.objective_curve) == 2 and result.nifti[:2] == b"\x1f\x8b"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Archives and the package command
+
+
+def test_archive_holds_handler_spec_weights_and_model_config(models: Path, tmp_path: Path) -> None:
+    from handlers.archive import ArchiveConfig, build_archive
+
+    out = build_archive(models / "tinyles" / "spec.json", models / "tinyles" / "weights.pt", tmp_path / "t.mar",
+                        config=ArchiveConfig(batch_size=4, response_timeout_s=77, startup_timeout_s=55))
+    with zipfile.ZipFile(out) as z:
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        config = yaml.safe_load(z.read("model-config.yaml"))
+        names = set(z.namelist())
+    assert manifest["model"]["modelName"] == "tinyles" and manifest["model"]["modelVersion"] == "1.0.0"
+    assert manifest["model"]["handler"] == "neuroexplain_handler.py"
+    assert {"spec.json", "weights.pt", "neuroexplain_handler.py", "model-config.yaml"} <= names
+    assert config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 20, "responseTimeout": 77,
+                      "startupTimeout": 55}
+
+
+def test_archive_refuses_weights_that_do_not_match_the_spec(models: Path, tmp_path: Path) -> None:
+    from handlers.archive import build_archive
+
+    with pytest.raises(errors.InvalidInputError, match="digest"):
+        build_archive(models / "tinyles" / "spec.json", models / "mynet" / "weights.pt", tmp_path / "x.mar")
+    assert not (tmp_path / "x.mar").exists()
+
+
+def test_bundled_archives_are_rebuilt_only_when_stale(models: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from handlers.archive import ArchiveConfig, ensure_bundled_archives
+
+    only = tmp_path / "dirs"
+    only.mkdir()
+    (only / "tinyles").symlink_to(models / "tinyles")
+    monkeypatch.setenv("NEUROEXPLAIN_MODEL_DIRS", str(only))
+    store = tmp_path / "store"
+    built = ensure_bundled_archives(store)
+    assert store / "tinyles.mar" in built
+    first = (store / "tinyles.mar").stat().st_mtime_ns
+    ensure_bundled_archives(store)
+    assert (store / "tinyles.mar").stat().st_mtime_ns == first  # up to date: not rebuilt
+    ensure_bundled_archives(store, ArchiveConfig(batch_size=2))
+    assert (store / "tinyles.mar").stat().st_mtime_ns != first  # config changed: rebuilt
+
+
+def test_package_command_builds_a_users_archive(models: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from neuroexplain.cli.main import main
+
+    folder = models / "mynet"
+    out = tmp_path / "mynet.mar"
+    code = main(["package", "--spec", str(folder / "spec.json"), "--weights", str(folder / "weights.pt"),
+                 "--model-file", str(folder / "mynet.py"), "-o", str(out), "--batch-size", "2"])
+    assert code == 0 and out.is_file()
+    with zipfile.ZipFile(out) as z:
+        assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelFile"] == "mynet.py"
+    assert main(["package", "--spec", str(folder / "spec.json"), "--weights", str(folder / "weights.pt"),
+                 "-o", str(tmp_path / "mynet.zip")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "neuroexplain package: error: the archive name must end in .mar"
+
+
+def test_metrics_yaml_declares_what_the_handler_emits() -> None:
+    from handlers import neuroexplain_handler as module
+
+    declared = yaml.safe_load((Path(module.__file__).parent / "metrics.yaml").read_text())["model_metrics"]["counter"]
+    dims = {m["name"]: m["dimensions"] for m in declared}
+    assert dims[module.REQUESTS_METRIC] == ["ModelName", "Task", "Outcome"]
+    assert dims[module.SECONDS_METRIC] == ["ModelName"]
