@@ -315,3 +315,36 @@ def test_library_outputs_and_errors_carry_only_geometry(tmp_path: Path) -> None:
         with pytest.raises(NeuroExplainError) as info:
             read_scan(scan_bytes, limits=limits)
         assert_no_patient(str(info.value).encode(), "a scan error")
+
+
+def test_cli_client_with_mtls_and_token_sends_no_file_name(stack: Stack, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuroexplain.cli.main import main
+
+    scan_path = tmp_path / f"{PATIENT}_t1.nii.gz"  # the file name itself identifies the patient
+    scan_path.write_bytes(identifying_scan())
+    (tmp_path / "ca.pem").write_bytes(stack.pki["ca"].cert_pem)
+    cert, key = stack.pki["client"].write(tmp_path, "client")
+    common = ["predict", str(scan_path), "--model", "tiny", "--server", stack.target, "--json",
+              "--tls", "--ca", str(tmp_path / "ca.pem"), "--cert", str(cert), "--key", str(key)]
+    logs_before, audit_before = len(stack.logs.texts), len(stack.audit.texts)
+
+    monkeypatch.delenv("NEUROEXPLAIN_TOKEN", raising=False)
+    assert main(common) == 1
+    refused = json.loads(capsys.readouterr().out)
+    assert refused["error"]["code"] == "UNAUTHENTICATED"
+
+    assert main([*common, "--token", TOKEN]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["model"] == "tiny" and line["predicted_class"] in ("healthy", "lesion")
+    monkeypatch.setenv("NEUROEXPLAIN_TOKEN", TOKEN)
+    assert main(common) == 0
+    assert json.loads(capsys.readouterr().out)["cached"] is True
+
+    new_logs = "\n".join(stack.logs.texts[logs_before:])
+    new_audit = "\n".join(stack.audit.texts[audit_before:])
+    assert_no_patient(new_logs.encode(), "the logs of CLI calls")
+    assert_no_patient(new_audit.encode(), "the audit lines of CLI calls")
+    codes = [json.loads(t)["code"] for t in stack.audit.texts[audit_before:][::2]]
+    assert codes == ["UNAUTHENTICATED", "OK", "OK"]
