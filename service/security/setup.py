@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
+from service.config import Settings
 from service.security.audit import AuditLog
 from service.security.errors import SecurityConfigError
 from service.security.health import create_health_server
@@ -74,7 +75,7 @@ def describe_request(request: Any) -> tuple[str | None, str | None]:
 
 
 def build_security(
-    settings: Any, *, audit_logger: logging.Logger | None = None, status_of: StatusOf | None = None
+    settings: Settings, *, audit_logger: logging.Logger | None = None, status_of: StatusOf | None = None
 ) -> SecurityLayer:
     """The security layer the settings ask for.
 
@@ -89,14 +90,16 @@ def build_security(
     Raises:
         SecurityConfigError: a certificate, key or token source cannot be used, or the settings contradict.
     """
-    cert, key, ca = (getattr(settings, n, None) for n in ("tls_cert", "tls_key", "tls_client_ca"))
-    if bool(cert) != bool(key):
-        raise SecurityConfigError("--tls-cert and --tls-key go together; give both or neither")
+    cert, key, ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
     if ca and not cert:
         raise SecurityConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    tls = ReloadingServerCredentials(TlsFiles(Path(cert), Path(key), Path(ca) if ca else None)) if cert else None
-    tokens = TokenStore.from_sources(getattr(settings, "tokens_file", None), getattr(settings, "tokens", None))
-    target = getattr(settings, "audit_log", "stderr") or "off"
+    tls = None
+    if cert or key:
+        if not (cert and key):
+            raise SecurityConfigError("--tls-cert and --tls-key go together; give both or neither")
+        tls = ReloadingServerCredentials(TlsFiles(Path(cert), Path(key), Path(ca) if ca else None))
+    tokens = TokenStore.from_sources(settings.tokens_file, settings.tokens)
+    target = settings.audit_log or "off"
     audit_log: AuditLog | None
     if audit_logger is not None:
         audit_log = AuditLog(logger=audit_logger)
@@ -104,7 +107,7 @@ def build_security(
         audit_log = None
     else:
         audit_log = AuditLog(target)
-    cap = int(getattr(settings, "max_calls_per_caller", 0))
+    cap = settings.max_calls_per_caller
     if cap < 0:
         raise SecurityConfigError(f"max_calls_per_caller is {cap}; allowed: 0 (no cap) or a positive number")
     if tokens is not None and tls is None:
@@ -115,12 +118,11 @@ def build_security(
     return SecurityLayer(tls=tls, tokens=tokens, audit_log=audit_log, interceptor=interceptor)
 
 
-def start_health_port(settings: Any, servicer: health.HealthServicer) -> tuple[grpc.Server, int] | None:
+def start_health_port(settings: Settings, servicer: health.HealthServicer) -> tuple[grpc.Server, int] | None:
     """Start the plaintext health-only server on ``settings.health_port`` (``None`` when it is -1)."""
-    port = int(getattr(settings, "health_port", -1))
-    if port < 0:
+    if settings.health_port < 0:
         return None
-    server, bound = create_health_server(servicer, host=getattr(settings, "host", "[::]"), port=port)
+    server, bound = create_health_server(servicer, host=settings.host, port=settings.health_port)
     server.start()
     log.info("health-only port %d (plaintext, grpc.health.v1 only)", bound)
     return server, bound
