@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from conftest import require_binary
 from test_deploy import configmap_env, dockerfile_stages, referenced_metric_names
 from torchserve_models import tiny_scan_cnn
 
@@ -97,9 +98,7 @@ class Gateway:
             return str(response.read().decode())
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("deploy-live")
+def _start(tmp: Path, backend: str, startup_s: float) -> Gateway:
     models = tmp / "models"
     tiny_scan_cnn(models / "tinyles")
     cert, key = _self_signed(tmp)
@@ -112,7 +111,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     # Only what cannot be the same on a test machine changes; everything else is the ConfigMap's.
     swaps = {
         **{k: str(v) for k, v in ports.items()},
-        "NEUROEXPLAIN_BACKEND": "inprocess",
+        "NEUROEXPLAIN_BACKEND": backend,
         "NEUROEXPLAIN_CACHE": "disk",
         "NEUROEXPLAIN_TLS_CERT": str(cert),
         "NEUROEXPLAIN_TLS_KEY": str(key),
@@ -124,7 +123,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROEXPLAIN_")}
     env.update(config)
     env.update({"NEUROEXPLAIN_CACHE_DIR": str(tmp / "cache"), "NEUROEXPLAIN_MODEL_DIRS": str(models),
-                "XDG_CACHE_HOME": str(tmp / "xdg"), "PYTHONUNBUFFERED": "1"})
+                "NEUROEXPLAIN_MODEL_STORE": str(tmp / "model-store"),
+                "XDG_CACHE_HOME": str(tmp / "xdg"), "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"})
     process = subprocess.Popen(
         [sys.executable, "-m", "neuroexplain.cli.main", "serve"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp,
@@ -141,19 +141,32 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
     threading.Thread(target=read, args=(process.stdout, lines, True), daemon=True).start()
     threading.Thread(target=read, args=(process.stderr, errors, False), daemon=True).start()
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + startup_s
     while not ready.wait(0.5):
         if process.poll() is not None or time.monotonic() > deadline:
+            _stop(process)
+            pytest.fail(f"neuroexplain serve --backend {backend} never printed 'ready':\n" + "\n".join(errors[-30:]))
+    return Gateway(process, env, ports["NEUROEXPLAIN_PORT"], ports["NEUROEXPLAIN_HEALTH_PORT"],
+                   ports["NEUROEXPLAIN_METRICS_PORT"], cert, lines)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             process.kill()
-            pytest.fail("neuroexplain serve never printed 'ready':\n" + "\n".join(errors[-30:]))
-    gw = Gateway(process, env, ports["NEUROEXPLAIN_PORT"], ports["NEUROEXPLAIN_HEALTH_PORT"],
-                 ports["NEUROEXPLAIN_METRICS_PORT"], cert, lines)
+            process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = _start(tmp_path_factory.mktemp("deploy-live"), "inprocess", startup_s=240)
     try:
         yield gw
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
+        _stop(gw.process)
 
 
 def _call_list_models(gw: Gateway, token: str | None) -> grpc.StatusCode:
@@ -207,12 +220,18 @@ def test_health_port_answers_plaintext_for_liveness_and_readiness(gateway: Gatew
             assert response.status == health_pb2.HealthCheckResponse.SERVING, service
 
 
-def test_every_metric_in_alerts_dashboard_and_hpa_is_scraped(gateway: Gateway) -> None:
-    assert _call_list_models(gateway, TOKEN) == grpc.StatusCode.OK  # labelled series exist once used
+def _exported(scrape: str) -> set[str]:
+    """Every sample name a scrape can hold, from its families' types (a family may have no sample yet)."""
     exported: set[str] = set()
-    for family in text_string_to_metric_families(gateway.scrape()):
+    for family in text_string_to_metric_families(scrape):
         exported.update(family.name + suffix for suffix in SAMPLE_SUFFIXES[family.type])
         exported.update(sample.name for sample in family.samples)
+    return exported
+
+
+def test_every_metric_in_alerts_dashboard_and_hpa_is_scraped(gateway: Gateway) -> None:
+    assert _call_list_models(gateway, TOKEN) == grpc.StatusCode.OK  # labelled series exist once used
+    exported = _exported(gateway.scrape())
     used = referenced_metric_names()
     assert "neuroexplain_requests_in_flight" in used and "neuroexplain_requests_total" in used
     missing = {
@@ -234,3 +253,35 @@ def test_sigterm_drains_and_exits_zero(gateway: Gateway) -> None:
     # Last in the module: it stops the shared gateway. tini forwards exactly this signal.
     gateway.process.send_signal(signal.SIGTERM)
     assert gateway.process.wait(timeout=120) == 0
+
+
+# --- TorchServe backend: its re-exported metrics ---------------------------------------------------------------------
+
+
+@pytest.mark.torchserve
+@pytest.mark.slow
+def test_torchserve_metrics_the_dashboard_names_are_re_exported(tmp_path: Path) -> None:
+    """The production configuration (TorchServe backend): after one Predict, every ``ts_*`` metric named in k8s/ is
+    in the gateway's scrape; SIGTERM then stops the gateway and its TorchServe."""
+    require_binary("java", "TorchServe needs Java 17")
+    from neuroexplain._proto import neuroexplain_pb2 as pb
+    from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
+    from test_service_support import make_scan
+
+    used = {name for name in referenced_metric_names() if name.startswith("ts_")}
+    assert used, "the dashboard shows TorchServe's own queue and inference time"
+    gw = _start(tmp_path, "torchserve", startup_s=420)
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=gw.cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{gw.port}", credentials) as channel:
+            stub = pb_grpc.NeuroExplainStub(channel)
+            response = stub.Predict(
+                pb.PredictRequest(model="tinyles", scan=pb.Scan(data=make_scan())),
+                metadata=[("authorization", f"Bearer {TOKEN}")], timeout=120,
+            )
+            assert set(response.probabilities) == {"healthy", "lesion"}
+        missing = used - _exported(gw.scrape())
+        assert not missing, f"TorchServe metrics named in k8s/ but not re-exported by the gateway: {sorted(missing)}"
+    finally:
+        _stop(gw.process)
+    assert gw.process.returncode == 0
