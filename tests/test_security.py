@@ -487,3 +487,37 @@ def test_redis_urls_are_redacted_before_they_reach_a_message() -> None:
     )
     assert redact_url("redis://cache:6379/0") == "redis://cache:6379/0"
     assert redact_url("redis://:s3cret@cache:notaport") == "***"  # unparsable: hide all of it
+
+
+def test_settings_from_the_environment_turn_controls_on_and_keep_tokens_out_of_repr() -> None:
+    from service.config import build_settings
+    from service.security.setup import build_security
+
+    settings = build_settings(environ={"NEUROEXPLAIN_TOKENS": f"alice:{ALICE},bob:{BOB}",
+                                       "NEUROEXPLAIN_MAX_CALLS_PER_CALLER": "2", "NEUROEXPLAIN_AUDIT_LOG": "off"})
+    layer = build_security(settings)
+    assert layer.tokens is not None and layer.tokens.names == ("alice", "bob")
+    assert layer.audit_log is None and layer.interceptor.limiter.limit == 2 and layer.credentials is None
+    assert ALICE not in repr(settings) and ALICE not in layer.describe()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tls-cert", "server.crt"], "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "ca.pem"], "needs --tls-cert and --tls-key"),
+        (["--tokens-file", "tokens"], "at least 16"),
+    ],
+)
+def test_serve_refuses_bad_security_settings_in_one_line_before_starting(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from neuroexplain.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tokens").write_text("alice:too-short\n")
+    assert main(["serve", "--backend", "inprocess", "--port", "0", "--metrics-port", "-1", "--health-port", "-1",
+                 *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "too-short" not in err[0]
