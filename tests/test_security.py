@@ -521,3 +521,25 @@ def test_serve_refuses_bad_security_settings_in_one_line_before_starting(
                  *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "too-short" not in err[0]
+
+
+def test_streams_are_authenticated_and_release_their_slot_when_the_client_cancels(
+    token_file: Path, servers: list[_Server]
+) -> None:
+    servers.append(s := _Server(tokens=TokenStore.from_file(token_file), max_calls_per_caller=1))
+    with grpc.insecure_channel(s.target) as channel:
+        count = channel.unary_stream("/test.Echo/Count")
+        assert _code(lambda: list(count(b"", timeout=TIMEOUT))) == grpc.StatusCode.UNAUTHENTICATED
+        stream = count(b"", timeout=TIMEOUT, metadata=(("authorization", f"Bearer {ALICE}"),))
+        assert next(stream) == b"1"
+        assert s.interceptor.limiter.in_flight("caller:alice") == 1
+        stream.cancel()
+        s.echo.release.set()  # the handler wakes up, finds its client gone, and the generator is closed
+        deadline = time.monotonic() + TIMEOUT
+        while s.interceptor.limiter.in_flight("caller:alice") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.interceptor.limiter.in_flight("caller:alice") == 0
+        assert _say(channel, token=ALICE) == b"hello"
+    codes = [(r["rpc"], r["caller"], r["code"]) for r in s.audit_lines.records()]
+    assert codes == [("/test.Echo/Count", None, "UNAUTHENTICATED"), ("/test.Echo/Count", "alice", "CANCELLED"),
+                     ("/test.Echo/Say", "alice", "OK")]

@@ -92,7 +92,11 @@ def bind(record: CallRecord) -> contextvars.Token[CallRecord | None]:
 
 
 def unbind(token: contextvars.Token[CallRecord | None]) -> None:
-    _current.reset(token)
+    """Undo :func:`bind`; a no-op when called from another context (a stream closed by the garbage collector)."""
+    try:
+        _current.reset(token)
+    except ValueError:
+        pass
 
 
 class AuditLog:

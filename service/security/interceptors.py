@@ -195,23 +195,21 @@ class SecurityInterceptor(grpc.ServerInterceptor):
     def _wrap_stream(self, inner: Callable[..., Iterator[Any]], method: str, metadata: tuple[Any, ...], *,
                      stream_in: bool) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
         def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            record = audit.CallRecord(rpc=method, peer=context.peer())
-            try:
-                key = self._admit(record, metadata, context)
-            except BaseException as exc:
-                self._finish(record, context, exc)
-                raise
-            if not stream_in:
-                self._describe(record, request)
-            return self._stream(inner, request, context, record, key)
+            return self._stream(inner, request, context, method, metadata, stream_in)
 
         return behavior
 
-    def _stream(self, inner: Callable[..., Iterator[Any]], request: Any, context: grpc.ServicerContext,
-                record: audit.CallRecord, key: str) -> Iterator[Any]:
-        # The slot and the record live until the last response was sent or the client went away.
+    def _stream(self, inner: Callable[..., Iterator[Any]], request: Any, context: grpc.ServicerContext, method: str,
+                metadata: tuple[Any, ...], stream_in: bool) -> Iterator[Any]:
+        # Admission happens inside the generator, so a slot is only ever taken by code that is sure to reach the
+        # finally below; the slot and the record live until the last message was sent or the client went away.
+        record = audit.CallRecord(rpc=method, peer=context.peer())
         error: BaseException | None = None
+        key: str | None = None
         try:
+            key = self._admit(record, metadata, context)
+            if not stream_in:
+                self._describe(record, request)
             token = audit.bind(record)
             try:
                 yield from inner(request, context)
@@ -221,7 +219,8 @@ class SecurityInterceptor(grpc.ServerInterceptor):
             error = exc
             raise
         finally:
-            self.limiter.release(key)
+            if key is not None:
+                self.limiter.release(key)
             self._finish(record, context, error)
 
 
