@@ -219,6 +219,16 @@ def test_secure_gateway_serves_authenticated_callers_and_refuses_the_rest(stack:
     assert main_health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=TIMEOUT).status == (
         health_pb2.HealthCheckResponse.SERVING
     )
+    # Reflection is not exempt: without a token it is refused like any other call.
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    reflect = reflection_pb2_grpc.ServerReflectionStub(stack.channel).ServerReflectionInfo
+    ask = [reflection_pb2.ServerReflectionRequest(list_services="")]
+    with pytest.raises(grpc.RpcError) as info:
+        list(reflect(iter(ask), timeout=TIMEOUT))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    (listing,) = list(reflect(iter(ask), metadata=AUTH, timeout=TIMEOUT))
+    assert SERVICE_NAME in {s.name for s in listing.list_services_response.service}
     # The health-only port: plaintext, no certificate, no token; nothing else is served there.
     with grpc.insecure_channel(f"127.0.0.1:{stack.health_port}") as plain:
         probe = health_pb2_grpc.HealthStub(plain)
@@ -236,10 +246,11 @@ def test_secure_gateway_serves_authenticated_callers_and_refuses_the_rest(stack:
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
     lines = [json.loads(t) for t in stack.audit.texts[::2]]
-    by_rpc = [(r["rpc"].rsplit("/", 1)[1], r["caller"], r["code"]) for r in lines[-3:]]
+    by_rpc = [(r["rpc"].rsplit("/", 1)[1], r["caller"], r["code"]) for r in lines[-5:]]
     assert by_rpc == [("ListModels", "pacs-bridge", "OK"), ("ListModels", None, "UNAUTHENTICATED"),
-                      ("GetModel", "pacs-bridge", "NOT_FOUND")]
-    assert all(r["cert_subject"] == "CN=pacs-bridge,O=neuroexplain tests" for r in lines[-3:])
+                      ("GetModel", "pacs-bridge", "NOT_FOUND"), ("ServerReflectionInfo", None, "UNAUTHENTICATED"),
+                      ("ServerReflectionInfo", "pacs-bridge", "OK")]
+    assert all(r["cert_subject"] == "CN=pacs-bridge,O=neuroexplain tests" for r in lines[-5:])
     # Refusals are counted by the gateway's own metrics (the security interceptor runs inside them).
     assert stack.registry.get_sample_value(
         "neuroexplain_requests_total", {"rpc": "ListModels", "model": "", "code": "UNAUTHENTICATED"}
