@@ -1,0 +1,495 @@
+"""Score attribution methods against synthetic ground truth (``neuroexplain evaluate-attribution``).
+
+Every held-out positive scan of the synthetic data keeps its ground-truth mask, so maps can be scored, not just
+looked at. Metrics (all on the model grid, target = the ground-truth class, e.g. ``lesion``):
+
+- ``share``: share of positive relevance inside the ground-truth mask dilated by ``DILATE_VOXELS`` voxels.
+- ``rank_acc``: relevance rank accuracy (Arras et al. 2022): of the K most relevant brain voxels, K = mask size,
+  the fraction inside the (undilated) mask.
+- ``pointing``: pointing game: the most relevant voxel lies inside the dilated mask (1) or not (0).
+- ``deletion_auc`` (lower is better) / ``insertion_auc`` (higher is better): target-class probability while the
+  most relevant brain voxels are set to zero (deletion) or copied into a blurred copy of the scan (insertion), in
+  ``CURVE_STEPS`` equal steps up to ``CURVE_MAX_FRACTION`` of the brain; area under the curve on x in [0, 1].
+- ``rand_spearman``: sanity check (Adebayo et al. 2018): Spearman rank correlation, over brain voxels, of the
+  absolute maps of the trained model and of the model with all its layers re-initialised (the last step of a
+  cascading randomisation from the output layer down; the whole cascade is kept in the JSON). A method passes when
+  it is below ``SANITY_THRESHOLD``.
+
+The expensive parts run on documented subsets (see :class:`Plan`); every per-scan result is appended to a JSON-lines
+file as soon as it exists, so an interrupted run resumes where it stopped (``--resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage, stats
+from torch import nn
+
+from neuroexplain.attribution.methods import attribute_tensor, private_copy
+from neuroexplain.attribution.options import METHOD_OPTIONS, Method, parse_options
+from neuroexplain.errors import InvalidOptionError
+from neuroexplain.models.registry import LoadedModel
+
+DILATE_VOXELS = 2  # 4 mm on the 2 mm grid: tolerance for maps that peak on a lesion's rim
+CURVE_STEPS = 10
+CURVE_MAX_FRACTION = 0.10  # lesions cover < 2 % of the brain: the first 10 % of voxels is where the curve moves
+INSERTION_BLUR_MM = 8.0
+SANITY_THRESHOLD = 0.3
+RANDOM = "random"  # a seeded random map: the chance level every metric should beat
+
+CHEAP = (
+    Method.GRADIENT, Method.GRADIENT_X_INPUT, Method.GUIDED_BACKPROP, Method.GRADCAM,
+    Method.LRP_EPSILON, Method.LRP_ALPHA_BETA, Method.LRP_COMPOSITE, Method.DEEPLIFT,
+)
+SAMPLED = (Method.INTEGRATED_GRADIENTS, Method.SMOOTHGRAD, Method.GRADIENT_SHAP)
+PERTURBATION = (Method.OCCLUSION,)
+METRICS = ("share", "rank_acc", "pointing", "deletion_auc", "insertion_auc", "rand_spearman")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Subset sizes (numbers of held-out positive scans, always the first ones of the same seed list).
+
+    Attributes:
+        scans: localisation metrics of the single-pass methods (gradient, LRP, DeepLIFT, Grad-CAM, ...).
+        sampled_scans: every metric but randomisation for IG, SmoothGrad and GradientSHAP (tens of passes each).
+        faithfulness_scans: deletion/insertion curves of the single-pass methods.
+        occlusion_scans: every metric but randomisation for occlusion (one forward pass per patch).
+        randomisation_scans: the whole cascading randomisation of the single-pass methods.
+        sampled_randomisation_scans: the fully randomised model only, for IG, SmoothGrad and GradientSHAP.
+        occlusion_randomisation_scans: the fully randomised model only, for occlusion.
+        batch: scans per attribution call for the single-pass methods.
+    """
+
+    scans: int = 100
+    sampled_scans: int = 8
+    faithfulness_scans: int = 8
+    occlusion_scans: int = 4
+    randomisation_scans: int = 3
+    sampled_randomisation_scans: int = 2
+    occlusion_randomisation_scans: int = 1
+    batch: int = 4
+
+    def subset(self, method: Method | str, metric: str) -> int:
+        """Number of scans ``metric`` is computed on for ``method``."""
+        if method == RANDOM:
+            return self.scans if metric in ("share", "rank_acc", "pointing") else self.faithfulness_scans
+        if metric == "rand_spearman":
+            if method in PERTURBATION:
+                return self.occlusion_randomisation_scans
+            return self.sampled_randomisation_scans if method in SAMPLED else self.randomisation_scans
+        if method in PERTURBATION:
+            return self.occlusion_scans
+        if method in SAMPLED:
+            return self.sampled_scans
+        return self.scans if metric in ("share", "rank_acc", "pointing") else self.faithfulness_scans
+
+
+@dataclass
+class _Case:
+    seed: int
+    x: np.ndarray  # grid.shape, normalised model input
+    mask: np.ndarray  # bool, ground truth
+    dilated: np.ndarray  # bool
+    brain: np.ndarray  # bool, x > 0
+
+
+@dataclass
+class Evaluation:
+    """The aggregated table plus what it was computed from."""
+
+    model: str
+    model_version: str
+    weights_sha256: str
+    plan: Plan
+    rows: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # method -> metric -> {mean, sd, n}
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _task_of(model: LoadedModel) -> Any:
+    from neuroexplain.synthetic import Task
+
+    for task in Task:
+        if model.spec.name == task.value or model.spec.task.startswith(task.value):
+            if model.spec.grid.shape != (80, 96, 80):
+                break
+            return task
+    raise InvalidOptionError(
+        f"model {model.spec.name!r} has no synthetic ground truth to score against; "
+        "evaluate-attribution supports the bundled models 'lesion' and 'atrophy'"
+    )
+
+
+def held_out_seeds(n: int) -> list[int]:
+    """The first ``n`` held-out seeds whose synthetic scans are positive (lesion/atrophy present)."""
+    from neuroexplain.synthetic import HELD_OUT_SEED_START
+
+    return [HELD_OUT_SEED_START + 1 + 2 * i for i in range(n)]
+
+
+def _case(task: Any, seed: int) -> _Case:
+    from neuroexplain.synthetic import make_sample
+    from neuroexplain.volumes import normalise
+
+    s = make_sample(task, seed)
+    x = normalise(s.image)
+    brain = x > 0
+    return _Case(seed, x, s.mask, ndimage.binary_dilation(s.mask, iterations=DILATE_VOXELS) & brain, brain)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics (public: tests check them against hand-made maps)
+
+
+def localisation(rel: np.ndarray, mask: np.ndarray, dilated: np.ndarray, brain: np.ndarray) -> dict[str, float]:
+    """``share``, ``rank_acc`` and ``pointing`` of one map (see the module docstring)."""
+    pos = np.clip(rel, 0, None)
+    total = float(pos.sum())
+    share = float(pos[dilated].sum() / total) if total > 0 else 0.0
+    k = int(mask.sum())
+    vals = rel[brain]
+    inside = mask[brain]
+    top = np.argpartition(-vals, k - 1)[:k] if 0 < k <= vals.size else np.array([], dtype=int)
+    rank_acc = float(inside[top].mean()) if top.size else 0.0
+    peak = np.unravel_index(int(np.argmax(np.where(brain, rel, -np.inf))), rel.shape)
+    return {"share": share, "rank_acc": rank_acc, "pointing": float(dilated[peak])}
+
+
+def _auc(curve: Sequence[float]) -> float:
+    y = np.asarray(curve, dtype=np.float64)
+    return float(np.trapezoid(y, dx=1.0 / (len(y) - 1)))
+
+
+def perturbation_curves(
+    module: nn.Module, x: np.ndarray, rel: np.ndarray, brain: np.ndarray, target: int, grid_zooms: Sequence[float]
+) -> dict[str, Any]:
+    """Deletion and insertion curves (target probability per step) and their AUCs for one map."""
+    order = np.flatnonzero(brain.ravel())
+    order = order[np.argsort(-rel.ravel()[order], kind="stable")]
+    counts = np.linspace(0, CURVE_MAX_FRACTION * order.size, CURVE_STEPS + 1).astype(int)
+    flat = x.ravel()
+    blurred = ndimage.gaussian_filter(x, [INSERTION_BLUR_MM / z for z in grid_zooms], mode="constant").ravel()
+    deleted, inserted = [], []
+    for c in counts:
+        d = flat.copy()
+        d[order[:c]] = 0.0
+        ins = blurred.copy()
+        ins[order[:c]] = flat[order[:c]]
+        deleted.append(d.reshape(x.shape))
+        inserted.append(ins.reshape(x.shape))
+    vols = torch.from_numpy(np.stack(deleted + inserted))[:, None]  # (2 * (steps + 1), 1, D, H, W)
+    probs = []
+    with torch.inference_mode():
+        for start in range(0, vols.shape[0], 6):
+            probs += torch.softmax(module(vols[start : start + 6]).float(), dim=1)[:, target].tolist()
+    n = len(counts)
+    return {
+        "deletion": probs[:n], "insertion": probs[n:],
+        "deletion_auc": _auc(probs[:n]), "insertion_auc": _auc(probs[n:]),
+    }
+
+
+def randomisation_order(module: nn.Module) -> list[str]:
+    """Top-level children with parameters, from the output back to the input (the cascade's order)."""
+    return [name for name, child in reversed(list(module.named_children())) if any(True for _ in child.parameters())]
+
+
+def randomise(module: nn.Module, names: Iterable[str], seed: int) -> None:
+    """Re-initialise the parameters (and batch-norm statistics) of the named children, in place, seeded."""
+    children = dict(module.named_children())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in names:
+            for m in children[name].modules():
+                reset = getattr(m, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+                if hasattr(m, "reset_running_stats"):
+                    m.reset_running_stats()
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def spearman_abs(a: np.ndarray, b: np.ndarray, brain: np.ndarray) -> float:
+    """Spearman rank correlation of ``|a|`` and ``|b|`` over brain voxels (0 where a map is constant)."""
+    va, vb = np.abs(a[brain]), np.abs(b[brain])
+    if np.ptp(va) == 0 or np.ptp(vb) == 0:
+        return 0.0
+    return float(stats.spearmanr(va, vb).statistic)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+class _Store:
+    """Append-only JSON-lines cache of per-scan results, keyed by model digest, method, metric group and seed."""
+
+    def __init__(self, path: Path, weights: str, resume: bool) -> None:
+        self.path = path
+        self.weights = weights
+        self.done: dict[tuple[str, str, int], dict[str, Any]] = {}
+        if resume and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interrupted run
+                if rec.get("weights") == weights:
+                    self.done[(rec["method"], rec["group"], int(rec["seed"]))] = rec
+        elif path.exists():
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def has(self, method: str, group: str, seed: int) -> bool:
+        return (method, group, seed) in self.done
+
+    def add(self, method: str, group: str, seed: int, values: dict[str, Any]) -> None:
+        rec = {"weights": self.weights, "method": method, "group": group, "seed": seed, **values}
+        self.done[(method, group, seed)] = rec
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _random_map(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng([seed, 7]).standard_normal(shape).astype(np.float32)
+
+
+def _maps(
+    module: nn.Module, model: LoadedModel, cases: Sequence[_Case], method: Method | str, target: int,
+) -> list[np.ndarray]:
+    if method == RANDOM:
+        return [_random_map(c.seed, c.x.shape) for c in cases]
+    m = Method(method)
+    opts = parse_options(m, None)
+    x = torch.from_numpy(np.stack([c.x for c in cases]))[:, None]
+    out = attribute_tensor(
+        private_copy(module), x, m, target, opts, grid=model.spec.grid, layer_names=[l.name for l in model.spec.layers]
+    )
+    return [a[0].numpy() for a in out]
+
+
+def run_evaluation(
+    model: LoadedModel,
+    *,
+    methods: Sequence[Method | str] | None = None,
+    plan: Plan = Plan(),
+    cache: Path,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    compute: bool = True,
+) -> Evaluation:
+    """Compute (or resume) every per-scan result the plan asks for, then aggregate the table.
+
+    Args:
+        model: a bundled model with synthetic ground truth (``lesion`` or ``atrophy``).
+        methods: methods to score (default: all, plus the ``random`` chance row).
+        plan: subset sizes.
+        cache: JSON-lines file of per-scan results.
+        resume: keep results already in ``cache`` for the same weights (else start afresh).
+        log: progress lines (no patient data: seeds of synthetic scans only).
+        compute: False aggregates what ``cache`` holds without computing anything (``--report-only``).
+    """
+    task = _task_of(model)
+    chosen: list[Method | str] = list(methods) if methods else [RANDOM, *CHEAP, *SAMPLED, *PERTURBATION]
+    for m in chosen:
+        if m != RANDOM:
+            Method.parse(m)
+    chosen = [m if m == RANDOM else Method.parse(m) for m in chosen]
+    target = len(model.spec.classes) - 1  # the positive class: lesion / atrophy
+    store = _Store(cache, model.spec.weights_sha256 or "unknown", resume or not compute)
+    module = model.module
+    zooms = model.spec.grid.zooms
+    n_max = max(plan.subset(m, metric) for m in chosen for metric in METRICS)
+    seeds = held_out_seeds(n_max)
+    case_cache: dict[int, _Case] = {}
+
+    def case(seed: int) -> _Case:
+        if seed not in case_cache:
+            if len(case_cache) > 24:
+                case_cache.clear()
+            case_cache[seed] = _case(task, seed)
+        return case_cache[seed]
+
+    def key(m: Method | str) -> str:
+        return m if isinstance(m, str) else m.value
+
+    t0 = time.monotonic()
+
+    def maps_phase(ms: Sequence[Method | str]) -> None:
+        # Localisation (and, for the first scans, faithfulness) of each method; single-pass methods batched.
+        for m in ms:
+            n_loc = plan.subset(m, "share")
+            n_faith = plan.subset(m, "deletion_auc")
+            todo = [s for s in seeds[:n_loc] if not store.has(key(m), "map", s)]
+            batch = plan.batch if (m in CHEAP or m == RANDOM) else 1
+            for start in range(0, len(todo), batch):
+                group = [case(s) for s in todo[start : start + batch]]
+                t = time.monotonic()
+                maps = _maps(module, model, group, m, target)
+                per = (time.monotonic() - t) / len(group)
+                for c, rel in zip(group, maps):
+                    values: dict[str, Any] = localisation(rel, c.mask, c.dilated, c.brain)
+                    if c.seed in seeds[:n_faith]:
+                        values.update(perturbation_curves(module, c.x, rel, c.brain, target, zooms))
+                    values["seconds"] = per
+                    store.add(key(m), "map", c.seed, values)
+                log(f"[{time.monotonic() - t0:7.0f}s] {key(m)}: {start + len(group)}/{len(todo)} scans")
+
+    order = randomisation_order(module)
+
+    def randomisation_phase(ms: Sequence[Method | str]) -> None:
+        # Cascading randomisation from the output layer down; the last step is the fully randomised model.
+        # The many-pass methods get that last step only.
+        for m in [m for m in ms if m != RANDOM]:
+            steps = [order[: i + 1] for i in range(len(order))] if m in CHEAP else [order]
+            for s in seeds[: plan.subset(m, "rand_spearman")]:
+                if store.has(key(m), "randomisation", s):
+                    continue
+                c = case(s)
+                trained = _maps(module, model, [c], m, target)[0]
+                cascade = []
+                for names in steps:
+                    rnd = private_copy(module)
+                    randomise(rnd, names, seed=s)
+                    rel = _maps(rnd, model, [c], m, target)[0]
+                    cascade.append({"randomised": list(names), "spearman": spearman_abs(trained, rel, c.brain)})
+                store.add(key(m), "randomisation", s, {"rand_spearman": cascade[-1]["spearman"], "cascade": cascade})
+                log(f"[{time.monotonic() - t0:7.0f}s] {key(m)}: randomisation seed {s}")
+
+    if compute:
+        # Cheapest first, so that an interrupted run has the 100-scan rows; then the many-pass methods.
+        first = [m for m in chosen if m == RANDOM or m in CHEAP]
+        rest = [m for m in chosen if m not in first]
+        maps_phase(first)
+        randomisation_phase(first)
+        maps_phase(rest)
+        randomisation_phase(rest)
+    # Model behaviour on the scans, for context (sensitivity on the localisation subset).
+    probs = []
+    for s in seeds[: plan.scans]:
+        if not store.has("_model", "prediction", s):
+            if not compute:
+                continue
+            c = case(s)
+            with torch.inference_mode():
+                p = torch.softmax(module(torch.from_numpy(c.x)[None, None]).float(), dim=1)[0, target].item()
+            store.add("_model", "prediction", s, {"p_target": p, "mask_voxels": int(c.mask.sum())})
+        probs.append(store.done[("_model", "prediction", s)])
+    return aggregate(model, plan, chosen, store.done, seeds, probs)
+
+
+def aggregate(
+    model: LoadedModel, plan: Plan, chosen: Sequence[Method | str], done: dict[tuple[str, str, int], dict[str, Any]],
+    seeds: Sequence[int], probs: Sequence[dict[str, Any]],
+) -> Evaluation:
+    """Mean, standard deviation and n of every metric per method, from the per-scan records."""
+    ev = Evaluation(model.spec.name, model.spec.version, model.spec.weights_sha256, plan)
+    for m in chosen:
+        name = m if isinstance(m, str) else m.value
+        row: dict[str, dict[str, float]] = {}
+        for metric in METRICS:
+            group = "randomisation" if metric == "rand_spearman" else "map"
+            vals = [
+                done[(name, group, s)][metric] for s in seeds[: plan.subset(m, metric)]
+                if (name, group, s) in done and metric in done[(name, group, s)]
+            ]
+            if vals:
+                row[metric] = {"mean": float(np.mean(vals)), "sd": float(np.std(vals)), "n": len(vals)}
+        secs = [done[(name, "map", s)]["seconds"] for s in seeds if (name, "map", s) in done]
+        if secs:
+            row["seconds_per_scan"] = {"mean": float(np.mean(secs)), "sd": float(np.std(secs)), "n": len(secs)}
+        cascades = [done[(name, "randomisation", s)]["cascade"] for s in seeds if (name, "randomisation", s) in done]
+        if cascades and len(cascades[0]) > 1:
+            ev.extra.setdefault("cascade", {})[name] = {
+                "+".join(step["randomised"][-1:]): float(np.mean([c[i]["spearman"] for c in cascades]))
+                for i, step in enumerate(cascades[0])
+            }
+        ev.rows[name] = row
+    if probs:
+        p = np.array([r["p_target"] for r in probs])
+        ev.extra["model_on_subset"] = {
+            "n": len(p), "sensitivity": float((p > 0.5).mean()), "mean_p_target": float(p.mean()),
+            "mask_voxels_median": float(np.median([r["mask_voxels"] for r in probs])),
+        }
+    return ev
+
+
+def to_markdown(ev: Evaluation, command: str) -> str:
+    """The table as Markdown (what the command prints and writes to docs/)."""
+    cols = [("share", "share in mask ↑"), ("rank_acc", "rank acc. ↑"), ("pointing", "pointing ↑"),
+            ("deletion_auc", "deletion AUC ↓"), ("insertion_auc", "insertion AUC ↑"),
+            ("rand_spearman", "randomised ρ ↓"), ("seconds_per_scan", "s / scan")]
+    lines = [
+        f"# Attribution evaluation — model `{ev.model}` {ev.model_version}",
+        "",
+        f"Generated by `{command}`. Weights SHA-256 `{ev.weights_sha256[:16]}…`. Synthetic held-out positive scans "
+        f"(seeds from 1,000,001, odd), target class = the ground-truth class. Each cell: mean ± sd (n scans).",
+        "",
+        "| method | " + " | ".join(c[1] for c in cols) + " | sanity |",
+        "| --- | " + " | ".join("---" for _ in cols) + " | --- |",
+    ]
+    for name, row in ev.rows.items():
+        cells = []
+        for metric, _ in cols:
+            v = row.get(metric)
+            cells.append(f"{v['mean']:.3f} ± {v['sd']:.3f} ({v['n']})" if v else "—")
+        r = row.get("rand_spearman")
+        sanity = "—" if name == RANDOM or r is None else ("pass" if r["mean"] < SANITY_THRESHOLD else "**fail**")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {sanity} |")
+    best = max(
+        ((n, r["share"]["mean"]) for n, r in ev.rows.items() if n != RANDOM and "share" in r), key=lambda t: t[1],
+        default=None,
+    )
+    lines += ["", "## Reading the table", ""]
+    if best:
+        lines.append(
+            f"- Best localisation: `{best[0]}`, mean share of positive relevance inside the dilated mask "
+            f"{best[1]:.3f} (target ≥ 0.6: {'met' if best[1] >= 0.6 else '**not met**'})."
+        )
+    lines += [
+        f"- share: positive relevance inside the ground-truth mask dilated by {DILATE_VOXELS} voxels "
+        f"({2 * DILATE_VOXELS} mm) / all positive relevance. rank acc.: of the K most relevant brain voxels "
+        "(K = mask size) the fraction inside the mask. pointing: the most relevant brain voxel lies in the dilated mask.",
+        f"- deletion / insertion: target probability while the most relevant brain voxels are zeroed / copied into a "
+        f"blurred scan (σ {INSERTION_BLUR_MM:g} mm), {CURVE_STEPS} steps up to {CURVE_MAX_FRACTION:.0%} of the brain; "
+        "area under the curve on [0, 1].",
+        f"- randomised ρ: Spearman correlation of |map| between the trained and the fully re-initialised model "
+        f"(Adebayo et al. 2018); a method passes the sanity check when ρ < {SANITY_THRESHOLD}.",
+        "- `random` is a seeded random map: the chance level.",
+        f"- Subsets (first n of the same seed list): {json.dumps(asdict(ev.plan))}.",
+    ]
+    if "model_on_subset" in ev.extra:
+        mo = ev.extra["model_on_subset"]
+        lines.append(
+            f"- The model on the localisation subset: sensitivity {mo['sensitivity']:.3f} "
+            f"(mean p = {mo['mean_p_target']:.3f}, n = {mo['n']}); median mask size {mo['mask_voxels_median']:.0f} voxels."
+        )
+    if "cascade" in ev.extra:
+        lines += ["", "## Cascading randomisation (mean Spearman ρ after randomising down to the layer)", ""]
+        steps = list(next(iter(ev.extra["cascade"].values())).keys())
+        lines.append("| method | " + " | ".join(f"…{s}" for s in steps) + " |")
+        lines.append("| --- | " + " | ".join("---" for _ in steps) + " |")
+        for name, casc in ev.extra["cascade"].items():
+            lines.append(f"| `{name}` | " + " | ".join(f"{casc.get(s, float('nan')):.3f}" for s in steps) + " |")
+    lines += ["", "Default options of every method were used: " + ", ".join(
+        f"`{m.value}` {json.dumps({o.name: o.default for o in METHOD_OPTIONS[m]})}" for m in Method if METHOD_OPTIONS[m]
+    ) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(ev: Evaluation) -> dict[str, Any]:
+    return {
+        "model": ev.model, "model_version": ev.model_version, "weights_sha256": ev.weights_sha256,
+        "plan": asdict(ev.plan), "rows": ev.rows, **ev.extra,
+        "settings": {"dilate_voxels": DILATE_VOXELS, "curve_steps": CURVE_STEPS,
+                     "curve_max_fraction": CURVE_MAX_FRACTION, "sanity_threshold": SANITY_THRESHOLD},
+    }

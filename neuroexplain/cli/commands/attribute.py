@@ -1,0 +1,103 @@
+"""``neuroexplain attribute SCAN --model NAME --method METHOD [--target CLASS] [--option key=value ...] -o OUT.nii.gz
+[--png P] [--summary S.json] [--local | --server H:P]``.
+
+``OUT`` is the signed, unnormalised relevance map on the scan's own grid and affine (float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+# The method names, duplicated from neuroexplain.attribution.options so that `--help` works without torch
+# (tests/test_attribution_cli.py checks the two lists agree).
+METHOD_NAMES = (
+    "integrated_gradients", "smoothgrad", "gradient", "gradient_x_input", "guided_backprop", "gradcam", "occlusion",
+    "lrp_epsilon", "lrp_alpha_beta", "lrp_composite", "deeplift", "gradient_shap",
+)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "attribute",
+        help="relevance map of one scan (which voxels drove the decision), on the scan's own grid",
+        description="Explain one scan: write the signed relevance map (float32, unnormalised) on the scan's own grid "
+        "and affine, optionally a PNG overlay and a JSON summary (totals, top clusters in the scan's world mm). "
+        "Research use only — not for diagnosis.",
+    )
+    p.add_argument("scan", metavar="SCAN", help=".nii, .nii.gz, .mgh or .mgz file")
+    p.add_argument("--model", required=True, help="model name (see `neuroexplain models`)")
+    p.add_argument("--method", required=True, metavar="METHOD", help=f"one of: {', '.join(METHOD_NAMES)}")
+    p.add_argument("--target", metavar="CLASS", help="class to explain (default: the predicted class)")
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="method option, repeatable (e.g. n_steps=64, baseline=blur, layer=conv3); see README 'Attribution'",
+    )
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.nii.gz", help="relevance map (NIfTI)")
+    p.add_argument("--png", type=Path, metavar="P", help="also write an orthogonal-slice overlay PNG")
+    p.add_argument("--summary", type=Path, metavar="S.json", help="also write the JSON summary")
+    p.add_argument("--alignment", default="auto", choices=("auto", "mni", "center"), help="see README 'Scans'")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="run the library in this process (the default for now)")
+    where.add_argument("--server", metavar="H:P", help="ask a running `neuroexplain serve`")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from neuroexplain.cli.main import CliError
+
+    if args.method not in METHOD_NAMES:
+        raise CliError(f"method {args.method!r} is unknown; expected one of {list(METHOD_NAMES)}")
+    for path in (args.output, args.png, args.summary):
+        if path is not None and not path.parent.exists():
+            raise CliError(f"output folder {str(path.parent)!r} does not exist")
+    if args.server:
+        return _run_remote(args)
+    return _run_local(args)
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    import warnings
+
+    from neuroexplain import RESEARCH_NOTICE
+    from neuroexplain.attribution import explain, parse_option_pairs
+    from neuroexplain.models import load_model
+    from neuroexplain.volumes import Alignment, read_scan
+
+    options = parse_option_pairs(args.option)
+    model = load_model(args.model)
+    scan = read_scan(args.scan)
+    with warnings.catch_warnings():
+        # captum announces every hook it sets on activations; they are removed afterwards (and checked in tests).
+        warnings.filterwarnings("ignore", message=r"Setting (forward, )?backward hooks", category=UserWarning)
+        result = explain(
+            model, scan, args.method, target=args.target, options=options, alignment=Alignment(args.alignment),
+            png=args.png is not None,
+        )
+    args.output.write_bytes(result.nifti)
+    if args.png is not None and result.png is not None:
+        args.png.write_bytes(result.png)
+    summary = {
+        "model": model.spec.name,
+        "model_version": model.spec.version,
+        **result.summary,
+        "probabilities": result.probabilities,
+        "cached": False,
+        "notice": RESEARCH_NOTICE,
+    }
+    if args.summary is not None:
+        args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    top = summary["clusters"][0] if summary["clusters"] else None
+    where = f"; strongest cluster at {top['peak_mm']} mm, {top['volume_ml']} mL" if top else ""
+    print(f"{args.output}: {result.method.value} for class {result.target_class!r}{where}")
+    print(RESEARCH_NOTICE, file=sys.stderr)
+    return 0
+
+
+def _run_remote(args: argparse.Namespace) -> int:
+    from neuroexplain.cli.main import CliError
+
+    raise CliError("attribute --server is not available yet; use --local")

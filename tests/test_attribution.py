@@ -1,0 +1,472 @@
+"""Attribution: every method on a tiny model with a known answer, hook removal, geometry, options and errors.
+
+Tiny models only (16^3 grid): RegionNet looks at one region, so every method must put its relevance there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from neuroexplain.models.registry import LoadedModel
+from neuroexplain.models.spec import LayerInfo, ModelSpec
+from neuroexplain.models.zoo import ScanCNN
+from neuroexplain.volumes import Grid
+
+SHAPE = (16, 16, 16)
+GRID = Grid(SHAPE, np.array([[2.0, 0, 0, -16.0], [0, 2.0, 0, -16.0], [0, 0, 2.0, -16.0], [0, 0, 0, 1]]))
+REGION = (slice(8, 12), slice(4, 8), slice(8, 12))  # the only voxels RegionNet looks at
+
+
+class _BackwardBomb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        raise RuntimeError("bomb in backward")
+
+
+class RegionNet(nn.Module):
+    """A conv net that sees only ``REGION``: the input is multiplied by a fixed mask, convolutions have no bias.
+
+    ``fail_on_forward=n`` raises on the n-th forward call, ``fail_on_backward`` raises during backpropagation:
+    both let tests interrupt a method after captum has registered its hooks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        mask = torch.zeros(1, 1, *SHAPE)
+        mask[(0, 0, *REGION)] = 1.0
+        self.register_buffer("region", mask)
+        self.conv1 = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1, bias=False), nn.ReLU())
+        self.pool1 = nn.MaxPool3d(2)
+        self.conv2 = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1, bias=False), nn.ReLU())
+        self.global_pool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(4, 2)
+        self.calls = 0
+        self.fail_on_forward = 0
+        self.fail_on_backward = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 16, 16, 16) -> (B, 2)
+        self.calls += 1
+        if self.fail_on_forward and self.calls >= self.fail_on_forward:
+            raise RuntimeError("bomb in forward")
+        x = self.conv2(self.pool1(self.conv1(x * self.region)))
+        if self.fail_on_backward:  # after the last conv layer, so that Grad-CAM's backward pass meets it too
+            x = _BackwardBomb.apply(x)
+        x = self.global_pool(x)
+        return self.fc(torch.flatten(x, 1))
+
+
+def _spec(name: str, layers: tuple[LayerInfo, ...]) -> ModelSpec:
+    return ModelSpec(
+        name=name, version="0.0.1", task="test", classes=("healthy", "lesion"), grid=GRID,
+        architecture="test_attribution.py:RegionNet", layers=layers,
+    )
+
+
+def region_net(seed: int = 0) -> RegionNet:
+    torch.manual_seed(seed)
+    net = RegionNet()
+    with torch.no_grad():
+        # Positive weights: the lesion logit grows with the region's intensity, so relevance there is not zero.
+        for conv in (net.conv1[0], net.conv2[0]):
+            conv.weight.abs_()
+        net.fc.weight.copy_(torch.tensor([[-1.0, -1.0, -1.0, -1.0], [1.0, 1.0, 1.0, 1.0]]))
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def region_model(seed: int = 0) -> LoadedModel:
+    layers = (LayerInfo("conv1", 4, SHAPE), LayerInfo("conv2", 4, (8, 8, 8)))
+    return LoadedModel(spec=_spec("region", layers), module=region_net(seed), device=torch.device("cpu"))
+
+
+def tiny_scancnn(seed: int = 0) -> LoadedModel:
+    """The bundled architecture (conv + batch norm + ReLU blocks, max pooling), tiny, with trained-like BN stats."""
+    torch.manual_seed(seed)
+    net = ScanCNN(channels=(2, 2, 4, 4), hidden=4)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    layers = tuple(LayerInfo(f"conv{i}", c, (16 >> (i - 1),) * 3) for i, c in zip(range(1, 5), (2, 2, 4, 4)))
+    spec = ModelSpec(
+        name="tinycnn", version="0.0.1", task="test", classes=("healthy", "lesion"), grid=GRID,
+        architecture="neuroexplain.models.zoo:ScanCNN", layers=layers,
+    )
+    return LoadedModel(spec=spec, module=net, device=torch.device("cpu"))
+
+
+def scan_volume(seed: int = 0) -> np.ndarray:
+    """A positive volume on ``GRID`` (every voxel > 0, brighter inside ``REGION``)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.2, 1.0, SHAPE).astype(np.float32)
+    x[REGION] += 1.0
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tests
+
+import json  # noqa: E402
+
+import nibabel as nib  # noqa: E402
+import pytest  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from neuroexplain.attribution import METHOD_OPTIONS, Method, explain, parse_option_pairs, parse_options  # noqa: E402
+from neuroexplain.attribution.evaluate import (  # noqa: E402
+    localisation,
+    randomisation_order,
+    randomise,
+    spearman_abs,
+)
+from neuroexplain.attribution.methods import added_hooks, attribute_tensor, private_copy  # noqa: E402
+from neuroexplain.attribution.summary import summarise  # noqa: E402
+from neuroexplain.errors import CancelledError, InvalidOptionError, NotFoundError  # noqa: E402
+from neuroexplain.volumes import Alignment, Placement, Scan, read_scan  # noqa: E402
+
+# Cheap settings for the many-pass methods; the known answer does not depend on them.
+FAST: dict[Method, dict[str, int | str]] = {
+    Method.INTEGRATED_GRADIENTS: {"n_steps": 4},
+    Method.SMOOTHGRAD: {"nt_samples": 3},
+    Method.GRADIENT_SHAP: {"n_samples": 3, "baseline": "blur"},
+    Method.OCCLUSION: {"patch": 4, "stride": 4},
+}
+
+
+def _x(seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(scan_volume(seed))[None, None]  # (1, 1, 16, 16, 16)
+
+
+def _region_mask(dilate: int = 0) -> np.ndarray:
+    m = np.zeros(SHAPE, dtype=bool)
+    m[REGION] = True
+    return ndimage.binary_dilation(m, np.ones((3, 3, 3), bool), iterations=dilate) if dilate else m
+
+
+def _no_leftovers(module: nn.Module) -> None:
+    assert added_hooks(module) == 0
+    for m in module.modules():
+        assert not {"rule", "activations"} & set(m.__dict__), type(m).__name__
+
+
+@pytest.mark.parametrize("method", list(Method), ids=lambda m: m.value)
+def test_every_method_puts_relevance_on_the_region_the_model_looks_at(method: Method) -> None:
+    model = region_model()
+    opts = parse_options(method, FAST.get(method))
+    rel = attribute_tensor(private_copy(model.module), _x(), method, 1, opts, grid=GRID, layer_names=["conv1", "conv2"])
+    assert rel.shape == (1, 1, *SHAPE)
+    a = np.abs(rel[0, 0].numpy())
+    assert a.sum() > 0, "the map is all zeros"
+    if method is Method.GRADCAM:
+        # Grad-CAM explains conv2 (after a 2x pooling; its receptive field reaches 2 coarse voxels past the region)
+        # and is upsampled, so it is coarse by design: its peak and centre of mass must still sit on the region.
+        peak = np.unravel_index(int(np.argmax(a)), SHAPE)
+        assert _region_mask(dilate=1)[peak], peak
+        centroid = np.array(ndimage.center_of_mass(a))
+        lo = np.array([r.start for r in REGION]) - 1
+        hi = np.array([r.stop - 1 for r in REGION]) + 1
+        assert np.all(centroid >= lo) and np.all(centroid <= hi), centroid
+        inside = _region_mask(dilate=1)
+    else:
+        inside = _region_mask()
+        assert a[inside].sum() / a.sum() > 0.99
+    pos = np.clip(rel[0, 0].numpy(), 0, None)
+    assert pos[inside].sum() > 0, "no positive relevance on the region that raises the lesion logit"
+
+
+@pytest.mark.parametrize("method", list(Method), ids=lambda m: m.value)
+def test_hooks_are_removed_when_backpropagation_raises(method: Method) -> None:
+    net = region_net()
+    if method is Method.OCCLUSION:
+        net.fail_on_forward = 3  # forward-only method: fail between two batches of patches
+    else:
+        net.fail_on_backward = True
+    opts = parse_options(method, {**FAST.get(method, {}), **({"internal_batch_size": 1} if method is Method.OCCLUSION else {})})
+    with pytest.raises(RuntimeError, match="bomb"):
+        attribute_tensor(net, _x(), method, 1, opts, grid=GRID, layer_names=["conv1", "conv2"])
+    _no_leftovers(net)
+
+
+@pytest.mark.parametrize("method", [Method.LRP_EPSILON, Method.DEEPLIFT, Method.GUIDED_BACKPROP, Method.GRADCAM])
+def test_hooks_are_removed_when_a_forward_pass_inside_the_method_raises(method: Method) -> None:
+    net = region_net()
+    net.fail_on_forward = 2 if method is Method.LRP_EPSILON else 1  # LRP's second pass runs with its hooks set
+    with pytest.raises(RuntimeError, match="bomb"):
+        attribute_tensor(net, _x(), method, 1, parse_options(method, None), grid=GRID, layer_names=["conv2"])
+    _no_leftovers(net)
+
+
+def test_cancellation_stops_between_passes_and_leaves_no_hooks() -> None:
+    net = region_net()
+    polls = []
+
+    def should_cancel() -> bool:
+        polls.append(1)
+        return len(polls) > 2
+
+    opts = parse_options(Method.INTEGRATED_GRADIENTS, {"n_steps": 8, "internal_batch_size": 1})
+    with pytest.raises(CancelledError):
+        attribute_tensor(net, _x(), Method.INTEGRATED_GRADIENTS, 1, opts, grid=GRID, should_cancel=should_cancel)
+    assert net.calls == 1  # stopped at the second pass of eight
+    _no_leftovers(net)
+
+
+@pytest.mark.parametrize("method", [Method.LRP_EPSILON, Method.LRP_ALPHA_BETA, Method.LRP_COMPOSITE])
+def test_lrp_on_the_bundled_architecture_leaves_the_shared_model_untouched(method: Method) -> None:
+    model = tiny_scancnn()
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    names_before = [n for n, _ in model.module.named_modules()]
+    x = torch.from_numpy(scan_volume())[None, None]
+    result = explain(model, _scan(), method, target="lesion", alignment=Alignment.MNI)
+    assert np.isfinite(result.model_map).all() and np.abs(result.model_map).sum() > 0
+    after = model.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [n for n, _ in model.module.named_modules()] == names_before  # batch norm still there
+    _no_leftovers(model.module)
+    # Folding batch norm into the convolutions does not change the function.
+    from neuroexplain.attribution.methods import _canonise
+
+    folded = private_copy(model.module)
+    _canonise(folded)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.module(x), rtol=1e-4, atol=1e-5)
+
+
+def test_lrp_epsilon_conserves_relevance_up_to_biases() -> None:
+    # RegionNet has no conv biases: the epsilon rule's relevance sums to the logit minus the fc bias share.
+    model = region_model()
+    x = _x()
+    rel = attribute_tensor(private_copy(model.module), x, Method.LRP_EPSILON, 1, parse_options("lrp_epsilon", None), grid=GRID)
+    with torch.no_grad():
+        logit = float(model.module(x)[0, 1] - model.module.fc.bias[1])
+    assert float(rel.sum()) == pytest.approx(logit, rel=1e-3)
+
+
+def test_stochastic_methods_are_deterministic_per_seed() -> None:
+    model = region_model()
+    runs = {}
+    for seed in (0, 0, 1):
+        opts = parse_options(Method.SMOOTHGRAD, {"nt_samples": 2, "seed": seed})
+        runs.setdefault(seed, []).append(
+            attribute_tensor(private_copy(model.module), _x(), Method.SMOOTHGRAD, 1, opts, grid=GRID)
+        )
+    assert torch.equal(runs[0][0], runs[0][1])
+    assert not torch.equal(runs[0][0], runs[1][0])
+
+
+def test_gradient_shap_in_chunks_uses_every_sample() -> None:
+    model = region_model()
+    x = _x()
+    one = parse_options(Method.GRADIENT_SHAP, {"n_samples": 4, "internal_batch_size": 4, "baseline": "zeros", "stdev": 0})
+    chunked = dict(one, internal_batch_size=1)
+    a = attribute_tensor(private_copy(model.module), x, Method.GRADIENT_SHAP, 1, one, grid=GRID)
+    b = attribute_tensor(private_copy(model.module), x, Method.GRADIENT_SHAP, 1, chunked, grid=GRID)
+    # Different random alphas per chunk, same expectation: both land on the region with similar totals.
+    assert float(a.sum()) == pytest.approx(float(b.sum()), rel=0.5)
+
+
+def test_batched_maps_equal_single_maps() -> None:
+    model = region_model()
+    x = torch.cat([_x(0), _x(1)])
+    opts = parse_options(Method.GRADIENT_X_INPUT, None)
+    both = attribute_tensor(private_copy(model.module), x, Method.GRADIENT_X_INPUT, [1, 0], opts, grid=GRID)
+    one = attribute_tensor(private_copy(model.module), _x(1), Method.GRADIENT_X_INPUT, 0, opts, grid=GRID)
+    torch.testing.assert_close(both[1:], one)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# explain(): geometry, summary, outputs
+
+
+def _scan(data: np.ndarray | None = None, affine: np.ndarray | None = None) -> Scan:
+    return Scan(
+        data=scan_volume() if data is None else data, affine=GRID.affine if affine is None else affine,
+        digest="0" * 64, format="nifti1",
+    )
+
+
+def _oblique_scan() -> Scan:
+    """The test volume resampled onto an oblique, anisotropic, LPS-flipped grid covering the model's field of view."""
+    theta = np.deg2rad(12.0)
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    zooms = np.array([1.5, 2.5, 1.25])
+    flip = np.diag([-1.0, -1.0, 1.0])
+    lin = flip @ rot @ np.diag(zooms)
+    shape = (26, 16, 28)
+    centre_vox = (np.array(shape) - 1) / 2
+    centre_world = GRID.affine[:3, :3] @ ((np.array(SHAPE) - 1) / 2) + GRID.affine[:3, 3]
+    affine = np.eye(4)
+    affine[:3, :3] = lin
+    affine[:3, 3] = centre_world - lin @ centre_vox
+    m = np.linalg.inv(GRID.affine) @ affine  # scan voxel -> model voxel
+    data = ndimage.affine_transform(scan_volume(), m[:3, :3], offset=m[:3, 3], output_shape=shape, order=1, cval=0.2)
+    return Scan(data=data.astype(np.float32), affine=affine, digest="0" * 64, format="nifti1")
+
+
+def test_explain_returns_maps_on_the_scans_own_grid_for_an_oblique_anisotropic_scan(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    scan = _oblique_scan()
+    result = explain(region_model(), scan, "gradient_x_input", alignment=Alignment.MNI, png=True)
+    assert result.model_map.shape == SHAPE and result.model_map.dtype == np.float32
+    assert result.native_map.shape == scan.shape and result.native_map.dtype == np.float32
+    np.testing.assert_array_equal(result.native_affine, scan.affine)
+    path = tmp_path / "map.nii.gz"
+    path.write_bytes(result.nifti)
+    back = read_scan(path)
+    assert back.shape == scan.shape
+    np.testing.assert_allclose(back.affine, scan.affine, atol=1e-5)
+    img = nib.load(path)
+    assert img.header["descrip"].tobytes().strip(b"\x00") == b""  # geometry only, no text
+    # The summary's strongest cluster sits on the region, in the scan's world space.
+    peak = np.array(result.summary["clusters"][0]["peak_mm"])
+    lo = GRID.affine[:3, :3] @ np.array([r.start for r in REGION]) + GRID.affine[:3, 3] - 2.0
+    hi = GRID.affine[:3, :3] @ np.array([r.stop - 1 for r in REGION]) + GRID.affine[:3, 3] + 2.0
+    assert np.all(peak >= lo) and np.all(peak <= hi), (peak, lo, hi)
+    assert result.png is not None and result.png[:8] == b"\x89PNG\r\n\x1a\n"
+    json.dumps(result.summary)  # JSON-serialisable
+    assert result.summary["target"] == result.target_class
+    assert set(result.probabilities) == {"healthy", "lesion"}
+
+
+def test_explain_defaults_to_the_predicted_class_and_accepts_a_chosen_one() -> None:
+    model = region_model()
+    default = explain(model, _scan(), Method.GRADIENT, alignment=Alignment.MNI)
+    predicted = max(default.probabilities, key=default.probabilities.__getitem__)
+    assert default.target_class == predicted
+    other = "healthy" if predicted == "lesion" else "lesion"
+    chosen = explain(model, _scan(), Method.GRADIENT, target=other, alignment=Alignment.MNI)
+    assert chosen.target_class == other
+    # Two classes with opposite fc weights: the gradients are exact opposites.
+    np.testing.assert_allclose(chosen.model_map, -default.model_map, atol=1e-6)
+
+
+def test_explain_never_modifies_the_shared_model() -> None:
+    model = region_model()
+    for method in Method:
+        explain(model, _scan(), method, options=FAST.get(method), alignment=Alignment.MNI)
+        _no_leftovers(model.module)
+    assert not any(p.requires_grad for p in model.module.parameters())
+
+
+def test_summary_reports_clusters_in_the_scans_world_with_sizes() -> None:
+    rel = np.zeros(SHAPE, dtype=np.float32)
+    rel[2:4, 2:4, 2:4] = 1.0  # 8 voxels, relevance 8
+    rel[10:13, 10:13, 10:13] = 2.0  # 27 voxels, relevance 54: ranked first
+    rel[0, 15, 0] = -5.0
+    shift = np.array([10.0, -4.0, 2.0])
+    placement = Placement(GRID, GRID.affine, SHAPE, shift, Alignment.CENTER)
+    s = summarise(rel, placement, method="gradient", target="lesion")
+    assert s["totals"] == {"positive": 62.0, "negative": -5.0, "absolute": 67.0}
+    first, second = s["clusters"][:2]
+    assert (first["voxels"], second["voxels"]) == (27, 8)
+    assert first["volume_ml"] == pytest.approx(27 * 0.008)
+    assert first["share_of_positive"] == pytest.approx(54 / 62)
+    centre_model_world = GRID.affine[:3, :3] @ np.array([11.0, 11.0, 11.0]) + GRID.affine[:3, 3]
+    np.testing.assert_allclose(first["centroid_mm"], centre_model_world - shift)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: typed errors that say what is allowed
+
+
+def test_unknown_method_names_the_allowed_ones() -> None:
+    with pytest.raises(InvalidOptionError, match="expected one of .*integrated_gradients.*gradient_shap"):
+        explain(region_model(), _scan(), "shapley_magic")
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        ("integrated_gradients", {"n_steps": "0"}, r"'n_steps'.*from 1 to 512; got '0'"),
+        ("integrated_gradients", {"n_steps": "many"}, r"an integer from 1 to 512"),
+        ("integrated_gradients", {"n_steps": 2.5}, r"an integer"),
+        ("integrated_gradients", {"baseline": "mean"}, r"one of \['zeros', 'blur', 'template'\]"),
+        ("smoothgrad", {"stdev": "nan"}, r"a number from 0 to 1"),
+        ("gradcam", {"relu": "maybe"}, r"true or false"),
+        ("gradient", {"n_steps": "4"}, r"has no option 'n_steps'; its options: none"),
+        ("occlusion", {"patchsize": "4"}, r"its options: \['baseline', 'blur_sigma_mm', 'internal_batch_size', 'patch', 'stride'\]"),
+    ],
+)
+def test_invalid_options_are_refused_with_what_is_allowed(method: str, options: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(InvalidOptionError, match=message):
+        explain(region_model(), _scan(), method, options=options)
+
+
+def test_unknown_target_class_and_layer() -> None:
+    model = region_model()
+    with pytest.raises(InvalidOptionError, match=r"class 'tumour' is unknown.*\['healthy', 'lesion'\]"):
+        explain(model, _scan(), "gradient", target="tumour")
+    with pytest.raises(NotFoundError, match=r"layer 'fc' not found.*\['conv1', 'conv2'\]"):
+        explain(model, _scan(), "gradcam", options={"layer": "fc"}, alignment=Alignment.MNI)
+
+
+def test_lrp_refuses_a_model_with_a_layer_it_has_no_rule_for() -> None:
+    net = region_net()
+    net.conv1[1] = nn.ELU()
+    with pytest.raises(InvalidOptionError, match=r"no LRP rule for layer 'conv1.1' \(ELU\)"):
+        attribute_tensor(net, _x(), Method.LRP_EPSILON, 1, parse_options("lrp_epsilon", None), grid=GRID)
+    _no_leftovers(net)
+
+
+def test_options_parse_from_strings_and_fill_defaults() -> None:
+    opts = parse_options("smoothgrad", parse_option_pairs(["nt_samples=4", "base=integrated_gradients", "seed=7"]))
+    assert opts["nt_samples"] == 4 and opts["base"] == "integrated_gradients" and opts["seed"] == 7
+    assert opts["stdev"] == 0.15 and opts["internal_batch_size"] == 4
+    assert parse_options("gradcam", {"relu": "false"})["relu"] is False
+    with pytest.raises(InvalidOptionError, match="key=value"):
+        parse_option_pairs(["n_steps"])
+    with pytest.raises(InvalidOptionError, match="given twice"):
+        parse_option_pairs(["a=1", "a=2"])
+    for method, specs in METHOD_OPTIONS.items():
+        for spec in specs:
+            d = spec.to_dict()
+            assert d["doc"] and d["type"] in ("int", "float", "str", "bool"), (method, d)
+            if spec.default is not None:
+                assert spec.parse(method, str(spec.default).lower() if spec.type == "bool" else str(spec.default)) == spec.default
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation metrics on hand-made maps
+
+
+def test_localisation_metrics_on_known_maps() -> None:
+    mask = _region_mask()
+    dilated = _region_mask(dilate=2)
+    brain = np.ones(SHAPE, dtype=bool)
+    perfect = mask.astype(np.float32)
+    assert localisation(perfect, mask, dilated, brain) == {"share": 1.0, "rank_acc": 1.0, "pointing": 1.0}
+    elsewhere = np.zeros(SHAPE, dtype=np.float32)
+    elsewhere[0:4, 0:4, 0:4] = 1.0
+    assert localisation(elsewhere, mask, dilated, brain) == {"share": 0.0, "rank_acc": 0.0, "pointing": 0.0}
+    half = perfect.copy()
+    half[0:4, 0:4, 0:4] = 1.0  # 64 voxels outside, 64 inside
+    assert localisation(half, mask, dilated, brain)["share"] == pytest.approx(0.5)
+
+
+def test_randomisation_cascade_goes_from_the_output_down_and_changes_the_map() -> None:
+    model = tiny_scancnn()
+    order = randomisation_order(model.module)
+    assert order == ["fc2", "fc1", "conv4", "conv3", "conv2", "conv1"]
+    rnd = private_copy(model.module)
+    randomise(rnd, order, seed=0)
+    assert not torch.equal(rnd.conv1[0].weight, model.module.conv1[0].weight)
+    x = torch.from_numpy(scan_volume())[None, None]
+    opts = parse_options("gradient", None)
+    a = attribute_tensor(private_copy(model.module), x, Method.GRADIENT, 1, opts, grid=GRID)[0, 0].numpy()
+    b = attribute_tensor(rnd, x, Method.GRADIENT, 1, opts, grid=GRID)[0, 0].numpy()
+    brain = np.ones(SHAPE, dtype=bool)
+    assert spearman_abs(a, a, brain) == pytest.approx(1.0)
+    assert spearman_abs(a, b, brain) < 0.9
