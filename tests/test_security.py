@@ -543,3 +543,23 @@ def test_streams_are_authenticated_and_release_their_slot_when_the_client_cancel
     codes = [(r["rpc"], r["caller"], r["code"]) for r in s.audit_lines.records()]
     assert codes == [("/test.Echo/Count", None, "UNAUTHENTICATED"), ("/test.Echo/Count", "alice", "CANCELLED"),
                      ("/test.Echo/Say", "alice", "OK")]
+
+
+def test_secret_files_readable_by_others_are_warned_about(tmp_path: Path, pki: dict[str, Issued],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    files = _tls_files(tmp_path, pki, mtls=False)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{ALICE}\n")
+    for path in (files.key, tokens):
+        path.chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="neuroexplain.security"):
+        ReloadingServerCredentials(files)
+        TokenStore.from_file(tokens)
+    assert not caplog.records
+    for path in (files.key, tokens):
+        path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="neuroexplain.security"):
+        ReloadingServerCredentials(files)
+        TokenStore.from_file(tokens)
+    assert [r.getMessage().split(" ")[0:2] for r in caplog.records] == [["TLS", "key"], ["tokens", "file"]]
+    assert ALICE not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,3 +23,16 @@ def signature(paths: Sequence[Path]) -> Signature:
         else:
             out.append((st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
+
+
+def warn_if_readable_by_others(path: Path, what: str, log: logging.Logger) -> None:
+    """Log a warning when a secret file can be read by users other than its owner (and root)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning(
+            "%s %s is readable by group or others (mode %s); use chmod 600, or defaultMode: 0400 on the "
+            "Kubernetes Secret volume", what, path, oct(mode & 0o777),
+        )

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from service.security._files import Signature, signature
+from service.security._files import Signature, signature, warn_if_readable_by_others
 from service.security.errors import SecurityConfigError
 
 log = logging.getLogger("neuroexplain.security")
@@ -111,6 +111,7 @@ class ReloadingServerCredentials:
         self.files = files
         self._signature: Signature = signature(files.paths)
         material = load_material(files)
+        warn_if_readable_by_others(files.key, "TLS key", log)
         self._lock = threading.Lock()
         self.reloads = 0
         self.reload_failures = 0

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.security._files import Signature, signature
+from service.security._files import Signature, signature, warn_if_readable_by_others
 from service.security.errors import SecurityConfigError
 
 log = logging.getLogger("neuroexplain.security")
@@ -114,7 +114,9 @@ class TokenStore:
         path = Path(path)
         # The signature is taken *before* reading: a write that lands during the read is seen on the next check.
         sig = signature([path])
-        return cls(_read_file(path), path=path, sig=sig)
+        store = cls(_read_file(path), path=path, sig=sig)
+        warn_if_readable_by_others(path, "tokens file", log)
+        return store
 
     @classmethod
     def from_env_value(cls, value: str) -> TokenStore:
