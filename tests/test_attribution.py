@@ -5,14 +5,29 @@ Tiny models only (16^3 grid): RegionNet looks at one region, so every method mus
 
 from __future__ import annotations
 
+import json
+
+import nibabel as nib
 import numpy as np
+import pytest
 import torch
+from scipy import ndimage
 from torch import nn
 
+from neuroexplain.attribution import METHOD_OPTIONS, Method, explain, parse_option_pairs, parse_options
+from neuroexplain.attribution.evaluate import (
+    localisation,
+    randomisation_order,
+    randomise,
+    spearman_abs,
+)
+from neuroexplain.attribution.methods import added_hooks, attribute_tensor, private_copy
+from neuroexplain.attribution.summary import summarise
+from neuroexplain.errors import CancelledError, InvalidOptionError, NotFoundError
 from neuroexplain.models.registry import LoadedModel
 from neuroexplain.models.spec import LayerInfo, ModelSpec
 from neuroexplain.models.zoo import ScanCNN
-from neuroexplain.volumes import Grid
+from neuroexplain.volumes import Alignment, Grid, Placement, Scan, read_scan
 
 SHAPE = (16, 16, 16)
 GRID = Grid(SHAPE, np.array([[2.0, 0, 0, -16.0], [0, 2.0, 0, -16.0], [0, 0, 2.0, -16.0], [0, 0, 0, 1]]))
@@ -118,24 +133,6 @@ def scan_volume(seed: int = 0) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Tests
-
-import json  # noqa: E402
-
-import nibabel as nib  # noqa: E402
-import pytest  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from neuroexplain.attribution import METHOD_OPTIONS, Method, explain, parse_option_pairs, parse_options  # noqa: E402
-from neuroexplain.attribution.evaluate import (  # noqa: E402
-    localisation,
-    randomisation_order,
-    randomise,
-    spearman_abs,
-)
-from neuroexplain.attribution.methods import added_hooks, attribute_tensor, private_copy  # noqa: E402
-from neuroexplain.attribution.summary import summarise  # noqa: E402
-from neuroexplain.errors import CancelledError, InvalidOptionError, NotFoundError  # noqa: E402
-from neuroexplain.volumes import Alignment, Placement, Scan, read_scan  # noqa: E402
 
 # Cheap settings for the many-pass methods; the known answer does not depend on them.
 FAST: dict[Method, dict[str, int | str]] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ class HookGuard:
         self._before: dict[int, dict[str, set[int]]] = {}
         self._attrs: dict[int, set[str]] = {}
 
-    def __enter__(self) -> HookGuard:
+    def __enter__(self) -> Self:
         for m in self._module.modules():
             self._before[id(m)] = {name: set(getattr(m, name, {}).keys()) for name in _HOOK_DICTS}
             self._attrs[id(m)] = {a for a in _LRP_ATTRIBUTES if a in m.__dict__}

@@ -89,7 +89,7 @@ class OptionSpec:
             "doc": self.doc,
         }
 
-    def parse(self, method: Method, raw: str | int | float | bool) -> Any:
+    def parse(self, method: Method, raw: str | float | bool) -> Any:
         """Typed, range-checked value of ``raw``; raises InvalidOptionError saying what is allowed."""
         where = f"option {self.name!r} of method {method.value!r}"
         text = raw.strip() if isinstance(raw, str) else raw
