@@ -438,11 +438,13 @@ def test_audit_lines_for_allowed_and_refused_calls(token_file: Path, servers: li
 def test_audit_log_writes_json_lines_to_a_file(tmp_path: Path) -> None:
     path = tmp_path / "audit" / "audit.jsonl"
     log = audit.AuditLog(str(path))
+    logging.disable(logging.CRITICAL)  # someone silencing logging elsewhere must not silence the audit log
     try:
         record = audit.CallRecord(rpc="/x/Y", peer="ipv4:127.0.0.1:1", caller="alice", auth="token")
         log.write(record, "OK")
         log.write(record, "CANCELLED")
     finally:
+        logging.disable(logging.NOTSET)
         log.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["code"] for line in lines] == ["OK", "CANCELLED"]

@@ -120,8 +120,14 @@ class AuditLog:
             self._handler = None
 
     def write(self, record: CallRecord, code: str) -> None:
-        """Write one line for a finished call; ``code`` is the gRPC status name (``OK``, ``UNAUTHENTICATED``...)."""
-        self.logger.info(record.line(code))
+        """Write one line for a finished call; ``code`` is the gRPC status name (``OK``, ``UNAUTHENTICATED``...).
+
+        The record goes straight to the logger's handlers: no level setting or ``logging.disable`` elsewhere in
+        the process can silence the audit log.
+        """
+        self.logger.handle(
+            self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, record.line(code), None, None)
+        )
 
     def close(self) -> None:
         """Detach and close this log's handler."""
