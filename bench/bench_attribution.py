@@ -1,0 +1,150 @@
+"""Attribution speed: each method on one 2 mm scan against its compute floor measured in the same run.
+
+The floor of a method is the bare model passes it cannot avoid, at the same batch size: e.g. integrated gradients
+with 32 steps and internal_batch_size 4 against 8 forward+backward passes on batches of 4. Target: method / floor
+<= 1.3 for every method. Also reported: the end-to-end ``explain`` time (prediction pass, resampling back to the
+scan, summary, NIfTI encoding) and the process's peak RSS with default options (target <= 3 GB).
+
+Run: ``.venv/bin/python -m bench.bench_attribution`` (uses the bundled ``lesion`` model).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench.common import p50, peak_rss_mb, save
+
+RATIO_TARGET = 1.3
+RSS_TARGET_MB = 3 * 1024
+
+
+def _floor_plan(method: Any, opts: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(kind, batch size, count) of the passes a method needs at least.
+
+    kind: ``fb`` forward + backward to the input, ``f`` forward only, ``fl`` forward + backward to the last layer.
+    """
+    from neuroexplain.attribution import Method
+
+    b = opts.get("internal_batch_size", 1)
+    if method is Method.INTEGRATED_GRADIENTS:
+        n = opts["n_steps"]
+        return [("fb", b, n // b)] + ([("fb", n % b, 1)] if n % b else [])
+    if method is Method.SMOOTHGRAD:
+        n = opts["nt_samples"]
+        return [("fb", b, n // b)] + ([("fb", n % b, 1)] if n % b else [])
+    if method is Method.GRADIENT_SHAP:
+        n = opts["n_samples"]
+        return [("fb", b, n // b)] + ([("fb", n % b, 1)] if n % b else [])
+    if method is Method.OCCLUSION:
+        shape = (80, 96, 80)
+        n = math.prod((s - opts["patch"]) // opts["stride"] + 1 for s in shape)
+        return [("f", 1, 1), ("f", b, n // b)] + ([("f", n % b, 1)] if n % b else [])
+    if method is Method.GRADCAM:
+        return [("fl", 1, 1)]  # forward, backward only down to the explained layer
+    if method in (Method.LRP_EPSILON, Method.LRP_ALPHA_BETA, Method.LRP_COMPOSITE):
+        return [("f", 1, 1), ("fb", 1, 1)]  # captum's LRP: one pass to set weights, one with relevance hooks
+    return [("fb", 1, 1)]
+
+
+def _floor(
+    module: torch.nn.Module, x: torch.Tensor, plan: list[tuple[str, int, int]], target: int, layer: torch.nn.Module
+) -> Callable[[], None]:
+    def run() -> None:
+        for kind, b, count in plan:
+            xb = x.expand(b, -1, -1, -1, -1).clone()
+            for _ in range(count):
+                if kind == "fl":
+                    seen: list[torch.Tensor] = []
+                    handle = layer.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out))
+                    try:
+                        out = module(xb.clone().requires_grad_(True))[:, target].sum()
+                    finally:
+                        handle.remove()
+                    torch.autograd.grad(out, seen[0])
+                elif kind == "fb":
+                    xi = xb.clone().requires_grad_(True)
+                    module(xi)[:, target].sum().backward()
+                else:
+                    with torch.no_grad():
+                        module(xb)
+    return run
+
+
+def main() -> None:
+    from neuroexplain.attribution import Method, explain, parse_options
+    from neuroexplain.attribution.methods import attribute_tensor, private_copy
+    from neuroexplain.models import load_model
+    from neuroexplain.predict import prepare
+    from neuroexplain.synthetic import Task, make_sample
+    from neuroexplain.template import MNI_2MM
+    from neuroexplain.volumes import Alignment, Scan
+
+    warnings.filterwarnings("ignore", message=r"Setting (forward, )?backward hooks", category=UserWarning)
+    model = load_model("lesion")
+    sample = make_sample(Task.LESION, 1_000_001)
+    scan = Scan(sample.image, MNI_2MM.affine, "0" * 64, "nifti1")
+    x = prepare(scan, model, Alignment.MNI).tensor()
+    target = model.spec.class_index("lesion")
+    layer_names = [layer.name for layer in model.spec.layers]
+    results: dict[str, Any] = {}
+    for method in Method:
+        opts = parse_options(method, None)
+        plan = _floor_plan(method, opts)
+        passes = sum(c for _, _, c in plan)
+        repeat = 3 if passes <= 2 else 1
+        floor_module = private_copy(model.module)
+        floor_fn = _floor(floor_module, x, plan, target, dict(floor_module.named_modules())[layer_names[-1]])
+
+        def method_fn(method: Method = method, opts: dict[str, Any] = opts) -> None:
+            attribute_tensor(private_copy(model.module), x, method, target, opts, grid=model.spec.grid, layer_names=layer_names)
+
+        floor_fn()  # warm-up (allocator, captum import)
+        method_fn()
+        t_method, t_floor = [], []
+        for _ in range(repeat):  # interleaved, so that load from other processes hits both alike
+            t0 = time.perf_counter()
+            method_fn()
+            t_method.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            floor_fn()
+            t_floor.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        explain(model, scan, method, target="lesion", alignment=Alignment.MNI)
+        t_explain = time.perf_counter() - t0
+        ratio = p50(t_method) / p50(t_floor)
+        results[method.value] = {
+            "method_s": round(p50(t_method), 3),
+            "floor_s": round(p50(t_floor), 3),
+            "ratio": round(ratio, 3),
+            "floor": [{"pass": k, "batch": b, "count": c} for k, b, c in plan],
+            "explain_end_to_end_s": round(t_explain, 3),
+            "repeats": repeat,
+            "meets_target": ratio <= RATIO_TARGET,
+        }
+        print(f"{method.value:22s} method {p50(t_method):7.2f}s  floor {p50(t_floor):7.2f}s  ratio {ratio:5.2f}  "
+              f"explain {t_explain:7.2f}s", flush=True)
+    rss = peak_rss_mb()
+    save("attribution", {
+        "model": f"{model.spec.name} {model.spec.version}",
+        "grid": list(model.spec.grid.shape),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "ratio_target": RATIO_TARGET,
+        "methods": results,
+        "worst_ratio": max(r["ratio"] for r in results.values()),
+        "peak_rss_mb": round(rss, 1),
+        "peak_rss_target_mb": RSS_TARGET_MB,
+        "peak_rss_meets_target": rss <= RSS_TARGET_MB,
+    })
+
+
+if __name__ == "__main__":
+    main()
