@@ -126,7 +126,7 @@ class AuditLog:
         the process can silence the audit log.
         """
         self.logger.handle(
-            self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, record.line(code), None, None)
+            self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, record.line(code), (), None)
         )
 
     def close(self) -> None:
