@@ -29,16 +29,16 @@ from neuroexplain.volumes import normalise
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4"]
 ARCHITECTURE_KWARGS = {
-    Task.LESION: {"channels": [8, 16, 32, 64], "hidden": 32, "pool": "max"},
-    Task.ATROPHY: {"channels": [8, 16, 32, 64], "hidden": 32, "pool": "avg"},
+    Task.LESION: {"channels": [8, 16, 32, 64], "hidden": 32, "pool": "max", "stem_stride": 2},
+    Task.ATROPHY: {"channels": [8, 16, 32, 64], "hidden": 32, "pool": "avg", "stem_stride": 2},
 }
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    n_train: int = 500
+    n_train: int = 600
     n_eval: int = 200
-    epochs: int = 5
+    epochs: int = 6
     batch_size: int = 8
     lr: float = 2e-3
     seed: int = 0
