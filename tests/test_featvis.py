@@ -115,7 +115,7 @@ def test_channel_visualization_recovers_the_pattern_voxel_clamp(model: LoadedMod
 
 def test_channel_visualization_recovers_the_negative_pattern_fourier(model: LoadedModel) -> None:
     result = visualize(model, "channel:detect:1", preset="robust", steps=80, seed=2,
-                       options={"l2": 1.0, "jitter": 0, "scale": 0.0, "rotate": 0.0, "pad": 0})
+                       options={"l2": 1.0, "decay": 1.0, "lr": 0.05, "jitter": 0, "scale": 0.0, "rotate": 0.0, "pad": 0})
     # The 1/f spectrum scaling learns this 4-voxel period more slowly than smooth content; the pattern is there.
     mean_tile = _tiles(result.volume).mean(0)
     assert _corr(mean_tile, -_pattern().numpy()) > 0.7

@@ -266,9 +266,8 @@ def visualize(
     start_np, placement = _start_volume(model, start, s, gen)
     lo, hi = float(s["range_min"]), float(s["range_max"])
     if start_np is None:
-        noise = torch.randn((batch, 1, *shape), generator=gen) * float(s["noise_std"]) + NOISE_MEAN
-        start_t = noise
-        ref = torch.zeros_like(noise)
+        start_t = torch.full((batch, 1, *shape), NOISE_MEAN)  # noise is added in parameter space below
+        ref = torch.zeros_like(start_t)
     else:
         start_t = torch.from_numpy(np.ascontiguousarray(start_np, dtype=np.float32))[None, None].repeat(batch, 1, 1, 1, 1)
         if batch > 1:  # distinct samples from one scan need distinct starting points
@@ -282,6 +281,8 @@ def visualize(
     if range_map is RangeMap.SIGMOID or s["clamp"]:
         start_t = start_t.clamp(lo, hi)
     param = Parametrization(Param(s["param"]), start_t.to(model.device), range_map, lo, hi, float(s["decay"]))
+    if start_np is None:
+        param.add_noise_(float(s["noise_std"]), gen)
     ref = ref.to(model.device)
     mask_d = mask.to(model.device) if mask is not None else None
     clamp_in_forward = bool(s["clamp"]) and Param(s["param"]) is Param.FOURIER

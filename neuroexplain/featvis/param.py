@@ -86,6 +86,15 @@ class Parametrization:
         s = f.pow(-decay)
         return s / s.pow(2).mean().sqrt()  # unit RMS: a Fourier step is about as large as a voxel step
 
+    @torch.no_grad()
+    def add_noise_(self, std: float, gen: torch.Generator) -> None:
+        """Add seeded noise in parameter space: white for voxels, 1/f^decay-coloured (smoother) for Fourier.
+
+        The unit-RMS spectrum scale keeps the volume's noise standard deviation close to ``std`` either way.
+        """
+        noise = torch.randn(self.raw.shape, generator=gen, dtype=torch.float32).to(self.raw)
+        self.raw.add_(noise * (std if self.kind is Param.VOXEL else std / math.sqrt(2)))
+
     def parameters(self) -> list[torch.Tensor]:
         return [self.raw]
 

@@ -1,0 +1,357 @@
+"""The seed paper's findings in numbers: what each preset and each single regularizer produces on our models.
+
+Lesion model, ``lesion`` class, noise start, under each preset and under ``none`` plus one regularizer at a time:
+
+- **activation reached**: the class logit on the final (untransformed) volume, and its ratio to the ``none`` run's;
+- **high-frequency energy**: share of the (mean-removed, Hann-windowed) spectral energy above 0.25 cycles/voxel (wavelengths under
+  4 voxels = 8 mm at 2 mm), and its ratio to the ``none`` run's;
+- **lesion-likeness**: correlation with the lesion-occurrence prior over the brain, share of the top-1% voxels inside
+  white matter (template WM probability > 0.5), and the sizes of the connected blobs the top-1% voxels form, against
+  the sizes of the real synthetic lesions.
+
+Atrophy model, ``atrophy`` class, template start: where the visualization departs from the template — share of the
+squared change inside the ventricles and hippocampi (with a 4 mm margin) against their share of the brain.
+
+Channel visualizations (a few channels per layer) make the docs figure. Every run is cached on disk by a digest of
+(model weights, configuration, steps, seed), so an interrupted evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from neuroexplain.featvis.engine import visualize
+from neuroexplain.models.registry import LoadedModel
+
+HF_CUTOFF = 0.25  # cycles/voxel
+TOP_FRACTION = 0.01
+MARGIN_MM = 4.0
+DEFAULT_STEPS = 128
+_ROBUST_ONLY = {"pad": 2, "jitter": 2, "scale": 0.05, "rotate": 5.0}  # the robust preset's transforms
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One visualization of the evaluation: a name for the table, a preset and the options on top of it."""
+
+    name: str
+    preset: str
+    options: dict[str, Any] = field(default_factory=dict)
+    start: str = "noise"
+    target: str = ""
+
+
+LESION_RUNS: tuple[RunConfig, ...] = (
+    RunConfig("none", "none"),
+    RunConfig("paper", "paper"),
+    RunConfig("robust", "robust"),
+    RunConfig("full", "full"),
+    RunConfig("none + L1", "none", {"l1": 0.01}),
+    RunConfig("none + L2", "none", {"l2": 0.5}),
+    RunConfig("none + weight decay", "none", {"weight_decay": 0.01}),
+    RunConfig("none + TV", "none", {"tv": 0.1}),
+    RunConfig("none + blur", "none", {"blur_sigma": 1.0, "blur_every": 4}),
+    RunConfig("none + Fourier", "none", {"param": "fourier", "decay": 1.5}),
+    RunConfig("none + transforms", "none", dict(_ROBUST_ONLY)),
+    RunConfig("none + brain mask", "none", {"brain_mask": True}),
+    RunConfig("none + clamp", "none", {"clamp": True}),
+)
+
+ATROPHY_RUNS: tuple[RunConfig, ...] = (
+    RunConfig("none", "none", start="template"),
+    RunConfig("paper", "paper", start="template"),
+    RunConfig("robust", "robust", start="template"),
+    RunConfig("full", "full", start="template"),
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics (pure functions, unit-tested)
+
+
+def hf_energy_ratio(volume: np.ndarray, cutoff: float = HF_CUTOFF) -> float:
+    """Share of the mean-removed, Hann-windowed spectral energy at radial frequencies above ``cutoff`` cycles/voxel."""
+    v = np.asarray(volume, dtype=np.float64)
+    # A Hann window, so that the jump between opposite faces (the FFT wraps around) does not count as detail.
+    window = np.ones(v.shape)
+    for axis, n in enumerate(v.shape):
+        shape = [1, 1, 1]
+        shape[axis] = n
+        window = window * np.hanning(n).reshape(shape)
+    power = np.abs(np.fft.rfftn((v - v.mean()) * window)) ** 2
+    fd = np.fft.fftfreq(v.shape[0])[:, None, None]
+    fh = np.fft.fftfreq(v.shape[1])[None, :, None]
+    fw = np.fft.rfftfreq(v.shape[2])[None, None, :]
+    f = np.sqrt(fd**2 + fh**2 + fw**2)
+    weight = np.ones_like(f)
+    weight[..., 1 : (v.shape[2] + 1) // 2] = 2  # rfftn keeps half the spectrum: count the mirrored half too
+    total = float((power * weight).sum())
+    return float((power * weight)[f > cutoff].sum()) / total if total > 0 else 0.0
+
+
+def top_mask(volume: np.ndarray, fraction: float = TOP_FRACTION) -> np.ndarray:
+    """The ``fraction`` of voxels with the highest values (ties broken by order), as a bool mask."""
+    flat = np.asarray(volume).ravel()
+    k = max(1, int(round(fraction * flat.size)))
+    idx = np.argpartition(flat, flat.size - k)[flat.size - k :]
+    mask = np.zeros(flat.size, dtype=bool)
+    mask[idx] = True
+    return mask.reshape(np.shape(volume))
+
+
+def share_inside(mask: np.ndarray, region: np.ndarray) -> float:
+    """Share of ``mask``'s voxels that lie inside ``region``."""
+    n = int(mask.sum())
+    return float((mask & region).sum()) / n if n else 0.0
+
+
+def blob_diameters_mm(mask: np.ndarray, voxel_mm: float) -> np.ndarray:
+    """Equivalent-sphere diameters (mm) of the 26-connected components of ``mask``."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if n == 0:
+        return np.zeros(0)
+    sizes = np.bincount(labels.ravel())[1:] * voxel_mm**3
+    return (6 * sizes / np.pi) ** (1 / 3)
+
+
+def correlation(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    x, y = np.asarray(a, dtype=np.float64)[where], np.asarray(b, dtype=np.float64)[where]
+    if x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def change_enrichment(volume: np.ndarray, reference: np.ndarray, region: np.ndarray, brain: np.ndarray) -> float:
+    """(share of the squared change inside ``region``) / (``region``'s share of the brain); 1 = no preference."""
+    d2 = (np.asarray(volume, dtype=np.float64) - reference) ** 2 * brain
+    total = float(d2.sum())
+    area = float((region & brain).sum()) / float(brain.sum())
+    return float(d2[region & brain].sum()) / total / area if total > 0 and area > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running, with a resumable cache
+
+
+def _run_key(model: LoadedModel, run: RunConfig, target: str, steps: int, seed: int) -> str:
+    payload = json.dumps(
+        {"model": model.spec.name, "version": model.spec.version, "weights": model.spec.weights_sha256,
+         "preset": run.preset, "options": run.options, "start": run.start, "target": target, "steps": steps,
+         "seed": seed}, sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def run_cached(model: LoadedModel, run: RunConfig, target: str, steps: int, seed: int, cache_dir: Path,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One visualization, loaded from ``cache_dir`` when it was computed before."""
+    path = cache_dir / f"{_run_key(model, run, target, steps, seed)}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {"volume": z["volume"], "curve": z["curve"].tolist(), "final": float(z["final"]),
+                    "seconds": float(z["seconds"]), "cached": True}
+    t0 = time.perf_counter()
+    result = visualize(model, target, preset=run.preset, steps=steps, seed=seed, start=run.start,
+                       options=run.options)
+    seconds = time.perf_counter() - t0
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, volume=result.volume, curve=np.asarray(result.curve), final=result.objective_final,
+                        seconds=seconds)
+    tmp.replace(path)
+    log(f"  {run.name:<22} {target}: {result.curve[0]:.3f} -> {result.objective_final:.3f} in {seconds:.0f} s")
+    return {"volume": result.volume, "curve": result.curve, "final": result.objective_final, "seconds": seconds,
+            "cached": False}
+
+
+def real_lesion_diameters_mm(n_scans: int = 16) -> np.ndarray:
+    """Equivalent diameters of the lesions in held-out synthetic scans (their ground-truth masks)."""
+    from neuroexplain.synthetic import HELD_OUT_SEED_START, Task, make_sample
+    from neuroexplain.template import MNI_2MM
+
+    out = [blob_diameters_mm(make_sample(Task.LESION, HELD_OUT_SEED_START + 2 * i + 1).mask, MNI_2MM.zooms[0])
+           for i in range(n_scans)]
+    return np.concatenate(out)
+
+
+def lesion_rows(model: LoadedModel, steps: int, seed: int, cache_dir: Path, runs: Sequence[RunConfig] = LESION_RUNS,
+                log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, np.ndarray]]:
+    """Metrics of every lesion run (the first run is the unregularized baseline the ratios refer to)."""
+    from neuroexplain.synthetic import lesion_prior
+    from neuroexplain.template import anatomy
+
+    grid = model.spec.grid
+    a = anatomy(grid)
+    wm = a.wm > 0.5
+    prior = ndimage.gaussian_filter(lesion_prior(grid).astype(np.float64), 2.0)  # centres -> where lesions sit
+    voxel_mm = float(grid.zooms[0])
+    real = real_lesion_diameters_mm()
+    context = {
+        "wm_share_of_box": float(wm.mean()), "wm_share_of_brain": float((wm & a.brain).sum() / a.brain.sum()),
+        "real_lesion_diameter_mm_median": float(np.median(real)),
+        "real_lesion_diameter_mm_p10_p90": [float(np.percentile(real, 10)), float(np.percentile(real, 90))],
+        "real_lesions": int(real.size),
+    }
+    lo, hi = context["real_lesion_diameter_mm_p10_p90"]
+    rows, volumes = [], {}
+    for run in runs:
+        r = run_cached(model, run, "class:lesion", steps, seed, cache_dir, log)
+        v = r["volume"]
+        volumes[run.name] = v
+        top = top_mask(v)
+        blobs = blob_diameters_mm(top, voxel_mm)
+        rows.append({
+            "run": run.name, "preset": run.preset, "options": run.options, "logit": r["final"],
+            "hf_energy": hf_energy_ratio(v), "prior_corr": correlation(v, prior, a.brain),
+            "top1_in_wm": share_inside(top, wm), "top1_in_brain": share_inside(top, a.brain),
+            "blobs": int(blobs.size), "blob_diameter_mm_median": float(np.median(blobs)) if blobs.size else 0.0,
+            "blobs_in_real_size_range": float(((blobs >= lo) & (blobs <= hi)).mean()) if blobs.size else 0.0,
+            "seconds": r["seconds"],
+        })
+    base = rows[0]
+    for row in rows:
+        row["logit_vs_none"] = row["logit"] / base["logit"] if base["logit"] else float("nan")
+        row["hf_vs_none"] = row["hf_energy"] / base["hf_energy"] if base["hf_energy"] else float("nan")
+        row["meets_targets"] = bool(row["top1_in_wm"] >= 0.6 and row["hf_vs_none"] <= 0.2 and row["logit_vs_none"] >= 0.5)
+    return rows, context, volumes
+
+
+def atrophy_rows(model: LoadedModel, steps: int, seed: int, cache_dir: Path, runs: Sequence[RunConfig] = ATROPHY_RUNS,
+                 log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, np.ndarray]]:
+    """Where each atrophy-class visualization (template start) departs from the template."""
+    from neuroexplain.template import anatomy
+
+    grid = model.spec.grid
+    a = anatomy(grid)
+    zooms = grid.zooms
+    near_v = ndimage.distance_transform_edt(~a.ventricles, sampling=zooms) <= MARGIN_MM
+    near_h = ndimage.distance_transform_edt(~a.hippocampi, sampling=zooms) <= MARGIN_MM
+    rim = (ndimage.distance_transform_edt(a.brain, sampling=zooms) <= MARGIN_MM) & a.brain
+    context = {"ventricles_share_of_brain": float((near_v & a.brain).sum() / a.brain.sum()),
+               "hippocampi_share_of_brain": float((near_h & a.brain).sum() / a.brain.sum()),
+               "cortical_rim_share_of_brain": float(rim.sum() / a.brain.sum()), "margin_mm": MARGIN_MM}
+    rows, volumes = [], {}
+    for run in runs:
+        r = run_cached(model, run, "class:atrophy", steps, seed, cache_dir, log)
+        v = r["volume"]
+        volumes[run.name] = v
+        d = v - a.t1
+        elsewhere = a.brain & ~near_v & ~near_h & ~rim
+        rows.append({
+            "run": run.name, "preset": run.preset, "logit": r["final"], "logit_start": r["curve"][0],
+            "enrichment_ventricles": change_enrichment(v, a.t1, near_v, a.brain),
+            "enrichment_hippocampi": change_enrichment(v, a.t1, near_h, a.brain),
+            "enrichment_cortical_rim": change_enrichment(v, a.t1, rim, a.brain),
+            "mean_change_ventricles": float(d[near_v & a.brain].mean()),
+            "mean_change_hippocampi": float(d[near_h & a.brain].mean()),
+            "mean_change_rim": float(d[rim].mean()),
+            "mean_change_elsewhere": float(d[elsewhere].mean()),
+            "change_outside_brain_rms": float(np.sqrt((d[~a.brain] ** 2).mean())),
+            "seconds": r["seconds"],
+        })
+    return rows, context, volumes
+
+
+def channel_volumes(model: LoadedModel, per_layer: int, steps: int, seed: int, cache_dir: Path,
+                    log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
+    """Robust-preset visualizations of the first ``per_layer`` channels of every targetable layer."""
+    out = {}
+    for info in model.spec.layers:
+        for c in range(min(per_layer, info.channels)):
+            target = f"channel:{info.name}:{c}"
+            out[target] = run_cached(model, RunConfig(target, "robust"), target, steps, seed, cache_dir, log)["volume"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables and figures
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(title for _, title in columns) + " |"
+    sep = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(_fmt(r[key]) for key, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+LESION_COLUMNS = (("run", "run"), ("logit", "lesion logit"), ("logit_vs_none", "logit / none"),
+                  ("hf_energy", "HF energy"), ("hf_vs_none", "HF / none"), ("prior_corr", "corr. with lesion prior"),
+                  ("top1_in_wm", "top-1% in WM"), ("top1_in_brain", "top-1% in brain"), ("blobs", "blobs"),
+                  ("blob_diameter_mm_median", "blob diameter (mm, median)"),
+                  ("blobs_in_real_size_range", "blobs in real size range"), ("meets_targets", "meets targets"))
+ATROPHY_COLUMNS = (("run", "preset"), ("logit_start", "logit (template)"), ("logit", "logit (final)"),
+                   ("enrichment_ventricles", "change enrichment: ventricles"),
+                   ("enrichment_hippocampi", "hippocampi"), ("enrichment_cortical_rim", "cortical rim"),
+                   ("mean_change_ventricles", "mean change: ventricles"), ("mean_change_hippocampi", "hippocampi"),
+                   ("mean_change_rim", "rim"), ("mean_change_elsewhere", "elsewhere"))
+
+
+def _slices(volume: np.ndarray) -> list[np.ndarray]:
+    x, y, z = np.unravel_index(int(np.argmax(volume)), volume.shape)
+    return [volume[x].T[::-1], volume[:, y].T[::-1], volume[:, :, z].T[::-1]]
+
+
+def figure_rows(path: Path, rows: Sequence[tuple[str, np.ndarray]], title: str, diverging: bool = False) -> None:
+    """One row per volume: sagittal, coronal and axial slices through its maximum."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.3 * len(rows)), squeeze=False)
+    for (label, vol), ax_row in zip(rows, axes):
+        lo, hi = np.percentile(vol, [0.5, 99.5])
+        if diverging:
+            m = max(abs(lo), abs(hi), 1e-6)
+            lo, hi = -m, m
+        for ax, sl in zip(ax_row, _slices(vol)):
+            ax.imshow(sl, cmap="RdBu_r" if diverging else "gray", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax_row[0].set_ylabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def figure_channels(path: Path, volumes: dict[str, np.ndarray], title: str) -> None:
+    """A grid of axial slices through each channel visualization's maximum, one row per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for target, vol in volumes.items():
+        layers.setdefault(target.split(":")[1], []).append((target, vol))
+    ncols = max(len(v) for v in layers.values())
+    fig, axes = plt.subplots(len(layers), ncols, figsize=(2.2 * ncols, 2.4 * len(layers)), squeeze=False)
+    for ax_row, (layer, items) in zip(axes, layers.items()):
+        for ax in ax_row:
+            ax.axis("off")
+        for ax, (target, vol) in zip(ax_row, items):
+            lo, hi = np.percentile(vol, [0.5, 99.5])
+            ax.imshow(_slices(vol)[2], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_title(target.removeprefix("channel:"), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
