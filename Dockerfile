@@ -40,6 +40,7 @@ RUN apt-get update \
 # ---------------------------------------------------------------------------------------------------------------
 # Build stage: venv, project, model archives. make is only here.
 FROM os AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends make \
@@ -47,10 +48,16 @@ RUN apt-get update \
 WORKDIR /src
 COPY . /src
 # EXTRAS=full: the runtime extra (no test tools); EDITABLE=: a regular install, so the final stage needs no sources.
+# Then, from outside the source tree: TorchServe's gRPC client is generated into the installed package (the root
+# filesystem is read-only at run time) and the installed package must list the bundled models on its own.
 RUN make install PYTHON=python3.11 VENV=/opt/neuroexplain/venv EXTRAS=full EDITABLE= \
         TORCH_SPEC=torch==2.13.0 TORCH_INDEX="${TORCH_INDEX}" \
  && make models PYTHON=python3.11 VENV=/opt/neuroexplain/venv EXTRAS=full EDITABLE= \
-        TORCH_SPEC=torch==2.13.0 TORCH_INDEX="${TORCH_INDEX}" MODEL_STORE=/opt/neuroexplain/model-store \
+        TORCH_SPEC=torch==2.13.0 TORCH_INDEX="${TORCH_INDEX}" MODEL_STORE=/opt/neuroexplain/model-store
+
+WORKDIR /
+RUN /opt/neuroexplain/venv/bin/python -c "from service.backends import torchserve_proto as t; t.load()" \
+ && /opt/neuroexplain/venv/bin/neuroexplain models --local --json | grep -q . \
  && /opt/neuroexplain/venv/bin/python -m compileall -q /opt/neuroexplain/venv/lib \
  && /opt/neuroexplain/venv/bin/python -m pip uninstall -y pip
 

@@ -278,12 +278,15 @@ def dockerfile_stages(text: str | None = None) -> tuple[list[tuple[str, str]], l
 
 def make_invocations(run_args: str) -> list[list[str]]:
     """Every ``make TARGET VAR=value ...`` inside one RUN's shell text, as argument lists."""
-    calls = []
-    for part in re.split(r"&&|;|\|\|", run_args):
-        words = shlex.split(part)
-        if words and words[0] == "make":
-            calls.append(words)
-    return calls
+    lexer = shlex.shlex(run_args, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in ("&&", "||", ";", "|", "&"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [words for words in commands if words and words[0] == "make"]
 
 
 # =================================================================================================================
