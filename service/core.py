@@ -247,6 +247,8 @@ class Core:
                 raise InvalidOptionError("scan.data is empty; send the bytes of a NIfTI-1/-2 or MGH/MGZ file")
             digest = hashlib.sha256(ref.data).hexdigest()
             data = ref.data
+            # remembered at once, so a digest reference works even when this request is answered from the cache
+            self.scans.put(digest, data)
         elif ref.digest:
             digest = ref.digest.lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -264,13 +266,12 @@ class Core:
                          nonfinite=ref.nonfinite)
 
     def _decoded(self, scan: ScanInput) -> ScanInput:
-        """Validate (decode) a scan; a valid one is stored for digest references."""
+        """Validate (decode) a scan."""
         from neuroexplain.volumes import NonFinite, ScanLimits, read_scan
 
         limits = ScanLimits(max_input_bytes=self.settings.max_message_bytes)
         decoded = read_scan(scan.data, volume_index=scan.volume_index, nonfinite=NonFinite(scan.nonfinite),
                             limits=limits)
-        self.scans.put(scan.digest, scan.data)
         return dataclasses.replace(scan, decoded=decoded)
 
     # -- operations ----------------------------------------------------------------------------------------------

@@ -319,8 +319,12 @@ def test_disk_cache_survives_a_restart(gated: GatedBackend, tmp_path: Path) -> N
         first.stop()
     second = start_gateway(gated, tmp_path)
     try:
-        assert second.stub.Predict(request).info.cached
+        answer = second.stub.Predict(request)
+        assert answer.info.cached
         assert second.sample("neuroexplain_backend_duration_seconds_count", operation="predict", model=TINY) == 0
+        # the scan of a cached answer can still be referred to by digest
+        by_digest = second.stub.Predict(pb.PredictRequest(model=TINY, scan=pb.Scan(digest=answer.info.scan_digest)))
+        assert by_digest.logits == answer.logits
     finally:
         second.stop()
 
