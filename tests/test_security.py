@@ -553,7 +553,7 @@ def test_secret_files_readable_by_others_are_warned_about(tmp_path: Path, pki: d
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice:{ALICE}\n")
     for path in (files.key, tokens):
-        path.chmod(0o600)
+        path.chmod(0o640)  # owner and group (a Kubernetes fsGroup) only: fine
     with caplog.at_level(logging.WARNING, logger="neuroexplain.security"):
         ReloadingServerCredentials(files)
         TokenStore.from_file(tokens)

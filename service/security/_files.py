@@ -26,13 +26,16 @@ def signature(paths: Sequence[Path]) -> Signature:
 
 
 def warn_if_readable_by_others(path: Path, what: str, log: logging.Logger) -> None:
-    """Log a warning when a secret file can be read by users other than its owner (and root)."""
+    """Log a warning when a secret file is readable by every user on the host.
+
+    Group read is fine: Kubernetes Secret volumes give the pod's ``fsGroup`` read access (``defaultMode: 0440``).
+    """
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return
-    if mode & 0o077:
+    if mode & 0o007:
         log.warning(
-            "%s %s is readable by group or others (mode %s); use chmod 600, or defaultMode: 0400 on the "
+            "%s %s is readable by every user (mode %s); use chmod 600 or 640, or defaultMode: 0440 on the "
             "Kubernetes Secret volume", what, path, oct(mode & 0o777),
         )
