@@ -565,3 +565,40 @@ def test_secret_files_readable_by_others_are_warned_about(tmp_path: Path, pki: d
         TokenStore.from_file(tokens)
     assert [r.getMessage().split(" ")[0:2] for r in caplog.records] == [["TLS", "key"], ["tokens", "file"]]
     assert ALICE not in caplog.text
+
+
+def _kubelet_update(mount: Path, files: dict[str, bytes], generation: int) -> None:
+    """Write ``files`` the way kubelet updates a Secret volume: a new timestamped folder, then swap ``..data``."""
+    folder = mount / f"..2026_11_27_{generation:02d}"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    tmp_link = mount / "..data_tmp"
+    tmp_link.symlink_to(folder.name)
+    os.replace(tmp_link, mount / "..data")
+    for name in files:
+        if not (mount / name).is_symlink():
+            (mount / name).symlink_to(f"..data/{name}")
+
+
+def test_kubernetes_secret_volume_updates_rotate_tokens_and_certificates(
+    tmp_path: Path, pki: dict[str, Issued], servers: list[_Server]
+) -> None:
+    tls_mount, token_mount = tmp_path / "tls", tmp_path / "tokens"
+    tls_mount.mkdir()
+    token_mount.mkdir()
+    _kubelet_update(tls_mount, {"tls.crt": pki["server"].cert_pem, "tls.key": pki["server"].key_pem}, 1)
+    _kubelet_update(token_mount, {"tokens": f"alice:{ALICE}\n".encode()}, 1)
+    creds = ReloadingServerCredentials(TlsFiles(tls_mount / "tls.crt", tls_mount / "tls.key"))
+    servers.append(s := _Server(credentials=creds.credentials, tokens=TokenStore.from_file(token_mount / "tokens")))
+    with _tls_channel(s.target, pki["ca"]) as channel:
+        assert _say(channel, token=ALICE) == b"hello"
+
+    new_ca = make_ca("rotated CA")
+    new_server = issue(new_ca, "localhost", server=True)
+    _kubelet_update(tls_mount, {"tls.crt": new_server.cert_pem, "tls.key": new_server.key_pem}, 2)
+    _kubelet_update(token_mount, {"tokens": f"bob:{BOB}\n".encode()}, 2)
+    with _tls_channel(s.target, new_ca) as channel:
+        assert _say(channel, token=BOB) == b"hello"
+        assert _code(_say, channel, token=ALICE) == grpc.StatusCode.UNAUTHENTICATED
+    assert creds.reloads == 1
