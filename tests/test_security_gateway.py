@@ -359,3 +359,65 @@ def test_cli_client_with_mtls_and_token_sends_no_file_name(stack: Stack, tmp_pat
     assert_no_patient(new_audit.encode(), "the audit lines of CLI calls")
     codes = [json.loads(t)["code"] for t in stack.audit.texts[audit_before:][::2]]
     assert codes == ["UNAUTHENTICATED", "OK", "OK"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_command_with_every_control_on(tmp_path: Path) -> None:
+    """``neuroexplain serve`` as a process: flags wired, health port plaintext, audit to its file, SIGTERM drains."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    ca, client_ca = make_ca("serve CA"), make_ca("serve client CA")
+    cert, key = issue(ca, "localhost", server=True).write(tmp_path, "server")
+    client = issue(client_ca, "cli", server=False)
+    (tmp_path / "client-ca.pem").write_bytes(client_ca.cert_pem)
+    (tmp_path / "tokens").write_text(f"cli:{TOKEN}\n")
+    port, health_port = _free_port(), _free_port()
+    env = {**os.environ, "NEUROEXPLAIN_MODEL_DIRS": str(_tiny_model(tmp_path / "models"))}
+    command = [sys.executable, "-m", "neuroexplain.cli.main", "serve", "--backend", "inprocess", "--host", "127.0.0.1",
+               "--port", str(port), "--health-port", str(health_port), "--metrics-port", "-1", "--cache", "none",
+               "--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(tmp_path / "client-ca.pem"),
+               "--tokens-file", str(tmp_path / "tokens"), "--audit-log", str(tmp_path / "audit.jsonl")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stderr: list[str] = []
+    drain = threading.Thread(target=lambda: stderr.extend(proc.stderr or ()), daemon=True)
+    drain.start()
+    try:
+        first = proc.stdout.readline() if proc.stdout else ""  # blocks until "ready" or exit
+        assert first.strip() == "ready", f"serve did not become ready: {first!r} {''.join(stderr)[-2000:]}"
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as plain:
+            probe = health_pb2_grpc.HealthStub(plain)
+            assert probe.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=TIMEOUT).status == (
+                health_pb2.HealthCheckResponse.SERVING
+            )
+        creds = grpc.ssl_channel_credentials(ca.cert_pem, client.key_pem, client.cert_pem)
+        with grpc.secure_channel(f"localhost:{port}", creds) as channel:
+            stub = pb_grpc.NeuroExplainStub(channel)
+            assert "tiny" in [m.name for m in stub.ListModels(pb.ListModelsRequest(), metadata=AUTH,
+                                                              timeout=TIMEOUT).models]
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ListModels(pb.ListModelsRequest(), timeout=TIMEOUT)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    drain.join(10)
+    rest = proc.stdout.read() if proc.stdout else ""
+    assert rest.strip() == "", "only 'ready' belongs on stdout when the audit log has its own file"
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(r["caller"], r["code"]) for r in lines] == [("cli", "OK"), (None, "UNAUTHENTICATED")]
+    log_text = "".join(stderr)
+    assert "security: transport mutual TLS, tokens 1 callers" in log_text and TOKEN not in log_text
