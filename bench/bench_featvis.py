@@ -9,6 +9,7 @@ is the median of plain ``model(x)[0, c].backward()`` calls on a (1, 1, 80, 96, 8
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import statistics
@@ -49,7 +50,7 @@ def _step_seconds(model, preset: str, steps: int) -> float:  # type: ignore[no-u
     stamps: list[float] = []
     visualize(model, "class:lesion", preset=preset, steps=steps, seed=0,
               progress=lambda _p: stamps.append(time.perf_counter()))
-    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    return statistics.median(b - a for a, b in itertools.pairwise(stamps))
 
 
 def main() -> int:

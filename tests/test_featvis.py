@@ -131,7 +131,7 @@ def test_class_objective_raises_the_logit(model: LoadedModel) -> None:
 
 
 def test_same_seed_same_volume_other_seed_other_volume(model: LoadedModel) -> None:
-    kw = dict(preset="full", steps=6, options={"rotate": 20.0, "jitter": 2, "scale": 0.2})
+    kw = {"preset": "full", "steps": 6, "options": {"rotate": 20.0, "jitter": 2, "scale": 0.2}}
     a = visualize(model, "class:pattern", seed=7, **kw)
     b = visualize(model, "class:pattern", seed=7, **kw)
     c = visualize(model, "class:pattern", seed=8, **kw)
@@ -211,7 +211,7 @@ def test_shared_model_is_not_modified() -> None:
 
 
 def test_concurrent_calls_on_one_model_do_not_see_each_other(model: LoadedModel) -> None:
-    kw = dict(preset="none", steps=8, seed=3)
+    kw = {"preset": "none", "steps": 8, "seed": 3}
     expected = {c: visualize(model, f"channel:detect:{c}", **kw).volume for c in (0, 1)}
     got: dict[int, np.ndarray] = {}
     barrier = threading.Barrier(2)

@@ -81,8 +81,9 @@ def test_runs_are_cached_and_resumed(tmp_path: Path) -> None:
 
 def test_cli_refuses_a_model_without_lesion_or_atrophy_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from neuroexplain.cli.main import main
     from test_featvis import _install_tiny_model
+
+    from neuroexplain.cli.main import main
 
     monkeypatch.setenv("NEUROEXPLAIN_MODEL_DIRS", str(_install_tiny_model(tmp_path)))
     code = main(["evaluate-featvis", "--model", "tinyfv", "--docs", str(tmp_path / "docs")])

@@ -101,7 +101,7 @@ def hf_energy_ratio(volume: np.ndarray, cutoff: float = HF_CUTOFF) -> float:
 def top_mask(volume: np.ndarray, fraction: float = TOP_FRACTION) -> np.ndarray:
     """The ``fraction`` of voxels with the highest values (ties broken by order), as a bool mask."""
     flat = np.asarray(volume).ravel()
-    k = max(1, int(round(fraction * flat.size)))
+    k = max(1, round(fraction * flat.size))
     idx = np.argpartition(flat, flat.size - k)[flat.size - k :]
     mask = np.zeros(flat.size, dtype=bool)
     mask[idx] = True
@@ -195,14 +195,15 @@ def lesion_rows(model: LoadedModel, steps: int, seed: int, cache_dir: Path, runs
     prior = ndimage.gaussian_filter(lesion_prior(grid).astype(np.float64), 2.0)  # centres -> where lesions sit
     voxel_mm = float(grid.zooms[0])
     real = real_lesion_diameters_mm()
-    context = {
+    lo, hi = float(np.percentile(real, 10)), float(np.percentile(real, 90))
+    context: dict[str, Any] = {
         "wm_share_of_box": float(wm.mean()), "wm_share_of_brain": float((wm & a.brain).sum() / a.brain.sum()),
         "real_lesion_diameter_mm_median": float(np.median(real)),
-        "real_lesion_diameter_mm_p10_p90": [float(np.percentile(real, 10)), float(np.percentile(real, 90))],
+        "real_lesion_diameter_mm_p10_p90": [lo, hi],
         "real_lesions": int(real.size),
     }
-    lo, hi = context["real_lesion_diameter_mm_p10_p90"]
-    rows, volumes = [], {}
+    rows: list[dict[str, Any]] = []
+    volumes: dict[str, np.ndarray] = {}
     for run in runs:
         r = run_cached(model, run, "class:lesion", steps, seed, cache_dir, log)
         v = r["volume"]
@@ -239,7 +240,8 @@ def atrophy_rows(model: LoadedModel, steps: int, seed: int, cache_dir: Path, run
     context = {"ventricles_share_of_brain": float((near_v & a.brain).sum() / a.brain.sum()),
                "hippocampi_share_of_brain": float((near_h & a.brain).sum() / a.brain.sum()),
                "cortical_rim_share_of_brain": float(rim.sum() / a.brain.sum()), "margin_mm": MARGIN_MM}
-    rows, volumes = [], {}
+    rows: list[dict[str, Any]] = []
+    volumes: dict[str, np.ndarray] = {}
     for run in runs:
         r = run_cached(model, run, "class:atrophy", steps, seed, cache_dir, log)
         v = r["volume"]
@@ -291,12 +293,12 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     return "\n".join([head, sep, *body])
 
 
-LESION_COLUMNS = (("run", "run"), ("logit", "lesion logit"), ("logit_vs_none", "logit / none"),
+LESION_COLUMNS: tuple[tuple[str, str], ...] = (("run", "run"), ("logit", "lesion logit"), ("logit_vs_none", "logit / none"),
                   ("hf_energy", "HF energy"), ("hf_vs_none", "HF / none"), ("prior_corr", "corr. with lesion prior"),
                   ("top1_in_wm", "top-1% in WM"), ("top1_in_brain", "top-1% in brain"), ("blobs", "blobs"),
                   ("blob_diameter_mm_median", "blob diameter (mm, median)"),
                   ("blobs_in_real_size_range", "blobs in real size range"), ("meets_targets", "meets targets"))
-ATROPHY_COLUMNS = (("run", "preset"), ("logit_start", "logit (template)"), ("logit", "logit (final)"),
+ATROPHY_COLUMNS: tuple[tuple[str, str], ...] = (("run", "preset"), ("logit_start", "logit (template)"), ("logit", "logit (final)"),
                    ("enrichment_ventricles", "change enrichment: ventricles"),
                    ("enrichment_hippocampi", "hippocampi"), ("enrichment_cortical_rim", "cortical rim"),
                    ("mean_change_ventricles", "mean change: ventricles"), ("mean_change_hippocampi", "hippocampi"),

@@ -106,7 +106,7 @@ class OptionSpec:
 
 def _to_int(value: Any) -> int:
     if isinstance(value, bool):
-        raise ValueError("bool")
+        raise TypeError("bool")
     if isinstance(value, float):
         if not value.is_integer():
             raise ValueError("fraction")
