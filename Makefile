@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 EXTRAS ?= dev
 EDITABLE ?= -e
 
-.PHONY: install serve test bench lint clean
+.PHONY: install models serve test bench lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,20 @@ $(PROTO_STUBS): proto/neuroexplain/v1/neuroexplain.proto $(BIN)/.installed
 		$(BIN)/python -c "import runpy; runpy.run_path('setup.py', run_name='neuroexplain_stubs')"; \
 	else $(BIN)/python -c "import neuroexplain._proto.neuroexplain_pb2"; fi
 
-install: $(BIN)/.installed $(PROTO_STUBS)
+# TorchServe's gRPC client, generated from the protos inside the installed torchserve package (never committed).
+TS_STUBS := service/gen/torchserve/inference_pb2_grpc.py
+$(TS_STUBS): $(BIN)/.installed
+	$(BIN)/python -m service.backends.torchserve_proto
 
-serve: install
+install: $(BIN)/.installed $(PROTO_STUBS) $(TS_STUBS)
+
+# One TorchServe archive (.mar) per bundled model in model_store/, rebuilt only when stale. Building needs no Java;
+# serving with TorchServe does, so a missing Java is reported here before `make serve` starts.
+models: install
+	@command -v java >/dev/null 2>&1 || [ -x "$$JAVA_HOME/bin/java" ] || echo "warning: Java 17 not found; the TorchServe backend (the default of make serve) needs it: install openjdk-17-jre-headless or set JAVA_HOME, or run .venv/bin/neuroexplain serve --backend inprocess" >&2
+	$(BIN)/python -m handlers.archive model_store
+
+serve: models
 	$(BIN)/neuroexplain serve $(SERVE_ARGS)
 
 test: install

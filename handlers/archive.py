@@ -198,3 +198,16 @@ def ensure_bundled_archives(store: Path, config: ArchiveConfig | None = None) ->
             continue
         build_archive(spec_path, weights_path, archive, config=config)
     return sorted(store.glob("*.mar"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m handlers.archive [STORE]`` (``make models``): build the registry's archives into STORE."""
+    args = sys.argv[1:] if argv is None else argv
+    store = Path(args[0] if args else "model_store")
+    for archive in ensure_bundled_archives(store):
+        print(archive)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -133,6 +133,9 @@ def create_server(
         The server and the bound port (useful with ``settings.port == 0``).
     """
     metrics = Metrics(registry)
+    register_backend_metrics = getattr(backend, "register_metrics", None)  # TorchServe: re-export its metrics
+    if register_backend_metrics is not None:
+        register_backend_metrics(metrics.registry)
     if cache is None:
         try:
             cache = open_cache(settings.cache, settings.cache_dir, settings.cache_max_bytes, settings.cache_ttl_s,

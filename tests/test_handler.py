@@ -18,11 +18,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from torchserve_models import scan_bytes, tiny_scan_cnn, user_model  # noqa: E402
+from torchserve_models import scan_bytes, tiny_scan_cnn, user_model
 
-from handlers import envelope as env  # noqa: E402
-from neuroexplain import errors  # noqa: E402
-from service.backend import (  # noqa: E402
+from handlers import envelope as env
+from neuroexplain import errors
+from service.backend import (
     AttributeRequest,
     AttributeResult,
     CallContext,
@@ -155,6 +155,11 @@ def test_foreign_answers_are_unavailable(raw: bytes) -> None:
 # Handler
 
 
+def _result(cls: type, raw: bytes) -> Any:
+    answer = env.raise_if_error(env.decode(raw))
+    return env.load(cls, answer.value, answer.blobs)
+
+
 def _predict_row(data: bytes, model: str = "tinyles") -> dict[str, Any]:
     # As TorchServe hands it over: field name -> bytearray.
     return {k: bytearray(v) for k, v in env.encode_request(env.Task.PREDICT, PredictRequest(model, _scan(data))).items()}
@@ -203,7 +208,7 @@ def test_a_model_the_worker_does_not_serve_is_not_found(handler: Any, models: Pa
 def test_user_architecture_file_is_loaded_from_the_model_dir(models: Path, scan: bytes) -> None:
     handler = _handler(models / "mynet", model_file="mynet.py")
     [answer] = handler.handle([_predict_row(scan, model="mynet")], FakeContext(models / "mynet", {}))
-    result = env.load(PredictResult, *(lambda e: (e.value, e.blobs))(env.raise_if_error(env.decode(answer))))
+    result = _result(PredictResult, answer)
     assert set(result.probabilities) == {"a", "b", "c"}
 
 
@@ -238,7 +243,7 @@ def test_visualize_streams_progress_and_stops_on_the_cancel_flag(
         [env.encode_request(env.Task.VISUALIZE, VisualizeRequest("tinyles", "class:lesion", steps=2), job_id="job-8")],
         FakeContext(models / "tinyles", {}),
     )
-    result = env.load(VisualizeResult, *(lambda e: (e.value, e.blobs))(env.raise_if_error(env.decode(answer))))
+    result = _result(VisualizeResult, answer)
     assert len(result.objective_curve) == 2 and result.nifti[:2] == b"\x1f\x8b"
 
 

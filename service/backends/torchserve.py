@@ -123,6 +123,7 @@ class TorchServeBackend:
         return env.load(AttributeResult, answer.value, answer.blobs)
 
     def visualize(self, request: VisualizeRequest, ctx: CallContext) -> VisualizeResult:
+        self._check_model(request.model)
         job_id = ctx.job_id if env.JOB_ID_PATTERN.match(ctx.job_id) else None
         if job_id is None:
             raise errors.InvalidOptionError("job id must be 1-64 characters from [A-Za-z0-9_-]")
@@ -194,7 +195,13 @@ class TorchServeBackend:
                 self._channel_generation = self.supervisor.generation
             return self._stub
 
+    def _check_model(self, model: str) -> None:
+        served = sorted(m.name for m in self._infos)
+        if model not in served:
+            raise errors.NotFoundError(f"model {model!r} is not served here; served models: {served}")
+
     def _unary(self, task: env.Task, model: str, request: Any, ctx: CallContext) -> env.Envelope:
+        self._check_model(model)
         fields = env.encode_request(task, request)
         stub = self._current_stub()
         future = stub.Predictions.future(

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import ts
 
 from neuroexplain.errors import UnavailableError
@@ -154,16 +155,23 @@ class TorchServeSupervisor:
             UnavailableError: TorchServe is not running (starting, restarting or closed).
         """
         endpoints = self._endpoints
-        if endpoints is None or not self._ready.is_set():
+        if endpoints is None or not self.ready():
             raise UnavailableError("the model server (TorchServe) is restarting; retry shortly")
         return endpoints
 
     def ready(self) -> bool:
-        return self._ready.is_set()
+        """True while TorchServe runs and its models were ready; False from the moment the process is gone."""
+        return self._ready.is_set() and self.alive()
 
     def alive(self) -> bool:
+        """Whether the Java frontend runs. Not ``Popen.poll()``: it answers None while the monitor thread waits."""
         proc = self._proc
-        return proc is not None and proc.poll() is None
+        if proc is None or proc.returncode is not None:
+            return False
+        try:
+            return bool(psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return False
 
     def start(self) -> None:
         """Start TorchServe and wait until every model in the store has a ready worker; then watch it.

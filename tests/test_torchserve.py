@@ -1,0 +1,285 @@
+"""The TorchServe backend against a real TorchServe (Java 17): serving, typed errors, metrics re-export, a user's
+packaged model, Visualize cancellation, crash recovery, and two instances side by side.
+
+One TorchServe is shared by the module (it takes ~30 s to start on 2 busy cores); the crash test restarts it in
+place and the side-by-side test starts a second one. With ``CI=true`` a missing Java fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import require_binary
+from torchserve_models import scan_bytes, tiny_scan_cnn, user_model
+
+from neuroexplain import errors
+from service.backend import (
+    AttributeRequest,
+    CallContext,
+    PredictRequest,
+    Progress,
+    ScanInput,
+    VisualizeRequest,
+)
+
+pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
+
+STARTUP_S = 240.0
+
+
+def _scan(data: bytes) -> ScanInput:
+    return ScanInput(data=data, digest=hashlib.sha256(data).hexdigest())
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    tiny_scan_cnn(root / "tinyles")
+    user_model(root / "mynet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(model_dirs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from handlers.archive import build_archive
+    from neuroexplain.cli.main import main
+
+    require_binary("java", "TorchServe needs Java 17")
+    store = tmp_path_factory.mktemp("store")
+    build_archive(model_dirs / "tinyles" / "spec.json", model_dirs / "tinyles" / "weights.pt", store / "tinyles.mar")
+    # The user's model goes through the documented command, exactly as the README shows.
+    user = model_dirs / "mynet"
+    assert main(["package", "--spec", str(user / "spec.json"), "--weights", str(user / "weights.pt"),
+                 "--model-file", str(user / "mynet.py"), "-o", str(store / "mynet.mar")]) == 0
+    return store
+
+
+def _backend(store: Path) -> Any:
+    from service.backends.torchserve import TorchServeBackend
+    from service.config import Settings
+
+    settings = Settings(model_store=store, torchserve_startup_timeout_s=STARTUP_S)
+    return TorchServeBackend(settings, build_archives=False)
+
+
+@pytest.fixture(scope="module")
+def backend(store: Path) -> Iterator[Any]:
+    be = _backend(store)
+    be.start()
+    try:
+        yield be
+    finally:
+        pgid = be.supervisor._proc.pid if be.supervisor._proc else None
+        be.close()
+        if pgid is not None:
+            assert not _group_alive(pgid), "TorchServe or a worker outlived close()"
+
+
+@pytest.fixture(scope="module")
+def scan() -> bytes:
+    return scan_bytes()
+
+
+@pytest.fixture(scope="module")
+def inprocess(model_dirs: Path) -> Any:
+    from service.backends.inprocess import InProcessBackend
+
+    be = InProcessBackend(model_dirs=(model_dirs,))
+    be.start()
+    return be
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _wait_ready(backend: Any, timeout: float = STARTUP_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not backend.ready():
+        assert time.monotonic() < deadline, "TorchServe did not come back"
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_models_come_from_the_archives(backend: Any) -> None:
+    infos = {m.name: m for m in backend.models()}
+    assert set(infos) == {"tinyles", "mynet"}
+    assert infos["mynet"].classes == ("a", "b", "c") and infos["mynet"].version == "0.3.0"
+    assert infos["tinyles"].grid_shape == (20, 24, 20)
+
+
+def test_predict_matches_the_in_process_backend(backend: Any, inprocess: Any, scan: bytes) -> None:
+    for model in ("tinyles", "mynet"):
+        request = PredictRequest(model, _scan(scan))
+        got, expected = backend.predict(request, CallContext()), inprocess.predict(request, CallContext())
+        assert got.predicted_class == expected.predicted_class and got.model_version == expected.model_version
+        assert got.logits == pytest.approx(expected.logits, abs=1e-5)
+
+
+def test_attribute_matches_the_in_process_backend(backend: Any, inprocess: Any, scan: bytes) -> None:
+    request = AttributeRequest("tinyles", _scan(scan), method="gradient", target="lesion")
+    got, expected = backend.attribute(request, CallContext()), inprocess.attribute(request, CallContext())
+    assert (got.method, got.target) == (expected.method, expected.target)
+    assert got.total_positive == pytest.approx(expected.total_positive, rel=1e-4)
+    assert got.nifti[:2] == b"\x1f\x8b"
+
+
+def test_worker_errors_arrive_as_the_same_typed_errors(backend: Any, scan: bytes) -> None:
+    with pytest.raises(errors.ScanFormatError):
+        backend.predict(PredictRequest("tinyles", _scan(b"definitely not a scan")), CallContext())
+    with pytest.raises(errors.InvalidOptionError):
+        backend.attribute(AttributeRequest("tinyles", _scan(scan), method="no-such-method"), CallContext())
+    with pytest.raises(errors.NotFoundError):
+        backend.predict(PredictRequest("no-such-model", _scan(scan)), CallContext())
+
+
+def test_an_expired_deadline_never_reaches_torchserve(backend: Any, scan: bytes) -> None:
+    with pytest.raises(errors.DeadlineExceededError):
+        backend.predict(PredictRequest("tinyles", _scan(scan)), CallContext(deadline=time.monotonic() - 1))
+
+
+def test_internal_is_a_full_queue_only_while_workers_are_ready(backend: Any) -> None:
+    class Internal(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.INTERNAL
+
+    assert isinstance(backend.map_rpc_error(Internal(), "tinyles"), errors.LimitExceededError)
+    assert isinstance(backend.map_rpc_error(Internal(), "not-registered"), errors.UnavailableError)
+
+
+def test_torchserve_listens_on_loopback_only(backend: Any) -> None:
+    import psutil
+
+    java = psutil.Process(backend.supervisor._proc.pid)
+    listening = [c.laddr for c in java.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 5  # REST inference, management, metrics, gRPC inference, gRPC management
+    for addr in listening:
+        ip = ipaddress.ip_address(addr.ip)
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # Java reports IPv4 sockets as ::ffff:127.0.0.1
+        assert ip.is_loopback, f"TorchServe listens on {ip}:{addr.port}, outside loopback"
+
+
+def test_metrics_are_re_exported_into_the_gateway_registry(backend: Any, scan: bytes) -> None:
+    from prometheus_client import CollectorRegistry
+
+    backend.predict(PredictRequest("tinyles", _scan(scan)), CallContext())
+    registry = CollectorRegistry()
+    backend.register_metrics(registry)
+    deadline = time.monotonic() + 20  # the frontend parses the worker's metric log lines asynchronously
+    while True:
+        samples = [s for family in registry.collect() for s in family.samples]
+        # Re-exported counters follow the exposition convention: the ``_total`` suffix is added.
+        handled = [s for s in samples if s.name == "NeuroExplainHandlerRequests_total"
+                   and s.labels.get("ModelName") == "tinyles" and s.labels.get("Task") == "predict"
+                   and s.labels.get("Outcome") == "ok"]
+        if handled or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert handled and handled[0].value >= 1
+    assert any(s.name.startswith("ts_inference_requests") for s in samples)
+
+
+def test_cancelled_visualize_stops_the_worker_within_a_few_steps(backend: Any, scan: bytes) -> None:
+    seen: list[int] = []
+    cancelled = threading.Event()
+    cancelled_at: list[int] = []
+
+    def on_progress(p: Progress) -> None:
+        seen.append(p.step)
+        if p.step == 2:
+            cancelled_at.append(p.step)
+            cancelled.set()
+
+    request = VisualizeRequest("tinyles", "class:lesion", preset="robust", steps=400)
+    with pytest.raises(errors.CancelledError):
+        backend.visualize(request, CallContext(is_cancelled=cancelled.is_set, on_progress=on_progress))
+    assert cancelled_at == [2]
+    assert max(seen) - 2 <= 5, f"the worker ran {max(seen) - 2} steps after the cancel flag; allowed: 5"
+    assert not list(backend.supervisor.cancel_dir.iterdir()), "cancel flags must be cleaned up"
+    # The worker is free again and serves the next requests.
+    backend.predict(PredictRequest("tinyles", _scan(scan)), CallContext())
+    result = backend.visualize(VisualizeRequest("tinyles", "class:lesion", steps=3), CallContext())
+    assert len(result.objective_curve) == 3
+
+
+def test_torchserve_killed_mid_request_is_unavailable_then_recovers(backend: Any, inprocess: Any,
+                                                                    scan: bytes) -> None:
+    generation = backend.supervisor.generation
+    old_group = backend.supervisor._proc.pid
+    started = threading.Event()
+
+    def on_progress(p: Progress) -> None:
+        if p.step == 1:
+            started.set()
+
+    failure: list[BaseException] = []
+
+    def long_call() -> None:
+        try:
+            backend.visualize(VisualizeRequest("tinyles", "class:lesion", steps=400), CallContext(on_progress=on_progress))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+            failure.append(exc)
+
+    readiness: list[bool] = []
+    probing = threading.Event()
+
+    def probe() -> None:  # what the gateway's health watcher sees, sampled every 20 ms
+        while not probing.is_set():
+            readiness.append(backend.ready())
+            time.sleep(0.02)
+
+    caller = threading.Thread(target=long_call)
+    caller.start()
+    assert started.wait(120), "the visualization never started"
+    prober = threading.Thread(target=probe)
+    prober.start()
+    backend.supervisor.kill()
+    caller.join(120)
+    assert not caller.is_alive()
+    assert len(failure) == 1 and isinstance(failure[0], errors.UnavailableError), failure
+    _wait_ready(backend)
+    probing.set()
+    prober.join()
+    assert False in readiness, "readiness never turned off while TorchServe restarted"
+    assert readiness[-1] is True
+    assert backend.supervisor.generation == generation + 1 and backend.supervisor.restarts >= 1
+    assert not _group_alive(old_group), "workers of the killed TorchServe were left running"
+    request = PredictRequest("tinyles", _scan(scan))
+    assert backend.predict(request, CallContext()).logits == pytest.approx(
+        inprocess.predict(request, CallContext()).logits, abs=1e-5
+    )
+
+
+def test_two_instances_side_by_side(backend: Any, store: Path, scan: bytes) -> None:
+    second = _backend(store)
+    second.start()
+    group = second.supervisor._proc.pid
+    try:
+        assert second.supervisor.work_dir != backend.supervisor.work_dir
+        assert second.supervisor.endpoints.grpc_inference != backend.supervisor.endpoints.grpc_inference
+        request = PredictRequest("mynet", _scan(scan))
+        assert second.predict(request, CallContext()) == backend.predict(request, CallContext())
+    finally:
+        second.close()
+    assert not _group_alive(group), "the second TorchServe left processes behind"
+    assert not second.supervisor.work_dir.exists()
+    assert backend.predict(PredictRequest("tinyles", _scan(scan)), CallContext()).model == "tinyles"
