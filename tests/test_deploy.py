@@ -959,3 +959,87 @@ def test_readme_documents_make_serve_and_the_deployment() -> None:
     ):
         assert needle in section, f"README Deployment section lacks {needle!r}"
     assert "rotat" in section.lower() and "token" in section.lower() and "certificate" in section.lower()
+
+
+# --- the image's runtime-only install has every module the service imports -----------------------------------------
+
+
+def _runtime_distributions() -> set[str]:
+    """Canonical names of every distribution ``pip install ".[full]"`` installs (pyproject.toml, then installed
+    metadata for the transitive requirements)."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["full"]]
+    seen: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen or name == "neuroexplain":
+            continue
+        seen.add(name)
+        try:
+            requires = distribution(req.name).requires or []
+        except PackageNotFoundError:
+            continue
+        for text in requires:
+            sub = Requirement(text)
+            extras = req.extras or {""}
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(sub)
+    return seen
+
+
+def _third_party_imports() -> dict[str, set[str]]:
+    """Top-level module -> files importing it, for service/, handlers/, neuroexplain/ (imports guarded by
+    ``except ImportError`` are optional and left out)."""
+    import ast
+
+    first_party = {"neuroexplain", "service", "handlers"}
+    found: dict[str, set[str]] = {}
+    for package in first_party:
+        for path in (ROOT / package).rglob("*.py"):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            optional: set[int] = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Try) and any(
+                    isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                    for h in node.handlers
+                ):
+                    optional.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+            for node in ast.walk(tree):
+                if id(node) in optional:
+                    continue
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in first_party and top not in sys.stdlib_module_names:
+                        found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_runtime_install_provides_every_module_the_service_imports() -> None:
+    """The image installs only the base and ``full`` requirements: every third-party module that service/,
+    handlers/ and neuroexplain/ import must come from one of them (not from ``dev``)."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    runtime = _runtime_distributions()
+    assert {"torch", "torchserve", "grpcio", "grpcio-tools", "cryptography"} <= runtime
+    providers = packages_distributions()
+    missing = {}
+    for module, files in sorted(_third_party_imports().items()):
+        dists = {canonicalize_name(d) for d in providers.get(module, [])}
+        if not dists & runtime:
+            missing[module] = (sorted(dists) or ["not installed"], sorted(files)[:3])
+    assert not missing, f"imported at run time but not installed by the full extra: {missing}"
