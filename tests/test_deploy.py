@@ -1037,9 +1037,9 @@ def test_runtime_install_provides_every_module_the_service_imports() -> None:
     runtime = _runtime_distributions()
     assert {"torch", "torchserve", "grpcio", "grpcio-tools", "cryptography"} <= runtime
     providers = packages_distributions()
-    missing = {}
+    missing: dict[str, tuple[list[str], list[str]]] = {}
     for module, files in sorted(_third_party_imports().items()):
-        dists = {canonicalize_name(d) for d in providers.get(module, [])}
+        dists = {str(canonicalize_name(d)) for d in providers.get(module, [])}
         if not dists & runtime:
             missing[module] = (sorted(dists) or ["not installed"], sorted(files)[:3])
     assert not missing, f"imported at run time but not installed by the full extra: {missing}"
