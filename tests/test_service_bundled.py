@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Iterator
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from test_service_support import Running, start_gateway
@@ -49,4 +51,6 @@ def test_bundled_lesion_over_grpc_matches_the_library(lesion_gateway: Running) -
     attr = lesion_gateway.stub.Attribute(
         pb.AttributeRequest(model="lesion", scan=pb.Scan(digest=got.info.scan_digest), method="gradient")
     )
-    assert attr.target == got.predicted_class and attr.summary.total_positive > 0
+    assert attr.target == got.predicted_class and attr.info.model_version == info.version
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(attr.nifti))
+    assert image.shape == (80, 96, 80) and np.allclose(image.affine, MNI_2MM.affine)
