@@ -44,6 +44,7 @@ class Gateway:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "neuroexplain.cli.main", "serve", "--backend", "inprocess", "--host", "127.0.0.1",
              "--port", str(self.port), "--metrics-port", "-1", "--health-port", "-1", "--max-concurrency", "4",
+             "--max-calls-per-caller", "0",  # one benchmark client opens up to 16 calls at once
              *cache_args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         )
