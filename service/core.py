@@ -367,7 +367,7 @@ class Core:
                        compute: Callable[[Any, CallContext], R]) -> Iterator[tuple[str, Any]]:
         hit = self._cache_get(op, key)
         if hit is not None:
-            yield "", (hit, True)
+            yield new_job_id(), (hit, True)
             return
         self._require_ready()
         flight, leader = self._join(op, key)
