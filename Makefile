@@ -11,6 +11,8 @@ TORCH_INDEX ?=
 # What `install` puts in the venv. The image (Dockerfile) installs EXTRAS=full EDITABLE= : runtime only, not editable.
 EXTRAS ?= dev
 EDITABLE ?= -e
+# Where `make models` writes the archives (serve's --model-store default; the image uses its own path).
+MODEL_STORE ?= model_store
 
 .PHONY: install models serve test bench lint clean
 
@@ -36,11 +38,11 @@ $(TS_STUBS): $(BIN)/.installed
 
 install: $(BIN)/.installed $(PROTO_STUBS) $(TS_STUBS)
 
-# One TorchServe archive (.mar) per bundled model in model_store/, rebuilt only when stale. Building needs no Java;
+# One TorchServe archive (.mar) per bundled model in $(MODEL_STORE), rebuilt only when stale. Building needs no Java;
 # serving with TorchServe does, so a missing Java is reported here before `make serve` starts.
 models: install
 	@command -v java >/dev/null 2>&1 || [ -x "$$JAVA_HOME/bin/java" ] || echo "warning: Java 17 not found; the TorchServe backend (the default of make serve) needs it: install openjdk-17-jre-headless or set JAVA_HOME, or run .venv/bin/neuroexplain serve --backend inprocess" >&2
-	$(BIN)/python -m handlers.archive model_store
+	$(BIN)/python -m handlers.archive $(MODEL_STORE)
 
 serve: models
 	$(BIN)/neuroexplain serve $(SERVE_ARGS)

@@ -948,6 +948,18 @@ def test_image_installs_with_the_makefiles_own_commands() -> None:
     assert any('".[full]"' in line and " -e " not in line for line in image)
     assert any("--index-url https://download.pytorch.org/whl/cu128" in line for line in image)
 
+    # The archives land where the image's serve looks for them.
+    store = overrides["MODEL_STORE"]
+    assert store == _dockerfile_env(stages[-1])["NEUROEXPLAIN_MODEL_STORE"]
+    models = subprocess.run(
+        [make, "-n", "-B", "models", *(f"{k}={v}" for k, v in image_vars.items()), f"MODEL_STORE={store}"],
+        capture_output=True, text=True, check=False, timeout=60, cwd=ROOT,
+    )
+    assert models.returncode == 0, models.stderr
+    assert f"/bin/python -m handlers.archive {store}" in models.stdout
+    copied = [c for c in stages[-1].args_of("COPY") if store.startswith(c.split()[-1].rstrip("/") + "/")]
+    assert copied, f"the final stage does not copy {store}"
+
 
 def test_readme_documents_make_serve_and_the_deployment() -> None:
     readme = (ROOT / "README.md").read_text()
