@@ -5,7 +5,7 @@
 #   docker build --build-arg VARIANT=cpu -t REGISTRY/neuroexplain:0.1.0-cpu .   # CPU only
 #
 # The project is installed with the Makefile's own `install` and `models` targets (the same steps `make serve` runs),
-# only with the image's paths and the CUDA (or CPU) index for torch; tests/test_deploy_image.py checks that.
+# only with the image's paths and the CUDA (or CPU) index for torch; tests/test_deploy.py checks that.
 # The CUDA base is NVIDIA's minimal `base` flavour: CUDA runtime, NVIDIA_* variables and the driver-version
 # requirement the container toolkit enforces. cuDNN and cuBLAS come with the CUDA torch wheel, so they are not
 # duplicated by a larger base.
@@ -13,12 +13,17 @@
 ARG VARIANT=cuda
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04
 ARG CPU_IMAGE=ubuntu:22.04
+# The CUDA build of torch 2.13.0 that matches the base's CUDA 12.8 (the base's NVIDIA_REQUIRE_CUDA checks the driver).
+ARG CUDA_TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 FROM ${CUDA_IMAGE} AS os-cuda
-ENV TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG CUDA_TORCH_INDEX
+ENV TORCH_INDEX=${CUDA_TORCH_INDEX}
 
 FROM ${CPU_IMAGE} AS os-cpu
-ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG CPU_TORCH_INDEX
+ENV TORCH_INDEX=${CPU_TORCH_INDEX}
 
 # ---------------------------------------------------------------------------------------------------------------
 # What both stages share: Python 3.11 (Ubuntu 22.04 universe), nothing else. (DL3006: `os-${VARIANT}` is one of

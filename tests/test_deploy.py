@@ -853,8 +853,11 @@ def test_dockerfile_stages_cuda_and_cpu_variants() -> None:
     by_name = {s.name: s for s in stages}
     assert {"os-cuda", "os-cpu", "os", "build"} <= set(by_name)
     assert by_name["os"].base == "os-${VARIANT}"
-    assert "whl/cu" in _dockerfile_env(by_name["os-cuda"])["TORCH_INDEX"]
-    assert _dockerfile_env(by_name["os-cpu"])["TORCH_INDEX"].endswith("/whl/cpu")
+    assert _dockerfile_env(by_name["os-cuda"])["TORCH_INDEX"] == "${CUDA_TORCH_INDEX}"
+    assert _dockerfile_env(by_name["os-cpu"])["TORCH_INDEX"] == "${CPU_TORCH_INDEX}"
+    assert args["CUDA_TORCH_INDEX"] == "https://download.pytorch.org/whl/cu128"
+    assert args["CUDA_IMAGE"].startswith("nvidia/cuda:12.8."), "torch's CUDA build and the base agree on CUDA 12.8"
+    assert args["CPU_TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
     assert stages[-1].base == "os" and stages[-1].name != "build"
 
 
