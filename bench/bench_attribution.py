@@ -115,9 +115,6 @@ def main() -> None:
                 fn()
                 wall.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
-        t0 = time.perf_counter()
-        explain(model, scan, method, target="lesion", alignment=Alignment.MNI)
-        t_explain = time.perf_counter() - t0
         # The ratio uses CPU seconds of this process: on a shared machine wall time mostly measures the neighbours.
         ratio = p50(c_method) / p50(c_floor)
         results[method.value] = {
