@@ -21,6 +21,8 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every visualization (default 0)")
     p.add_argument("--channels", type=int, default=3, help="channels per layer in the channel figure (default 3, 0-8)")
     p.add_argument("--channel-steps", type=int, default=64, help="steps per channel visualization (default 64)")
+    p.add_argument("--runs", help="comma-separated run names to compute (default all); to split the work over "
+                   "processes that share the cache, then run once more without --runs for the table")
     p.add_argument("--docs", type=Path, default=Path("docs"), help="output folder (default docs/)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"run cache (default {DEFAULT_CACHE})")
     p.set_defaults(func=run)
@@ -53,6 +55,17 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"evaluate-featvis: model {model.spec.name} {model.spec.version}, {args.steps} steps, seed {args.seed}; "
           f"cache {cache}", flush=True)
+    all_runs = ev.LESION_RUNS if kind == "lesion" else ev.ATROPHY_RUNS
+    if args.runs:
+        wanted = [r.strip() for r in args.runs.split(",")]
+        unknown = sorted(set(wanted) - {r.name for r in all_runs})
+        if unknown:
+            raise CliError(f"--runs {unknown} unknown; runs: {[r.name for r in all_runs]}")
+        for run in all_runs:
+            if run.name in wanted:
+                ev.run_cached(model, run, f"class:{kind}", args.steps, args.seed, cache, log=_log)
+        print(f"computed {len(wanted)} runs into {cache}; run again without --runs for the table")
+        return 0
     if kind == "lesion":
         rows, context, volumes = ev.lesion_rows(model, args.steps, args.seed, cache, log=_log)
         columns = ev.LESION_COLUMNS
