@@ -651,6 +651,27 @@ def test_hpa_scales_on_the_in_flight_metric_the_adapter_serves() -> None:
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
 
 
+def test_adapter_metrics_query_renders_to_valid_promql(tmp_path: Path) -> None:
+    promtool = require_binary("promtool", "checks the prometheus-adapter rule's query")
+    rules = []
+    for i, rule in enumerate(adapter_rules()):
+        (series,) = promql_metric_names(rule["seriesQuery"])
+        expr = (
+            rule["metricsQuery"]
+            .replace("<<.Series>>", series)
+            .replace("<<.LabelMatchers>>", 'namespace="neuroexplain",pod=~"neuroexplain-a|neuroexplain-b"')
+            .replace("<<.GroupBy>>", "pod")
+        )
+        assert "<<" not in expr, expr
+        rules.append({"record": f"adapter:rule{i}", "expr": expr})
+    path = tmp_path / "adapter.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": rules}]}))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --- alert rules ------------------------------------------------------------------------------------------------------
 
 
