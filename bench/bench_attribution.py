@@ -87,6 +87,9 @@ def main() -> None:
     from neuroexplain.volumes import Alignment, Scan
 
     warnings.filterwarnings("ignore", message=r"Setting (forward, )?backward hooks", category=UserWarning)
+    # One thread: CPU seconds then count work only (idle OpenMP workers spin and would be billed to whichever call
+    # happened to run beside a busy neighbour).
+    torch.set_num_threads(int(os.environ.get("NEUROEXPLAIN_BENCH_THREADS", "1")))
     model = load_model("lesion")
     sample = make_sample(Task.LESION, 1_000_001)
     scan = Scan(sample.image, MNI_2MM.affine, "0" * 64, "nifti1")
