@@ -162,3 +162,29 @@ def test_scans_above_grpcs_default_4_mib_limit_are_accepted(gateway: Running) ->
     assert len(big) > 4 << 20
     result = gateway.client.attribute(big, model=TINY, method="gradient")
     assert result.info.scan_digest and result.nifti[:2] == b"\x1f\x8b"
+
+
+def test_cli_attribute_and_visualize_talk_to_the_server(gateway: Running, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import gzip
+
+    import nibabel as nib
+
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(make_scan(53))
+    server = f"127.0.0.1:{gateway.port}"
+    out, summary, png = tmp_path / "map.nii.gz", tmp_path / "s.json", tmp_path / "map.png"
+    code = main(["attribute", str(scan), "--model", TINY, "--method", "gradcam", "--option", "layer=conv2",
+                 "-o", str(out), "--summary", str(summary), "--png", str(png), "--server", server])
+    assert code == 0
+    assert nib.Nifti1Image.from_bytes(gzip.decompress(out.read_bytes())).shape == (30, 36, 30)
+    s = json.loads(summary.read_text())
+    assert s["method"] == "gradcam" and s["options"]["layer"] == "conv2" and s["cached"] is False
+    assert s["notice"] == RESEARCH_NOTICE and png.read_bytes()[:4] == b"\x89PNG"
+    vol, curve = tmp_path / "v.nii.gz", tmp_path / "c.json"
+    code = main(["visualize", "--model", TINY, "--target", "class:lesion", "--preset", "none", "--steps", "3",
+                 "-o", str(vol), "--curve", str(curve), "--no-progress", "--server", server])
+    assert code == 0
+    assert nib.Nifti1Image.from_bytes(gzip.decompress(vol.read_bytes())).shape[:3] == TINY_GRID
+    assert len(json.loads(curve.read_text())["curve"]) == 3
+    assert "research use only" in capsys.readouterr().err

@@ -41,8 +41,8 @@ def register(sub: Any) -> None:
     p.add_argument("--summary", type=Path, metavar="S.json", help="also write the JSON summary")
     p.add_argument("--alignment", default="auto", choices=("auto", "mni", "center"), help="see README 'Scans'")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--local", action="store_true", help="run the library in this process (the default for now)")
-    where.add_argument("--server", metavar="H:P", help="ask a running `neuroexplain serve`")
+    where.add_argument("--local", action="store_true", help="run the library in this process")
+    where.add_argument("--server", metavar="H:P", help="server to ask (default localhost:50051)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.output, args.png, args.summary):
         if path is not None and not path.parent.exists():
             raise CliError(f"output folder {str(path.parent)!r} does not exist")
-    if args.server:
+    if not args.local:
         return _run_remote(args)
     return _run_local(args)
 
@@ -98,6 +98,31 @@ def _run_local(args: argparse.Namespace) -> int:
 
 
 def _run_remote(args: argparse.Namespace) -> int:
-    from neuroexplain.cli.main import CliError
+    """Ask a server (``--server``, default localhost:50051) and write the same files as ``--local``."""
+    from neuroexplain.attribution.options import parse_option_pairs
+    from neuroexplain.client import DEFAULT_SERVER, Client, tls_credentials
 
-    raise CliError("attribute --server is not available yet; use --local")
+    options = parse_option_pairs(args.option)
+    credentials = (tls_credentials(getattr(args, "ca", None), getattr(args, "cert", None), getattr(args, "key", None))
+                   if getattr(args, "tls", False) else None)
+    with Client(args.server or DEFAULT_SERVER, credentials=credentials, token=getattr(args, "token", None)) as client:
+        result = client.attribute(Path(args.scan), model=args.model, method=args.method, target=args.target or "",
+                                  options=options, png=args.png is not None, alignment=args.alignment)
+    args.output.write_bytes(result.nifti)
+    if args.png is not None and result.png:
+        args.png.write_bytes(result.png)
+    summary = {
+        "model": result.info.model,
+        "model_version": result.info.model_version,
+        **json.loads(result.summary.json or "{}"),
+        "cached": result.info.cached,
+        "notice": result.info.notice,
+    }
+    if args.summary is not None:
+        args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    top = summary.get("clusters", [None])[0] if summary.get("clusters") else None
+    where = f"; strongest cluster at {top['peak_mm']} mm, {top['volume_ml']} mL" if top else ""
+    cached = " (cached)" if result.info.cached else ""
+    print(f"{args.output}: {result.method} for class {result.target!r}{where}{cached}")
+    print(result.info.notice, file=sys.stderr)
+    return 0

@@ -1,6 +1,7 @@
 """``neuroexplain visualize --model NAME --target ... -o OUT.nii.gz``: feature visualization (activation maximization).
 
-Local runs call the library in this process; ``--server`` is wired by the gateway work.
+Without ``--local`` the command asks a server (``--server``, default localhost:50051); the progress bar is fed
+by the server's stream. ``--local`` runs the library in this process.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def register(sub: Any) -> None:
     p.add_argument("--native-out", type=Path, help="with --start SCAN: the volume on the scan's own grid")
     p.add_argument("--curve", type=Path, help="also write the objective per step as JSON")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--local", action="store_true", help="run the library in this process (default for now)")
-    where.add_argument("--server", metavar="H:P", help="ask a running neuroexplain server")
+    where.add_argument("--local", action="store_true", help="run the library in this process")
+    where.add_argument("--server", metavar="H:P", help="server to ask (default localhost:50051)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -67,15 +68,55 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     options = _parse_options(args.option)
-    if args.server:
+    if not args.local:
         return _run_remote(args, options)
     return _run_local(args, options)
 
 
 def _run_remote(args: argparse.Namespace, options: dict[str, str]) -> int:
-    from neuroexplain.cli.main import CliError
+    """Ask a server (``--server``, default localhost:50051); the progress bar is fed by the stream."""
+    import json
+    import sys
 
-    raise CliError("--server is not available yet; use --local")
+    from tqdm import tqdm
+
+    from neuroexplain.client import DEFAULT_SERVER, Client, tls_credentials
+
+    scan_start = args.start not in ("noise", "template")
+    credentials = (tls_credentials(getattr(args, "ca", None), getattr(args, "cert", None), getattr(args, "key", None))
+                   if getattr(args, "tls", False) else None)
+    bar = tqdm(total=args.steps, desc="visualize", unit="step", disable=args.no_progress, file=sys.stderr,
+               dynamic_ncols=True)
+
+    def on_progress(_job_id: str, p: Any) -> None:
+        bar.update(p.step - bar.n)
+        bar.set_postfix(objective=f"{p.objective:.4g}", refresh=False)
+
+    with Client(args.server or DEFAULT_SERVER, credentials=credentials, token=getattr(args, "token", None)) as client:
+        try:
+            # Ctrl-C cancels the stream (Client.visualize), which stops the optimisation on the server
+            _job_id, result = client.visualize(
+                on_progress=on_progress, model=args.model, target=args.target, preset=args.preset, steps=args.steps,
+                seed=args.seed, start="scan" if scan_start else args.start,
+                scan=Path(args.start) if scan_start else None, options=options, png=args.png is not None,
+            )
+        finally:
+            bar.close()
+    args.out.write_bytes(result.nifti)
+    if args.png:
+        args.png.write_bytes(result.png)
+    if args.native_out and result.native_nifti:
+        args.native_out.write_bytes(result.native_nifti)
+    curve = list(result.objective_curve)
+    if args.curve:
+        args.curve.write_text(json.dumps({"target": args.target, "preset": args.preset, "seed": args.seed,
+                                          "curve": curve, "cached": result.info.cached}) + "\n")
+    change = f"objective {curve[0]:.4g} -> {curve[-1]:.4g} " if curve else ""
+    print(f"{args.target}: {change}after {args.steps} steps (preset {args.preset}, seed {args.seed}, model "
+          f"{result.info.model} {result.info.model_version}{', cached' if result.info.cached else ''}); "
+          f"wrote {args.out}")
+    print(result.info.notice, file=sys.stderr)
+    return 0
 
 
 def _run_local(args: argparse.Namespace, options: dict[str, str]) -> int:
