@@ -118,7 +118,7 @@ def _lesions(a: Anatomy, f: _Fields, rng: np.random.Generator, label: int) -> tu
         diameter = float(np.exp(rng.uniform(np.log(3.0), np.log(15.0))))  # small lesions are commoner
         semi = diameter / 2 * np.array([1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)])
         rot = _random_rotation(rng, np.pi)
-        contrast = rng.uniform(0.35, 0.7)  # FLAIR-like: 35-70% brighter than the white matter around it
+        contrast = rng.uniform(0.6, 1.2)  # FLAIR-like: 60-120% brighter than the white matter around it
         half = int(np.ceil(semi.max() * 1.5 / zoom)) + 1
         lo = np.maximum(c - half, 0)
         hi = np.minimum(c + half + 1, a.grid.shape)

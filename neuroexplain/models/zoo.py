@@ -16,12 +16,12 @@ def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 
 
 class ScanCNN(nn.Module):
-    """Four conv blocks, three 2x poolings, global max or average pooling, two linear layers.
+    """Four conv blocks, three 2x poolings, global max or average pooling, a linear head.
 
     Args:
         channels: output channels of ``conv1`` ... ``conv4``.
         n_classes: number of output logits.
-        hidden: width of the hidden linear layer.
+        hidden: width of the hidden linear layer; 0 for none (the bundled models).
         pool: ``max`` (finds small focal findings such as lesions) or ``avg`` (diffuse findings such as atrophy).
         dropout: dropout before the last linear layer (training only).
         stem_stride: stride of ``conv1``. 2 looks at every 2 mm voxel but computes its 8 channels at 4 mm, which
@@ -49,10 +49,12 @@ class ScanCNN(nn.Module):
         self.pool3 = nn.MaxPool3d(2)
         self.conv4 = _block(c3, c4)
         self.global_pool = nn.AdaptiveMaxPool3d(1) if pool == "max" else nn.AdaptiveAvgPool3d(1)
-        self.fc1 = nn.Linear(c4, hidden)
-        self.act_fc = nn.ReLU()
+        # hidden=0 gives a linear head straight on the pooled features. A ReLU hidden layer without normalisation
+        # can die during training (every unit negative for every scan), which collapsed the output to a constant.
+        self.fc1 = nn.Linear(c4, hidden) if hidden else None
+        self.act_fc = nn.ReLU() if hidden else None
         self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, n_classes)
+        self.fc2 = nn.Linear(hidden or c4, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W) -> (B, n_classes)
         x = self.pool1(self.conv1(x))
@@ -60,4 +62,6 @@ class ScanCNN(nn.Module):
         x = self.pool3(self.conv3(x))
         x = self.global_pool(self.conv4(x))
         x = torch.flatten(x, 1)  # torch.flatten, not nn.Flatten: captum's LRP rejects the module
-        return self.fc2(self.dropout(self.act_fc(self.fc1(x))))
+        if self.fc1 is not None and self.act_fc is not None:
+            x = self.act_fc(self.fc1(x))
+        return self.fc2(self.dropout(x))

@@ -9,7 +9,7 @@ from typing import Any
 from neuroexplain.cli.commands.synth import TASKS
 
 # TrainConfig's defaults, repeated so that `neuroexplain --help` does not import torch.
-_SAMPLES, _EPOCHS, _EVAL = 600, 6, 200
+_SAMPLES, _EPOCHS, _EVAL = 600, 10, 200
 
 
 def register(sub: Any) -> None:
