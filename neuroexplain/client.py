@@ -49,14 +49,19 @@ class RemoteError(errors.NeuroExplainError):
     """A status the project's tree has no class for (UNAUTHENTICATED, PERMISSION_DENIED, INTERNAL...)."""
 
 
-def error_from_rpc(exc: grpc.RpcError) -> errors.NeuroExplainError:
-    """The project exception for a failed call; ``.code`` holds the gRPC status name."""
+def error_from_rpc(exc: grpc.RpcError, unavailable_hint: str = "") -> errors.NeuroExplainError:
+    """The project exception for a failed call; ``.code`` holds the gRPC status name.
+
+    Args:
+        exc: the failed call.
+        unavailable_hint: appended to UNAVAILABLE messages (the CLI says how to start a server or run locally).
+    """
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else ""
     cls = _ERRORS.get(code, RemoteError)
     message = details or code.name.lower().replace("_", " ")
-    if code is grpc.StatusCode.UNAVAILABLE and not details:
-        message = "the server is not reachable"
+    if code is grpc.StatusCode.UNAVAILABLE:
+        message = (message or "the server is not reachable") + unavailable_hint
     out = cls(message if cls is not RemoteError else f"{code.name}: {message}")
     out.code = code.name  # type: ignore[attr-defined]
     return out
@@ -116,6 +121,7 @@ class Client:
         token: bearer token sent as ``authorization: Bearer <token>``; default ``NEUROEXPLAIN_TOKEN``.
         max_message_bytes: largest message sent or received (scans and maps can be large).
         options: extra channel options.
+        unavailable_hint: text appended to UNAVAILABLE errors (e.g. how to start a server).
     """
 
     def __init__(
@@ -127,6 +133,7 @@ class Client:
         token: str | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        unavailable_hint: str = "",
     ) -> None:
         opts = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -135,6 +142,7 @@ class Client:
         ]
         self.target = target
         self.timeout = timeout
+        self.unavailable_hint = unavailable_hint
         self._channel = (
             grpc.secure_channel(target, credentials, options=opts)
             if credentials is not None
@@ -157,7 +165,7 @@ class Client:
         try:
             return method(request, timeout=timeout if timeout is not None else self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, self.unavailable_hint) from None
 
     # -- RPCs ------------------------------------------------------------------------------------------------------
 
@@ -226,7 +234,7 @@ class Client:
                 else:
                     return event.job_id, event.result
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, self.unavailable_hint) from None
         finally:
             stream.cancel()  # type: ignore[union-attr]  # no-op after the end; stops the server on early exit
         raise errors.UnavailableError("the server closed the Visualize stream without a result")
@@ -273,4 +281,10 @@ def client_from_args(args: Any) -> Client:
     if (args.ca or args.cert or args.key) and not args.tls:
         raise errors.InvalidOptionError("--ca, --cert and --key need --tls")
     credentials = tls_credentials(args.ca, args.cert, args.key) if args.tls else None
-    return Client(args.server, timeout=args.timeout, credentials=credentials, token=args.token)
+    return Client(args.server, timeout=args.timeout, credentials=credentials, token=args.token,
+                  unavailable_hint=cli_unavailable_hint(args.server))
+
+
+def cli_unavailable_hint(target: str) -> str:
+    """What the CLI adds to an UNAVAILABLE error: how to get a server, or how to do without one."""
+    return f" (server {target}: start one with `neuroexplain serve`, or use --local)"

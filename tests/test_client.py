@@ -188,3 +188,9 @@ def test_cli_attribute_and_visualize_talk_to_the_server(gateway: Running, tmp_pa
     assert nib.Nifti1Image.from_bytes(gzip.decompress(vol.read_bytes())).shape[:3] == TINY_GRID
     assert len(json.loads(curve.read_text())["curve"]) == 3
     assert "research use only" in capsys.readouterr().err
+
+
+def test_cli_without_a_server_says_how_to_get_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--server", f"127.0.0.1:{_free_port()}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "neuroexplain serve" in err and "use --local" in err

@@ -100,12 +100,14 @@ def _run_local(args: argparse.Namespace) -> int:
 def _run_remote(args: argparse.Namespace) -> int:
     """Ask a server (``--server``, default localhost:50051) and write the same files as ``--local``."""
     from neuroexplain.attribution.options import parse_option_pairs
-    from neuroexplain.client import DEFAULT_SERVER, Client, tls_credentials
+    from neuroexplain.client import DEFAULT_SERVER, Client, cli_unavailable_hint, tls_credentials
 
     options = parse_option_pairs(args.option)
     credentials = (tls_credentials(getattr(args, "ca", None), getattr(args, "cert", None), getattr(args, "key", None))
                    if getattr(args, "tls", False) else None)
-    with Client(args.server or DEFAULT_SERVER, credentials=credentials, token=getattr(args, "token", None)) as client:
+    server = args.server or DEFAULT_SERVER
+    with Client(server, credentials=credentials, token=getattr(args, "token", None),
+                unavailable_hint=cli_unavailable_hint(server)) as client:
         result = client.attribute(Path(args.scan), model=args.model, method=args.method, target=args.target or "",
                                   options=options, png=args.png is not None, alignment=args.alignment)
     args.output.write_bytes(result.nifti)

@@ -80,7 +80,7 @@ def _run_remote(args: argparse.Namespace, options: dict[str, str]) -> int:
 
     from tqdm import tqdm
 
-    from neuroexplain.client import DEFAULT_SERVER, Client, tls_credentials
+    from neuroexplain.client import DEFAULT_SERVER, Client, cli_unavailable_hint, tls_credentials
 
     scan_start = args.start not in ("noise", "template")
     credentials = (tls_credentials(getattr(args, "ca", None), getattr(args, "cert", None), getattr(args, "key", None))
@@ -92,7 +92,9 @@ def _run_remote(args: argparse.Namespace, options: dict[str, str]) -> int:
         bar.update(p.step - bar.n)
         bar.set_postfix(objective=f"{p.objective:.4g}", refresh=False)
 
-    with Client(args.server or DEFAULT_SERVER, credentials=credentials, token=getattr(args, "token", None)) as client:
+    server = args.server or DEFAULT_SERVER
+    with Client(server, credentials=credentials, token=getattr(args, "token", None),
+                unavailable_hint=cli_unavailable_hint(server)) as client:
         try:
             # Ctrl-C cancels the stream (Client.visualize), which stops the optimisation on the server
             _job_id, result = client.visualize(
