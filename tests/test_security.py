@@ -42,6 +42,7 @@ class _Echo:
     def __init__(self) -> None:
         self.release = threading.Event()
         self.entered = threading.Semaphore(0)
+        self.stream_context: grpc.ServicerContext | None = None
 
     def say(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         audit.annotate(model="tiny", scan_digest=hashlib.sha256(request).hexdigest())
@@ -56,6 +57,7 @@ class _Echo:
         return b"done"
 
     def count(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self.stream_context = context
         self.entered.release()
         yield b"1"
         self.release.wait(TIMEOUT)
@@ -536,8 +538,10 @@ def test_streams_are_authenticated_and_release_their_slot_when_the_client_cancel
         assert next(stream) == b"1"
         assert s.interceptor.limiter.in_flight("caller:alice") == 1
         stream.cancel()
-        s.echo.release.set()  # the handler wakes up, finds its client gone, and the generator is closed
         deadline = time.monotonic() + TIMEOUT
+        while s.echo.stream_context.is_active() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the cancellation reaches the server asynchronously
+        s.echo.release.set()  # the handler wakes up, finds its client gone, and the generator is closed
         while s.interceptor.limiter.in_flight("caller:alice") and time.monotonic() < deadline:
             time.sleep(0.01)
         assert s.interceptor.limiter.in_flight("caller:alice") == 0
@@ -602,3 +606,16 @@ def test_kubernetes_secret_volume_updates_rotate_tokens_and_certificates(
         assert _say(channel, token=BOB) == b"hello"
         assert _code(_say, channel, token=ALICE) == grpc.StatusCode.UNAUTHENTICATED
     assert creds.reloads == 1
+
+
+def test_request_description_keeps_only_bounded_names_and_real_digests() -> None:
+    from neuroexplain._proto import neuroexplain_pb2 as pb
+    from service.security.setup import describe_request
+
+    digest = "ab" * 32
+    assert describe_request(pb.PredictRequest(model="lesion", scan=pb.Scan(digest=digest.upper()))) == (
+        "lesion", digest)
+    assert describe_request(pb.PredictRequest(model="x" * 1000, scan=pb.Scan(digest="Doe^Jane"))) == ("x" * 128, None)
+    assert describe_request(pb.PredictRequest(model="lesion", scan=pb.Scan(data=b"bytes"))) == ("lesion", None)
+    assert describe_request(pb.GetModelRequest(name="atrophy")) == ("atrophy", None)
+    assert describe_request(pb.ListModelsRequest()) == (None, None)

@@ -2,8 +2,9 @@
 
 Order inside a call: the audit record starts, the caller is identified (bearer token, else the verified client
 certificate's subject), the caller's concurrency slot is taken, the service runs, the slot is released and one audit
-line is written with the final status. Install it first (outermost) so that the audit line sees the status code the
-service's error mapping chose.
+line is written with the final status. The gateway installs it inside its metrics and error interceptors, so
+refusals are counted like any other status; ``status_of`` (the gateway's error table) lets the audit line show the
+code the caller gets for an exception that the error interceptor maps only after this one has finished.
 
 Health checks (``grpc.health.v1``) are exempt from all three: they reveal nothing but serving status, kubelet must
 reach them without credentials, and auditing a probe every few seconds would drown the log. Reflection is not exempt.
@@ -255,10 +256,12 @@ def _status_name(context: grpc.ServicerContext, error: BaseException | None, sta
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
+    if not context.is_active() or isinstance(error, GeneratorExit):
+        # The client went away (or its deadline passed) while the call ran; a stream may even have run to its end.
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     if error is None:
         return "OK"
-    if isinstance(error, GeneratorExit) or not context.is_active():
-        return "CANCELLED"
     if status_of is not None:
         mapped = status_of(error)
         return mapped.name if mapped is not None else grpc.StatusCode.INTERNAL.name

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ from service.security.tls import ReloadingServerCredentials, TlsFiles
 from service.security.tokens import TokenStore
 
 log = logging.getLogger("neuroexplain.security")
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_MODEL_NAME = 128
 
 
 @dataclass
@@ -71,7 +75,10 @@ def describe_request(request: Any) -> tuple[str | None, str | None]:
             digest = request.scan.digest.lower()
     except (AttributeError, ValueError):
         pass
-    return (model if isinstance(model, str) else None), digest
+    if digest is not None and not _HEX64.fullmatch(digest):
+        digest = None  # not a digest: free text from the caller never reaches the audit log
+    # A model name is the caller's free text too; bounded so that one request cannot write a huge audit line.
+    return (model[:MAX_MODEL_NAME] if isinstance(model, str) else None), digest
 
 
 def build_security(
