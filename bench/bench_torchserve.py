@@ -80,7 +80,7 @@ def _rest_fn(backend: Any) -> Any:
     def call(scan: bytes) -> None:
         request = PredictRequest(MODEL, ScanInput(data=scan, digest=hashlib.sha256(scan).hexdigest()))
         fields = env.encode_request(env.Task.PREDICT, request)
-        response = session.post(url, files={k: (k, v) for k, v in fields.items()}, timeout=120)
+        response = session.post(url, files={k: (None, v) for k, v in fields.items()}, timeout=120)
         response.raise_for_status()
         env.raise_if_error(env.decode(response.content))
 

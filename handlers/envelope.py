@@ -9,7 +9,8 @@ key                 value
 ==================  ==============================================================================================
 ``task``            ``predict`` | ``attribute`` | ``visualize`` (ASCII)
 ``request``         the domain request as JSON, every ``bytes`` field replaced by ``{"$blob": PATH}``
-``blob:PATH``       the bytes of that field (the scan), raw, never inside JSON
+``blob-PATH``       the bytes of that field (the scan), raw, never inside JSON (no ``:`` in the name: TorchServe's
+                    REST multipart decoding drops such parts)
 ``job_id``          the computation's id; for visualize, the name of the cancel flag (``[A-Za-z0-9_-]{1,64}``)
 ==================  ==============================================================================================
 
@@ -45,7 +46,7 @@ MAGIC = b"NXE1"
 _HEAD = struct.Struct("!4sI")
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_HEADER_BYTES = 16 << 20
-BLOB_PREFIX = "blob:"
+BLOB_PREFIX = "blob-"
 T = TypeVar("T")
 
 
@@ -114,7 +115,9 @@ def load(cls: type[T], data: Any, blobs: Mapping[str, bytes]) -> T:
     """
     try:
         return typing.cast(T, _load(cls, data, blobs))
-    except (TypeError, ValueError, KeyError) as exc:
+    except KeyError as exc:  # the key is a field path of our own types, never data
+        raise errors.InvalidInputError(f"malformed {cls.__name__} on the model-server wire: field {exc}") from None
+    except (TypeError, ValueError) as exc:
         raise errors.InvalidInputError(f"malformed {cls.__name__} on the model-server wire: {type(exc).__name__}") from None
 
 
@@ -140,7 +143,7 @@ def _load(tp: Any, data: Any, blobs: Mapping[str, bytes]) -> Any:
         unknown = set(data) - names
         if unknown:
             raise KeyError(min(unknown))
-        return tp(**{k: _load(hints[k], v, blobs) for k, v in data.items()})
+        return tp(**{k: _load(hints[k], v, blobs) for k, v in data.items()})  # type: ignore[operator]
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return tp(data)
     if origin is tuple:
@@ -220,7 +223,7 @@ def decode_request(row: Mapping[str, Any], request_types: Mapping[Task, type]) -
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise errors.InvalidInputError("the 'request' field is not valid JSON") from None
     blobs = {k[len(BLOB_PREFIX) :]: _field(row, k) or b"" for k in row if k.startswith(BLOB_PREFIX)}
-    request = load(request_types[task], value, blobs)
+    request: Any = load(request_types[task], value, blobs)
     raw_job = _field(row, "job_id")
     job_id = None
     if raw_job is not None:

@@ -106,7 +106,7 @@ def test_every_domain_type_round_trips() -> None:
 
 def test_scan_bytes_travel_outside_the_json() -> None:
     fields = env.encode_request(env.Task.PREDICT, PredictRequest("m", _scan(b"\xff\xfe raw")))
-    assert fields["blob:scan.data"] == b"\xff\xfe raw"
+    assert fields["blob-scan.data"] == b"\xff\xfe raw"
     assert b"raw" not in fields["request"]
 
 

@@ -239,7 +239,8 @@ class TorchServeBackend:
         try:
             for described in self.supervisor.models():
                 if described.get("modelName") == model:
-                    return any(w.get("status") == "READY" for w in described.get("workers", []))  # type: ignore[union-attr]
+                    workers: list[dict[str, Any]] = described.get("workers", [])  # type: ignore[assignment]
+                    return any(w.get("status") == "READY" for w in workers)
         except (errors.UnavailableError, OSError, ValueError, KeyError):
             return False
         return False

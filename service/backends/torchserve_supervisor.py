@@ -182,7 +182,13 @@ class TorchServeSupervisor:
         """
         for sub in ("logs", "tmp", "cancel"):
             (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
-        self._launch_and_wait()
+        try:
+            self._launch_and_wait()
+        except BaseException:
+            if self._own_work_dir:
+                log.error("TorchServe did not start; its log was: %s", self._log_tail(20))
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+            raise
         self._monitor = threading.Thread(target=self._watch, name="torchserve-supervisor", daemon=True)
         self._monitor.start()
 
