@@ -46,6 +46,8 @@ def _floor_plan(method: Any, opts: dict[str, Any]) -> list[tuple[str, int, int]]
         shape = (80, 96, 80)
         n = math.prod((s - opts["patch"]) // opts["stride"] + 1 for s in shape)
         return [("f", 1, 1), ("f", b, n // b)] + ([("f", n % b, 1)] if n % b else [])
+    if method is Method.DEEPLIFT:
+        return [("fb", 2, 1)]  # captum runs the scan and its baseline together, as one batch of 2
     if method is Method.GRADCAM:
         return [("fl", 1, 1)]  # forward, backward only down to the explained layer
     if method in (Method.LRP_EPSILON, Method.LRP_ALPHA_BETA, Method.LRP_COMPOSITE):
