@@ -9,6 +9,7 @@ checks the metric names against a running gateway. The helpers at the top are sh
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import shlex
@@ -58,7 +59,13 @@ def kustomization() -> dict[str, Any]:
 
 
 def manifests() -> list[Doc]:
-    """Every object of every file in kustomization.yaml's ``resources`` list, in order."""
+    """Every object of every file in kustomization.yaml's ``resources`` list, in order (fresh copies: a test may
+    change what it gets)."""
+    return copy.deepcopy(_parsed_manifests())
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_manifests() -> list[Doc]:
     docs = []
     for name in kustomization()["resources"]:
         for body in yaml.safe_load_all((K8S / name).read_text()):
