@@ -8,7 +8,8 @@ looked at. Metrics (all on the model grid, target = the ground-truth class, e.g.
   the fraction inside the (undilated) mask.
 - ``pointing``: pointing game: the most relevant voxel lies inside the dilated mask (1) or not (0).
 - ``deletion_auc`` (lower is better) / ``insertion_auc`` (higher is better): target-class probability while the
-  most relevant brain voxels are set to zero (deletion) or copied into a blurred copy of the scan (insertion), in
+  most relevant brain voxels are replaced by a blurred copy of the scan (deletion) or copied from the scan into
+  that blurred copy (insertion), in
   ``CURVE_STEPS`` equal steps up to ``CURVE_MAX_FRACTION`` of the brain; area under the curve on x in [0, 1].
 - ``rand_spearman``: sanity check (Adebayo et al. 2018): Spearman rank correlation, over brain voxels, of the
   absolute maps of the trained model and of the model with all its layers re-initialised (the last step of a
@@ -40,7 +41,7 @@ from neuroexplain.models.registry import LoadedModel
 
 DILATE_VOXELS = 2  # 4 mm on the 2 mm grid: tolerance for maps that peak on a lesion's rim
 CURVE_STEPS = 10
-CURVE_MAX_FRACTION = 0.10  # lesions cover < 2 % of the brain: the first 10 % of voxels is where the curve moves
+CURVE_MAX_FRACTION = 0.05  # lesions cover < 2 % of the brain: the first 5 % of voxels is where the curve moves
 INSERTION_BLUR_MM = 8.0
 SANITY_THRESHOLD = 0.3
 RANDOM = "random"  # a seeded random map: the chance level every metric should beat
@@ -179,8 +180,10 @@ def perturbation_curves(
     blurred = ndimage.gaussian_filter(x, [INSERTION_BLUR_MM / z for z in grid_zooms], mode="constant").ravel()
     deleted, inserted = [], []
     for c in counts:
+        # Deleted voxels take the blurred scan's value: zeroed holes are sharp dark edges, which a lesion detector
+        # (max pooling over local contrast) reads as findings, so zeroing would measure artefacts, not relevance.
         d = flat.copy()
-        d[order[:c]] = 0.0
+        d[order[:c]] = blurred[order[:c]]
         ins = blurred.copy()
         ins[order[:c]] = flat[order[:c]]
         deleted.append(d.reshape(x.shape))
@@ -326,24 +329,26 @@ def run_evaluation(
     t0 = time.monotonic()
 
     def maps_phase(ms: Sequence[Method | str]) -> None:
-        # Localisation (and, for the first scans, faithfulness) of each method; single-pass methods batched.
-        for m in ms:
-            n_loc = plan.subset(m, "share")
-            n_faith = plan.subset(m, "deletion_auc")
-            todo = [s for s in seeds[:n_loc] if not store.has(key(m), "map", s)]
-            batch = plan.batch if (m in CHEAP or m == RANDOM) else 1
-            for start in range(0, len(todo), batch):
-                group = [case(s) for s in todo[start : start + batch]]
-                t = time.monotonic()
-                maps = _maps(module, model, group, m, target)
-                per = (time.monotonic() - t) / len(group)
-                for c, rel in zip(group, maps):
-                    values: dict[str, Any] = localisation(rel, c.mask, c.dilated, c.brain)
-                    if c.seed in seeds[:n_faith]:
-                        values.update(perturbation_curves(module, c.x, rel, c.brain, target, zooms))
-                    values["seconds"] = per
-                    store.add(key(m), "map", c.seed, values)
-                log(f"[{time.monotonic() - t0:7.0f}s] {key(m)}: {start + len(group)}/{len(todo)} scans")
+        # Localisation (and, for the first scans, faithfulness) of each method. Scan-major, so that an interrupted
+        # run has every method on the same scans; single-pass methods take plan.batch scans per call.
+        n_all = max(plan.subset(m, "share") for m in ms)
+        for start in range(0, n_all, plan.batch):
+            block = seeds[start : min(start + plan.batch, n_all)]
+            for m in ms:
+                todo = [s for s in block[: max(0, plan.subset(m, "share") - start)] if not store.has(key(m), "map", s)]
+                step = plan.batch if (m in CHEAP or m == RANDOM) else 1
+                for i in range(0, len(todo), step):
+                    group = [case(s) for s in todo[i : i + step]]
+                    t = time.monotonic()
+                    maps = _maps(module, model, group, m, target)
+                    per = (time.monotonic() - t) / len(group)
+                    for c, rel in zip(group, maps):
+                        values: dict[str, Any] = localisation(rel, c.mask, c.dilated, c.brain)
+                        if c.seed in seeds[: plan.subset(m, "deletion_auc")]:
+                            values.update(perturbation_curves(module, c.x, rel, c.brain, target, zooms))
+                        values["seconds"] = per
+                        store.add(key(m), "map", c.seed, values)
+            log(f"[{time.monotonic() - t0:7.0f}s] maps: scans {start + len(block)}/{n_all} ({', '.join(key(m) for m in ms)})")
 
     order = randomisation_order(module)
 
