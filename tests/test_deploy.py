@@ -592,6 +592,7 @@ def test_selectors_match_the_pods_they_mean() -> None:
     hpa = one("HorizontalPodAutoscaler", "neuroexplain")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "neuroexplain"}
     assert hpa["spec"]["minReplicas"] > pdb["spec"]["maxUnavailable"], "a drain never takes the last pod"
+    assert "replicas" not in gateway["spec"], "re-applying the manifests must not undo the HPA's scaling"
     redis = one("Deployment", "neuroexplain-redis")
     redis_service = one("Service", "neuroexplain-redis")
     assert redis_service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
