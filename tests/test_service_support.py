@@ -34,7 +34,7 @@ from service.server import GatewayServer, create_server
 TINY = "tiny"
 TINY_GRID = (18, 22, 18)  # 4 mm voxels over the MNI box
 TINY_KWARGS = {"channels": [2, 2, 2, 2], "hidden": 4}
-BACKEND_KINDS = ["inprocess"]
+BACKEND_KINDS = ["inprocess", "torchserve"]
 
 
 def test_tiny_model_loads(tiny_model_dir: Path) -> None:
@@ -89,6 +89,20 @@ def make_backend_for(kind: str, model_dir: Path) -> Any:
         from service.backends.inprocess import InProcessBackend
 
         backend = InProcessBackend(model_dirs=(model_dir,), models=(TINY,))
+        backend.start()
+        return backend
+    if kind == "torchserve":  # the same end-to-end tests against a real TorchServe (one start per session)
+        from conftest import require_binary
+
+        from handlers.archive import build_archive
+        from service.backends.torchserve import TorchServeBackend
+
+        require_binary("java", "the TorchServe backend needs Java 17")
+        store = model_dir.parent / f"{model_dir.name}-torchserve-store"
+        store.mkdir(exist_ok=True)
+        build_archive(model_dir / TINY / "spec.json", model_dir / TINY / "weights.pt", store / f"{TINY}.mar")
+        backend = TorchServeBackend(Settings(model_store=store, torchserve_startup_timeout_s=240.0),
+                                    build_archives=False)
         backend.start()
         return backend
     raise ValueError(kind)
