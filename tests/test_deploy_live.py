@@ -1,10 +1,10 @@
 """The deployment against a running gateway: the real `neuroexplain serve` process, configured by nothing but the
-ConfigMap of k8s/ (ports, TLS and token files swapped for test ones, Redis for the disk cache), checked the way
+ConfigMap of k8s/ (ports, TLS, token and Redis password files and the Redis address swapped for test ones), checked the way
 Kubernetes and Prometheus will use it:
 
 - every metric the alerts, the dashboard and the HPA (through the prometheus-adapter rule) name is in its scrape;
 - the Dockerfile's HEALTHCHECK command answers healthy against its plaintext health port (and unhealthy elsewhere);
-- the main port wants TLS and a token, as the ConfigMap says;
+- the main port wants TLS and a token, as the ConfigMap says; results land in a password-protected Redis;
 - SIGTERM (what tini forwards) drains and exits 0.
 """
 
@@ -43,6 +43,7 @@ SAMPLE_SUFFIXES = {
     "unknown": ("",),
 }
 TOKEN = "deploy-test-token-0123456789abcdef"
+REDIS_PASSWORD = "deploy-test-redis-password-0123456789"
 
 
 def _free_port() -> int:
@@ -91,6 +92,7 @@ class Gateway:
     metrics_port: int
     cert: Path
     stdout: list[str]
+    redis_port: int = 0
 
     def scrape(self) -> str:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -98,7 +100,27 @@ class Gateway:
             return str(response.read().decode())
 
 
-def _start(tmp: Path, backend: str, startup_s: float) -> Gateway:
+def _redis(tmp: Path, password: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A real redis-server wanting a password, as k8s/redis.yaml runs it (in memory, no persistence)."""
+    binary = require_binary("redis-server", "the ConfigMap's cache is Redis")
+    port = _free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password, "--save", "",
+         "--appendonly", "no", "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru", "--dir", str(tmp)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return process, port
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("redis-server did not start")
+        time.sleep(0.1)
+
+
+def _start(tmp: Path, backend: str, startup_s: float, redis_port: int | None = None) -> Gateway:
     models = tmp / "models"
     tiny_scan_cnn(models / "tinyles")
     cert, key = _self_signed(tmp)
@@ -112,14 +134,24 @@ def _start(tmp: Path, backend: str, startup_s: float) -> Gateway:
     swaps = {
         **{k: str(v) for k, v in ports.items()},
         "NEUROEXPLAIN_BACKEND": backend,
-        "NEUROEXPLAIN_CACHE": "disk",
         "NEUROEXPLAIN_TLS_CERT": str(cert),
         "NEUROEXPLAIN_TLS_KEY": str(key),
         "NEUROEXPLAIN_TOKENS_FILE": str(tokens),
     }
+    if redis_port is None:
+        swaps["NEUROEXPLAIN_CACHE"] = "disk"
+    else:
+        # The ConfigMap's URL with the test Redis's address; the password only in the file, as in the pod.
+        url = config["NEUROEXPLAIN_CACHE"]
+        assert url == "redis://neuroexplain-redis:6379/0"
+        swaps["NEUROEXPLAIN_CACHE"] = url.replace("neuroexplain-redis:6379", f"127.0.0.1:{redis_port}")
+        password = tmp / "redis-password"
+        password.write_text(REDIS_PASSWORD + "\n")
+        swaps["NEUROEXPLAIN_REDIS_PASSWORD_FILE"] = str(password)
     assert set(swaps) <= set(config), "the ConfigMap changed; update this test's swaps"
     config.update(swaps)
-    del config["NEUROEXPLAIN_REDIS_PASSWORD_FILE"]  # no Redis here: the disk cache instead
+    if redis_port is None:
+        del config["NEUROEXPLAIN_REDIS_PASSWORD_FILE"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROEXPLAIN_")}
     env.update(config)
     env.update({"NEUROEXPLAIN_CACHE_DIR": str(tmp / "cache"), "NEUROEXPLAIN_MODEL_DIRS": str(models),
@@ -162,11 +194,18 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = _start(tmp_path_factory.mktemp("deploy-live"), "inprocess", startup_s=240)
+    tmp = tmp_path_factory.mktemp("deploy-live")
+    redis, redis_port = _redis(tmp, REDIS_PASSWORD)
     try:
-        yield gw
+        gw = _start(tmp, "inprocess", startup_s=240, redis_port=redis_port)
+        gw.redis_port = redis_port
+        try:
+            yield gw
+        finally:
+            _stop(gw.process)
     finally:
-        _stop(gw.process)
+        redis.terminate()
+        redis.wait(timeout=30)
 
 
 def _call_list_models(gw: Gateway, token: str | None) -> grpc.StatusCode:
@@ -247,6 +286,35 @@ def test_in_flight_series_carries_only_bounded_labels(gateway: Gateway) -> None:
     assert samples, "the HPA's metric has no series"
     for sample in samples:
         assert set(sample.labels) <= {"rpc"}, sample.labels
+
+
+def test_results_are_cached_in_the_password_protected_redis(gateway: Gateway) -> None:
+    """The ConfigMap's cache settings (URL without password + password file) reach a real Redis."""
+    import redis
+    from test_service_support import make_scan
+
+    from neuroexplain._proto import neuroexplain_pb2 as pb
+    from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
+
+    credentials = grpc.ssl_channel_credentials(root_certificates=gateway.cert.read_bytes())
+    request = pb.PredictRequest(model="tinyles", scan=pb.Scan(data=make_scan(seed=7)))
+    metadata = [("authorization", f"Bearer {TOKEN}")]
+    with grpc.secure_channel(f"localhost:{gateway.port}", credentials) as channel:
+        stub = pb_grpc.NeuroExplainStub(channel)
+        first = stub.Predict(request, metadata=metadata, timeout=120)
+        second = stub.Predict(request, metadata=metadata, timeout=120)
+    assert not first.info.cached and second.info.cached
+    client = redis.Redis(host="127.0.0.1", port=gateway.redis_port, password=REDIS_PASSWORD)
+    try:
+        assert client.dbsize() >= 1
+    finally:
+        client.close()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=gateway.redis_port, password="wrong").ping()
+    families = {f.name: f for f in text_string_to_metric_families(gateway.scrape())}
+    assert not [s for s in families["neuroexplain_cache_errors"].samples if s.value > 0]
+    hits = [s for s in families["neuroexplain_cache_hits"].samples if s.name.endswith("_total")]
+    assert sum(s.value for s in hits) >= 1
 
 
 def test_sigterm_drains_and_exits_zero(gateway: Gateway) -> None:
