@@ -83,13 +83,12 @@ def test_attribute_writes_map_png_and_summary(model_dir: Path, scan_path: Path, 
         (["--method", "gradcam", "--option", "layer=conv9"], "layer 'conv9' not found"),
         (["--method", "gradient", "--target", "tumour"], "class 'tumour' is unknown"),
         (["--method", "gradient", "--option", "oops"], "must look like key=value"),
-        (["--method", "gradient", "--server", "localhost:50051"], "--server is not available yet; use --local"),
     ],
 )
 def test_attribute_errors_are_one_line_on_stderr(
     model_dir: Path, scan_path: Path, tmp_path: Path, capsys, argv: list[str], message: str  # type: ignore[no-untyped-def]
 ) -> None:
-    code = main(["attribute", str(scan_path), "--model", "clitiny", "-o", str(tmp_path / "o.nii.gz"), *argv])
+    code = main(["attribute", str(scan_path), "--model", "clitiny", "-o", str(tmp_path / "o.nii.gz"), "--local", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert len(err.splitlines()) == 1 and message in err, err
