@@ -328,6 +328,13 @@ def run_evaluation(
 
     t0 = time.monotonic()
 
+    def done(m: Method | str, seed: int) -> bool:
+        # A cached map counts only if it has every metric the plan now asks of it (a larger --faithfulness-scans
+        # on --resume recomputes the scans that lack curves).
+        if not store.has(key(m), "map", seed):
+            return False
+        return seed not in seeds[: plan.subset(m, "deletion_auc")] or "deletion_auc" in store.done[(key(m), "map", seed)]
+
     def maps_phase(ms: Sequence[Method | str]) -> None:
         # Localisation (and, for the first scans, faithfulness) of each method. Scan-major, so that an interrupted
         # run has every method on the same scans; single-pass methods take plan.batch scans per call.
@@ -335,7 +342,7 @@ def run_evaluation(
         for start in range(0, n_all, plan.batch):
             block = seeds[start : min(start + plan.batch, n_all)]
             for m in ms:
-                todo = [s for s in block[: max(0, plan.subset(m, "share") - start)] if not store.has(key(m), "map", s)]
+                todo = [s for s in block[: max(0, plan.subset(m, "share") - start)] if not done(m, s)]
                 step = plan.batch if (m in CHEAP or m == RANDOM) else 1
                 for i in range(0, len(todo), step):
                     group = [case(s) for s in todo[i : i + step]]
@@ -465,9 +472,9 @@ def to_markdown(ev: Evaluation, command: str) -> str:
         (f"- share: positive relevance inside the ground-truth mask dilated by {DILATE_VOXELS} voxels "
         f"({2 * DILATE_VOXELS} mm) / all positive relevance. rank acc.: of the K most relevant brain voxels "
         "(K = mask size) the fraction inside the mask. pointing: the most relevant brain voxel lies in the dilated mask."),
-        (f"- deletion / insertion: target probability while the most relevant brain voxels are zeroed / copied into a "
-        f"blurred scan (σ {INSERTION_BLUR_MM:g} mm), {CURVE_STEPS} steps up to {CURVE_MAX_FRACTION:.0%} of the brain; "
-        "area under the curve on [0, 1]."),
+        (f"- deletion / insertion: target probability while the most relevant brain voxels are replaced by the "
+        f"blurred scan (σ {INSERTION_BLUR_MM:g} mm) / copied from the scan into the blurred scan, {CURVE_STEPS} steps "
+        f"up to {CURVE_MAX_FRACTION:.0%} of the brain; area under the curve on [0, 1]."),
         (f"- randomised ρ: Spearman correlation of |map| between the trained and the fully re-initialised model "
         f"(Adebayo et al. 2018); a method passes the sanity check when ρ < {SANITY_THRESHOLD}."),
         "- `random` is a seeded random map: the chance level.",
