@@ -447,7 +447,6 @@ def test_cli_visualize_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ca
         (["--target", "class:nope"], "classes: ['plain', 'pattern']"),
         (["--target", "class:pattern", "--option", "lr"], "KEY=VALUE"),
         (["--target", "class:pattern", "--native-out", "n.nii.gz"], "--native-out needs --start SCAN"),
-        (["--target", "class:pattern", "--server", "localhost:50051"], "use --local"),
         (["--target", "class:pattern", "--steps", "5000"], "limit of 4096"),
     ],
 )
@@ -456,7 +455,7 @@ def test_cli_visualize_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     from neuroexplain.cli.main import main
 
     monkeypatch.setenv("NEUROEXPLAIN_MODEL_DIRS", str(_install_tiny_model(tmp_path)))
-    code = main(["visualize", "--model", "tinyfv", "-o", str(tmp_path / "o.nii.gz"), "--no-progress", *argv])
+    code = main(["visualize", "--model", "tinyfv", "-o", str(tmp_path / "o.nii.gz"), "--no-progress", "--local", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and message in err[0]
@@ -472,7 +471,8 @@ def test_cli_scan_start_writes_native_output(tmp_path: Path, monkeypatch: pytest
     scan_path.write_bytes(nifti_bytes(anatomy(GRID).t1[:17, :21, :17] * 500 + 1, scan_affine))
     native = tmp_path / "n.nii.gz"
     code = main(["visualize", "--model", "tinyfv", "--target", "class:pattern", "--steps", "2", "--start",
-                 str(scan_path), "-o", str(tmp_path / "o.nii.gz"), "--native-out", str(native), "--no-progress"])
+                 str(scan_path), "-o", str(tmp_path / "o.nii.gz"), "--native-out", str(native), "--no-progress",
+                 "--local"])
     assert code == 0
     image = _decode(native.read_bytes())
     assert image.shape == (17, 21, 17) and np.allclose(image.affine, scan_affine)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -328,7 +329,7 @@ def figure_rows(path: Path, rows: Sequence[tuple[str, np.ndarray]], title: str, 
             ax.set_xticks([])
             ax.set_yticks([])
         ax_row[0].set_ylabel(label, fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 90), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -353,7 +354,7 @@ def figure_channels(path: Path, volumes: dict[str, np.ndarray], title: str) -> N
             lo, hi = np.percentile(vol, [0.5, 99.5])
             ax.imshow(_slices(vol)[2], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_title(target.removeprefix("channel:"), fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 12 * ncols), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
