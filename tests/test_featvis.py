@@ -448,6 +448,8 @@ def test_cli_visualize_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ca
         (["--target", "class:pattern", "--option", "lr"], "KEY=VALUE"),
         (["--target", "class:pattern", "--native-out", "n.nii.gz"], "--native-out needs --start SCAN"),
         (["--target", "class:pattern", "--steps", "5000"], "limit of 4096"),
+        (["--target", "channel:conv9:0"], "layers: ['detect']"),
+        (["--target", "class:pattern", "--option", "lr=99"], "1e-05 to 10"),
     ],
 )
 def test_cli_visualize_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -455,7 +457,7 @@ def test_cli_visualize_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     from neuroexplain.cli.main import main
 
     monkeypatch.setenv("NEUROEXPLAIN_MODEL_DIRS", str(_install_tiny_model(tmp_path)))
-    code = main(["visualize", "--model", "tinyfv", "-o", str(tmp_path / "o.nii.gz"), "--no-progress", "--local", *argv])
+    code = main(["visualize", "--model", "tinyfv", "-o", str(tmp_path / "o.nii.gz"), "--local", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and message in err[0]

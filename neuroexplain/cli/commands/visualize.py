@@ -128,11 +128,15 @@ def _run_local(args: argparse.Namespace, options: dict[str, str]) -> int:
     from tqdm import tqdm
 
     from neuroexplain import RESEARCH_NOTICE
-    from neuroexplain.featvis import Progress, visualize
+    from neuroexplain.featvis import Progress, check_steps, parse_target, resolve, visualize
     from neuroexplain.models import load_model
     from neuroexplain.volumes import read_scan
 
     model = load_model(args.model)
+    # Validate before the progress bar appears, so that a bad request prints exactly one line on stderr.
+    check_steps(args.steps)
+    parse_target(model.spec, args.target)
+    resolve(args.preset, options, tuple(layer.name for layer in model.spec.layers))
     start: Any = args.start if args.start in ("noise", "template") else read_scan(Path(args.start))
     bar = tqdm(total=args.steps, desc="visualize", unit="step", disable=args.no_progress, file=sys.stderr,
                dynamic_ncols=True)
