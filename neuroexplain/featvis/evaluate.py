@@ -56,6 +56,7 @@ LESION_RUNS: tuple[RunConfig, ...] = (
     RunConfig("paper", "paper"),
     RunConfig("robust", "robust"),
     RunConfig("full", "full"),
+    RunConfig("robust + brain mask", "robust", {"brain_mask": True}),
     RunConfig("none + L1", "none", {"l1": 0.01}),
     RunConfig("none + L2", "none", {"l2": 0.5}),
     RunConfig("none + weight decay", "none", {"weight_decay": 0.01}),

@@ -63,7 +63,7 @@ class Robustness:
         p = self.pad
         x = F.pad(volume, [p] * 6) if p else volume
         b, _, d, h, w = x.shape
-        theta = self._theta(b, (d, h, w), gen).to(x.dtype)
+        theta = self._theta(b, (d, h, w), gen).to(device=x.device, dtype=x.dtype)  # drawn on the CPU generator
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return out[:, :, p : d - p, p : h - p, p : w - p] if p else out
