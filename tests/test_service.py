@@ -38,6 +38,7 @@ from neuroexplain._proto import neuroexplain_pb2 as pb
 from neuroexplain.models import load_model
 from neuroexplain.predict import predict
 from neuroexplain.volumes import read_scan
+from service.backends.inprocess import InProcessBackend
 from service.server import SERVICE_NAME
 
 SCAN = make_scan(0)
@@ -188,7 +189,11 @@ def test_cancelling_visualize_stops_the_optimisation_within_a_few_steps(gateway:
             break
     gateway.wait_for(lambda: gateway.sample("neuroexplain_computations_in_flight") == 0)
     done = gateway.sample("neuroexplain_visualize_steps_total", model=TINY)
-    assert seen <= done <= seen + 3, f"optimisation ran {done} steps after the client left at step {seen}"
+    # In process, the optimisation runs in step with the stream. A TorchServe worker runs ahead of it (the tiny model
+    # takes milliseconds a step, the test's delay sleeps in the gateway) and sees the flag one poll interval after the
+    # caller left: the bound is then "stopped long before the 2000 steps", the handler's own tests assert one step.
+    slack = 3 if isinstance(gated.inner, InProcessBackend) else 200
+    assert seen <= done <= seen + slack, f"optimisation ran {done} steps after the client left at step {seen}"
     assert gateway.sample("neuroexplain_backend_errors_total", operation="visualize", code="CANCELLED") == 1
     gateway.wait_for(lambda: gateway.sample("neuroexplain_requests_total", rpc="Visualize", model=TINY,
                                             code="CANCELLED") == 1)
