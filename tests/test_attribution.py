@@ -234,7 +234,7 @@ def test_lrp_on_the_bundled_architecture_leaves_the_shared_model_untouched(metho
     assert [n for n, _ in model.module.named_modules()] == names_before  # batch norm still there
     _no_leftovers(model.module)
     # Folding batch norm into the convolutions does not change the function.
-    from neuroexplain.attribution.methods import _canonise
+    from neuroexplain.attribution.lrp import canonise as _canonise
 
     folded = private_copy(model.module)
     _canonise(folded)
@@ -247,10 +247,25 @@ def test_lrp_epsilon_conserves_relevance_up_to_biases() -> None:
     # RegionNet has no conv biases: the epsilon rule's relevance sums to the logit minus the fc bias share.
     model = region_model()
     x = _x()
-    rel = attribute_tensor(private_copy(model.module), x, Method.LRP_EPSILON, 1, parse_options("lrp_epsilon", None), grid=GRID)
+    opts = parse_options("lrp_epsilon", {"epsilon": 1e-6})
+    rel = attribute_tensor(private_copy(model.module), x, Method.LRP_EPSILON, 1, opts, grid=GRID)
     with torch.no_grad():
         logit = float(model.module(x)[0, 1] - model.module.fc.bias[1])
     assert float(rel.sum()) == pytest.approx(logit, rel=1e-3)
+
+
+def test_lrp_epsilon_is_relative_to_each_layers_scale() -> None:
+    # epsilon is in units of each layer's output std: scaling the input leaves the map's shape unchanged, and the
+    # default (large) epsilon absorbs relevance instead of conserving it.
+    model = region_model()
+    x = _x()
+    opts = parse_options("lrp_epsilon", None)
+    maps = [attribute_tensor(private_copy(model.module), x * k, Method.LRP_EPSILON, 1, opts, grid=GRID) for k in (1, 50)]
+    a, b = (m.flatten() / m.abs().max() for m in maps)
+    assert torch.allclose(a, b, atol=1e-4)
+    with torch.no_grad():
+        logit = float(model.module(x)[0, 1] - model.module.fc.bias[1])
+    assert 0 < float(maps[0].sum()) < 0.1 * logit
 
 
 def test_stochastic_methods_are_deterministic_per_seed() -> None:

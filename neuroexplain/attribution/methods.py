@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from neuroexplain.attribution import lrp
 from neuroexplain.attribution.options import Method
 from neuroexplain.errors import CancelledError, InvalidOptionError, NotFoundError
 from neuroexplain.volumes import Grid
@@ -35,14 +36,6 @@ _HOOK_DICTS = (
 )
 _LRP_ATTRIBUTES = ("rule", "activations", "activation")
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_POOL = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-)
-_LRP_PASS_THROUGH = (nn.ReLU, nn.Dropout, nn.Tanh)  # captum propagates relevance through these unchanged
 
 Target = int | Sequence[int]
 
@@ -131,7 +124,7 @@ def default_layer(module: nn.Module, layer_names: Sequence[str]) -> str:
     """The last targetable layer (``spec.layers``), else the last Conv module in the network."""
     if layer_names:
         return layer_names[-1]
-    convs = [name for name, m in module.named_modules() if isinstance(m, _CONV)]
+    convs = [name for name, m in module.named_modules() if isinstance(m, lrp.CONV)]
     if not convs:
         raise InvalidOptionError("method 'gradcam' needs a convolution layer; this model has none")
     return convs[-1]
@@ -217,8 +210,8 @@ def _dispatch(
                 target=tgt, perturbations_per_eval=o["internal_batch_size"],
             )
     if method in (Method.LRP_EPSILON, Method.LRP_ALPHA_BETA, Method.LRP_COMPOSITE):
-        _canonise(module)
-        _set_lrp_rules(module, method, o)
+        lrp.canonise(module)
+        lrp.set_rules(module, method, o)
         fwd.passes += 2  # captum's LRP runs two forward passes itself
         return ca.LRP(module).attribute(x, target=tgt)
     raise InvalidOptionError(f"attribution method {method.value!r} is not implemented")  # pragma: no cover
@@ -279,7 +272,7 @@ def _gradcam(
 
     name = o["layer"] or default_layer(module, layer_names)
     modules = dict(module.named_modules())
-    allowed = list(layer_names) or [n for n, m in modules.items() if isinstance(m, _CONV)]
+    allowed = list(layer_names) or [n for n, m in modules.items() if isinstance(m, lrp.CONV)]
     if name not in allowed or name not in modules:
         raise NotFoundError(f"layer {name!r} not found for method 'gradcam'; layers: {allowed}")
     cam = ca.LayerGradCam(fwd, modules[name]).attribute(x, target=tgt, relu_attributions=o["relu"])
@@ -297,63 +290,3 @@ def _require_relu_modules(module: nn.Module, method: Method) -> None:
             f"method {method.value!r} needs ReLU activations as nn.ReLU modules; this model has none "
             "(use gradient, integrated_gradients or occlusion)"
         )
-
-
-def _canonise(module: nn.Module) -> None:
-    """Fold every BatchNorm that directly follows a convolution in a Sequential into that convolution.
-
-    LRP rules are defined for linear layers; batch norm in eval mode is an affine map, so folding it into the
-    preceding convolution gives the same function with one layer fewer (what zennit calls canonisation).
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
-        children = list(seq.children())
-        kept: list[nn.Module] = []
-        i = 0
-        changed = False
-        while i < len(children):
-            here = children[i]
-            nxt = children[i + 1] if i + 1 < len(children) else None
-            if isinstance(here, _CONV) and isinstance(nxt, _BATCHNORM) and nxt.track_running_stats:
-                kept.append(fuse_conv_bn_eval(here.eval(), nxt.eval()))
-                i += 2
-                changed = True
-            else:
-                kept.append(here)
-                i += 1
-        if changed:
-            for key in list(seq._modules):
-                del seq._modules[key]
-            for j, child in enumerate(kept):
-                seq.add_module(str(j), child)
-
-
-def _set_lrp_rules(module: nn.Module, method: Method, o: dict[str, Any]) -> None:
-    from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule
-
-    leaves = [(n, m) for n, m in module.named_modules() if not list(m.children())]
-    for name, m in leaves:
-        if isinstance(m, _LRP_PASS_THROUGH):
-            continue
-        if isinstance(m, _CONV):
-            if method is Method.LRP_EPSILON:
-                m.rule = EpsilonRule(o["epsilon"])
-            elif method is Method.LRP_ALPHA_BETA:
-                m.rule = Alpha1_Beta0_Rule()
-            else:
-                m.rule = GammaRule(gamma=o["gamma"])
-        elif isinstance(m, nn.Linear):
-            if method is Method.LRP_ALPHA_BETA:
-                m.rule = Alpha1_Beta0_Rule()
-            else:
-                m.rule = EpsilonRule(o["epsilon"])
-        elif isinstance(m, _POOL + _BATCHNORM):
-            # Pooling (and any batch norm that could not be folded) passes relevance on like a linear map.
-            m.rule = EpsilonRule(1e-9)
-        else:
-            raise InvalidOptionError(
-                f"method {method.value!r} has no LRP rule for layer {name!r} ({type(m).__name__}); "
-                "LRP supports Conv, Linear, BatchNorm, pooling, ReLU, Tanh and Dropout layers — "
-                "use gradient, integrated_gradients or occlusion for this model"
-            )

@@ -186,12 +186,16 @@ METHOD_OPTIONS: dict[Method, tuple[OptionSpec, ...]] = {
         _baseline(), _BLUR, _batch(8),
     ),
     Method.LRP_EPSILON: (
-        OptionSpec("epsilon", "float", 1e-6, "stabiliser of the epsilon rule (larger: sparser, less noisy)", 1e-12, 100.0),
+        OptionSpec(
+            "epsilon", "float", 100.0,
+            "stabiliser in units of each layer's output std (<= 0.01: gradient x input; large: only the strongest "
+            "evidence paths keep relevance, sparser maps)", 0.0, 1e4,
+        ),
     ),
     Method.LRP_ALPHA_BETA: (),  # captum 0.9 implements alpha=1, beta=0 only (Alpha1_Beta0_Rule)
     Method.LRP_COMPOSITE: (
         OptionSpec("gamma", "float", 0.25, "gamma rule on convolutions (favours positive contributions)", 0.0, 100.0),
-        OptionSpec("epsilon", "float", 0.25, "epsilon rule on the fully connected layers", 1e-12, 100.0),
+        OptionSpec("epsilon", "float", 0.25, "epsilon rule on the fully connected layers, in units of their output std", 0.0, 1e4),
     ),
     Method.DEEPLIFT: (
         _baseline(), _BLUR,
