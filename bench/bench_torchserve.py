@@ -71,7 +71,7 @@ def _rest_fn(backend: Any) -> Any:
     import requests
 
     from handlers import envelope as env
-    from service.backend import PredictRequest, ScanInput
+    from service.backend import Operation, PredictRequest, ScanInput
 
     url = f"{backend.supervisor.endpoints.rest_inference}/predictions/{MODEL}"
     session = requests.Session()
@@ -79,7 +79,7 @@ def _rest_fn(backend: Any) -> Any:
 
     def call(scan: bytes) -> None:
         request = PredictRequest(MODEL, ScanInput(data=scan, digest=hashlib.sha256(scan).hexdigest()))
-        fields = env.encode_request(env.Task.PREDICT, request)
+        fields = env.encode_request(Operation.PREDICT, request)
         response = session.post(url, files={k: (None, v) for k, v in fields.items()}, timeout=120)
         response.raise_for_status()
         env.raise_if_error(env.decode(response.content))

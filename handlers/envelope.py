@@ -11,7 +11,8 @@ key                 value
 ``request``         the domain request as JSON, every ``bytes`` field replaced by ``{"$blob": PATH}``
 ``blob-PATH``       the bytes of that field (the scan), raw, never inside JSON (no ``:`` in the name: TorchServe's
                     REST multipart decoding drops such parts)
-``job_id``          the computation's id; for visualize, the name of the cancel flag (``[A-Za-z0-9_-]{1,64}``)
+``job_id``          the computation's id; for attribute and visualize, the name of the cancel flag
+                    (``[A-Za-z0-9_-]{1,64}``)
 ==================  ==============================================================================================
 
 Every answer (and every streamed intermediate answer) is one *envelope*::
@@ -23,6 +24,11 @@ fields replaced by blob references) and ``blobs`` (``[[PATH, LENGTH], ...]``). E
 (TorchServe's own error path knows only HTTP codes) with the exception's class name from :mod:`neuroexplain.errors`,
 so the gateway raises the same typed error the in-process backend would. The same domain types on both sides mean
 the two backends answer byte-for-byte the same. This module is pure Python: the gateway imports it without torch.
+
+Cancel flags: TorchServe never tells a busy worker that its client left (pytorch/serve#2814), so the gateway raises a
+flag — a file named after the job id in the cancel directory both sides share — holding the wall-clock time it was
+raised (:func:`raise_flag`). The handler polls it before every step (visualize) or model pass (attribute), reads that
+time (:func:`flag_raised_at`) to report how many steps ran after it, and removes the flag when the job ends.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import builtins
 import dataclasses
 import enum
 import json
+import os
 import re
 import struct
 import sys
@@ -38,9 +45,11 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from neuroexplain import errors
+from service.backend import Operation
 
 MAGIC = b"NXE1"
 _HEAD = struct.Struct("!4sI")
@@ -48,14 +57,6 @@ JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_HEADER_BYTES = 16 << 20
 BLOB_PREFIX = "blob-"
 T = TypeVar("T")
-
-
-class Task(enum.Enum):
-    """What a request asks the handler to do."""
-
-    PREDICT = "predict"
-    ATTRIBUTE = "attribute"
-    VISUALIZE = "visualize"
 
 
 class Kind(enum.Enum):
@@ -165,7 +166,7 @@ def _load(tp: Any, data: Any, blobs: Mapping[str, bytes]) -> Any:
 # Requests
 
 
-def encode_request(task: Task, request: Any, job_id: str | None = None) -> dict[str, bytes]:
+def encode_request(task: Operation, request: Any, job_id: str | None = None) -> dict[str, bytes]:
     """The ``input`` map of a TorchServe ``PredictionsRequest`` (or the form fields of a REST call).
 
     Raises:
@@ -194,7 +195,7 @@ def _field(row: Mapping[str, Any], name: str) -> bytes | None:
     raise errors.InvalidInputError(f"request field {name!r} has type {type(value).__name__}; expected bytes")
 
 
-def decode_request(row: Mapping[str, Any], request_types: Mapping[Task, type]) -> tuple[Task, Any, str | None]:
+def decode_request(row: Mapping[str, Any], request_types: Mapping[Operation, type]) -> tuple[Operation, Any, str | None]:
     """Decode one request row as TorchServe hands it to a handler (field name -> bytes, bytearray or str).
 
     Args:
@@ -208,11 +209,11 @@ def decode_request(row: Mapping[str, Any], request_types: Mapping[Task, type]) -
         InvalidInputError: a field is missing, malformed or has an unknown value.
     """
     raw_task = _field(row, "task")
-    allowed = [t.value for t in Task]
+    allowed = [t.value for t in Operation]
     if raw_task is None:
         raise errors.InvalidInputError(f"request has no 'task' field; expected one of {allowed}")
     try:
-        task = Task(raw_task.decode("ascii", errors="replace").strip())
+        task = Operation(raw_task.decode("ascii", errors="replace").strip())
     except ValueError:
         raise errors.InvalidOptionError(f"unknown task; expected one of {allowed}") from None
     raw_request = _field(row, "request")
@@ -231,6 +232,33 @@ def decode_request(row: Mapping[str, Any], request_types: Mapping[Task, type]) -
         if not JOB_ID_PATTERN.match(job_id):
             raise errors.InvalidOptionError("job id must be 1-64 characters from [A-Za-z0-9_-]")
     return task, request, job_id
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cancel flags
+
+
+def raise_flag(flag: Path, at: float) -> None:
+    """Raise a job's cancel flag, holding ``at`` (``time.time()``); written aside and renamed, so a reader never sees a
+    half-written file."""
+    aside = flag.with_name(f".{flag.name}.raising")
+    aside.write_text(f"{at:.6f}")
+    os.replace(aside, flag)
+
+
+def flag_raised_at(flag: Path) -> float | None:
+    """When a raised flag was raised (``time.time()``), or None while it is not raised."""
+    try:
+        text = flag.read_text()
+    except OSError:
+        return None
+    try:
+        return float(text)
+    except ValueError:  # a flag from an older gateway (an empty file): its modification time
+        try:
+            return flag.stat().st_mtime
+        except OSError:
+            return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ one worker can be reused for any sequence of requests. Errors are answered per r
 bad scan in a batch does not fail its neighbours.
 
 Cancellation: TorchServe never tells a busy worker that its client left (pytorch/serve#2814). The gateway raises a
-flag — an empty file named after the job id in the directory given by ``NEUROEXPLAIN_CANCEL_DIR`` (inherited from
-the TorchServe process) — and the handler checks it before every optimisation step.
+flag — a file named after the job id in the directory given by ``NEUROEXPLAIN_CANCEL_DIR`` (inherited from the
+TorchServe process), holding the time it was raised — and the handler checks it before every optimisation step
+(visualize) and every model pass (attribute). A cancelled job reports how many steps or passes still ran after the
+flag was raised, in the worker log and as the ``NeuroExplainCancels`` metric's ``AfterFlag`` label (0-9, ``10+``).
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import envelope as env
-from handlers.tasks import ModelRunner
+from handlers.tasks import CancelWatch, ModelRunner
 from neuroexplain import errors
 from service.backend import (
     AttributeRequest,
     CallContext,
+    Operation,
     PredictRequest,
     PredictResult,
     Progress,
@@ -45,8 +48,10 @@ log = logging.getLogger(__name__)
 CANCEL_DIR_ENV = "NEUROEXPLAIN_CANCEL_DIR"
 REQUESTS_METRIC = "NeuroExplainHandlerRequests"
 SECONDS_METRIC = "NeuroExplainHandlerSeconds"
-REQUEST_TYPES = {env.Task.PREDICT: PredictRequest, env.Task.ATTRIBUTE: AttributeRequest,
-                 env.Task.VISUALIZE: VisualizeRequest}  # fmt: skip
+CANCELS_METRIC = "NeuroExplainCancels"
+AFTER_FLAG_LABELS = 10  # AfterFlag label values: "0" .. "9", then "10+" (bounded)
+REQUEST_TYPES = {Operation.PREDICT: PredictRequest, Operation.ATTRIBUTE: AttributeRequest,
+                 Operation.VISUALIZE: VisualizeRequest}  # fmt: skip
 
 
 class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
@@ -101,22 +106,28 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
         """Answer one batch: one envelope per request row, in order."""
         started = time.perf_counter()
         answers: list[bytes | None] = [None] * len(data)
-        parsed: dict[int, tuple[env.Task, Any, str | None]] = {}
+        parsed: dict[int, tuple[Operation, Any, str | None]] = {}
         for idx, row in enumerate(data):
             try:
                 parsed[idx] = env.decode_request(row, REQUEST_TYPES)
             except errors.NeuroExplainError as exc:
                 answers[idx] = env.encode_error(exc)
-        predicts = [i for i, (task, _r, _j) in parsed.items() if task is env.Task.PREDICT]
+        predicts = [i for i, (task, _r, _j) in parsed.items() if task is Operation.PREDICT]
         if predicts:
             for i, answer in zip(predicts, self._predict_batch([parsed[i][1] for i in predicts])):
                 answers[i] = answer
         for idx, (task, request, job_id) in parsed.items():
-            if task is env.Task.PREDICT:
+            if task is Operation.PREDICT:
                 continue
-            ctx = self._call_context(job_id, idx, context)
-            run = self.runner.attribute if task is env.Task.ATTRIBUTE else self.runner.visualize
-            answers[idx] = self._guarded(lambda: env.encode(env.Kind.RESULT, run(request, ctx)))  # noqa: B023
+            flag = self.cancel_dir / job_id if (job_id and self.cancel_dir) else None  # job_id: [A-Za-z0-9_-] only
+            watch = CancelWatch(flag, count_polls=task is Operation.ATTRIBUTE)
+            ctx = self._call_context(job_id, idx, context, watch)
+            run = self.runner.attribute if task is Operation.ATTRIBUTE else self.runner.visualize
+            try:
+                answers[idx] = self._guarded(lambda: env.encode(env.Kind.RESULT, run(request, ctx)))  # noqa: B023
+            finally:
+                watch.lower()
+            self._report_cancel(context, task, job_id, watch)
         self._record_metrics(context, parsed, answers, time.perf_counter() - started)
         return [a if a is not None else env.encode_error(RuntimeError()) for a in answers]
 
@@ -169,23 +180,38 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
             out = [o if o is not None else batch for o in out]
         return [o if o else env.encode_error(RuntimeError()) for o in out]
 
-    def _call_context(self, job_id: str | None, idx: int, context: Context) -> CallContext:
-        flag = self.cancel_dir / job_id if (job_id and self.cancel_dir) else None  # job_id: [A-Za-z0-9_-] only
+    def _call_context(self, job_id: str | None, idx: int, context: Context, watch: CancelWatch) -> CallContext:
         request_ids = {idx: context.request_ids[idx]} if getattr(context, "request_ids", None) else {}
 
-        def is_cancelled() -> bool:
-            return flag is not None and flag.exists()
-
         def on_progress(progress: Progress) -> None:
+            watch.step_done()
             # Streamed on StreamPredictions (batch size 1); a unary Predictions call never sees these frames.
             if request_ids:
                 message = env.encode(env.Kind.PROGRESS, progress)
                 send_intermediate_predict_response([message], request_ids, "Intermediate response", 200, context)
 
-        return CallContext(job_id=job_id or "-", is_cancelled=is_cancelled, on_progress=on_progress)
+        return CallContext(job_id=job_id or "-", is_cancelled=watch.is_cancelled, on_progress=on_progress)
+
+    def _report_cancel(self, context: Context, task: Operation, job_id: str | None, watch: CancelWatch) -> None:
+        """Log and count a job that stopped on its cancel flag, with the steps/passes that ran after the flag."""
+        after = watch.units_after_flag()
+        if after is None:
+            return
+        unit = "model passes" if task is Operation.ATTRIBUTE else "steps"
+        log.info("job %s (%s) stopped on its cancel flag after %d %s, %d of them after the flag was raised",
+                 job_id, task.value, watch.units, unit, after)  # fmt: skip
+        metrics = getattr(context, "metrics", None)
+        if metrics is None:
+            return
+        try:
+            cancels = metrics.get_metric(CANCELS_METRIC, MetricTypes.COUNTER)
+        except MetricsCacheKeyError:
+            return
+        label = str(after) if after < AFTER_FLAG_LABELS else f"{AFTER_FLAG_LABELS}+"
+        cancels.add_or_update(1, [self.model.spec.name, task.value, label])
 
     def _record_metrics(
-        self, context: Context, parsed: dict[int, tuple[env.Task, Any, str | None]], answers: list[bytes | None],
+        self, context: Context, parsed: dict[int, tuple[Operation, Any, str | None]], answers: list[bytes | None],
         seconds: float,
     ) -> None:
         # Declared in handlers/metrics.yaml (TorchServe drops undeclared model metrics). Labels are bounded:

@@ -4,9 +4,9 @@ The handler is driven exactly as a TorchServe worker drives it (``initialize(con
 with tiny real models; TorchServe itself is exercised in ``tests/test_torchserve.py``.
 """
 
+# ruff: noqa: F811  (pytest fixtures imported from torchserve_models are redefined as parameters)
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import zipfile
@@ -18,15 +18,17 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from torchserve_models import scan_bytes, tiny_scan_cnn, user_model
+from torchserve_models import model_dirs, scan, scan_input  # noqa: F401  (fixtures)
 
 from handlers import envelope as env
 from neuroexplain import errors
+from neuroexplain.attribution.options import Method
 from service.backend import (
     AttributeRequest,
     AttributeResult,
     CallContext,
     Cluster,
+    Operation,
     PredictRequest,
     PredictResult,
     Progress,
@@ -36,22 +38,12 @@ from service.backend import (
     VisualizeResult,
 )
 
-
-def _scan(data: bytes) -> ScanInput:
-    return ScanInput(data=data, digest=hashlib.sha256(data).hexdigest())
+_scan = scan_input
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    tiny_scan_cnn(root / "tinyles")
-    user_model(root / "mynet")
-    return root
-
-
-@pytest.fixture(scope="module")
-def scan() -> bytes:
-    return scan_bytes()
+def models(model_dirs: Path) -> Path:
+    return model_dirs
 
 
 class FakeContext:
@@ -99,13 +91,13 @@ def test_every_domain_type_round_trips() -> None:
     for value in values:
         answer = env.decode(env.encode(env.Kind.RESULT, value))
         assert env.load(type(value), answer.value, answer.blobs) == value
-    task, back, job = env.decode_request(env.encode_request(env.Task.VISUALIZE, values[2], job_id="job_1"),
-                                         {env.Task.VISUALIZE: VisualizeRequest})
-    assert (task, back, job) == (env.Task.VISUALIZE, values[2], "job_1")
+    task, back, job = env.decode_request(env.encode_request(Operation.VISUALIZE, values[2], job_id="job_1"),
+                                         {Operation.VISUALIZE: VisualizeRequest})
+    assert (task, back, job) == (Operation.VISUALIZE, values[2], "job_1")
 
 
 def test_scan_bytes_travel_outside_the_json() -> None:
-    fields = env.encode_request(env.Task.PREDICT, PredictRequest("m", _scan(b"\xff\xfe raw")))
+    fields = env.encode_request(Operation.PREDICT, PredictRequest("m", _scan(b"\xff\xfe raw")))
     assert fields["blob-scan.data"] == b"\xff\xfe raw"
     assert b"raw" not in fields["request"]
 
@@ -125,12 +117,12 @@ def test_scan_bytes_travel_outside_the_json() -> None:
 )
 def test_malformed_requests_are_refused(row: dict[str, Any], error: type[Exception]) -> None:
     with pytest.raises(error):
-        env.decode_request(row, {env.Task.PREDICT: PredictRequest})
+        env.decode_request(row, {Operation.PREDICT: PredictRequest})
 
 
 def test_job_ids_are_restricted_on_the_sending_side_too() -> None:
     with pytest.raises(errors.InvalidOptionError):
-        env.encode_request(env.Task.VISUALIZE, VisualizeRequest("m", "class:a"), job_id="a/b")
+        env.encode_request(Operation.VISUALIZE, VisualizeRequest("m", "class:a"), job_id="a/b")
 
 
 def test_error_envelopes_re_raise_the_same_class() -> None:
@@ -162,7 +154,7 @@ def _result(cls: type, raw: bytes) -> Any:
 
 def _predict_row(data: bytes, model: str = "tinyles") -> dict[str, Any]:
     # As TorchServe hands it over: field name -> bytearray.
-    return {k: bytearray(v) for k, v in env.encode_request(env.Task.PREDICT, PredictRequest(model, _scan(data))).items()}
+    return {k: bytearray(v) for k, v in env.encode_request(Operation.PREDICT, PredictRequest(model, _scan(data))).items()}
 
 
 def test_initialize_falls_back_to_cpu_without_cuda(handler: Any) -> None:
@@ -212,14 +204,42 @@ def test_user_architecture_file_is_loaded_from_the_model_dir(models: Path, scan:
     assert set(result.probabilities) == {"a", "b", "c"}
 
 
+class FakeMetrics:
+    """TorchServe's metrics cache as the handler uses it: every counter update, recorded."""
+
+    def __init__(self) -> None:
+        self.updates: list[tuple[str, float, list[str]]] = []
+
+    def get_metric(self, name: str, _kind: Any) -> Any:
+        metrics = self
+
+        class Counter:
+            def add_or_update(self, value: float, dims: list[str]) -> None:
+                metrics.updates.append((name, value, dims))
+
+        return Counter()
+
+    def cancels(self) -> list[list[str]]:
+        from handlers.neuroexplain_handler import CANCELS_METRIC
+
+        return [dims for name, _v, dims in self.updates if name == CANCELS_METRIC]
+
+
+@pytest.fixture
+def cancel_dir(handler: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "cancel"
+    folder.mkdir()
+    monkeypatch.setattr(handler, "cancel_dir", folder)
+    return folder
+
+
 def test_visualize_streams_progress_and_stops_on_the_cancel_flag(
-    handler: Any, models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    handler: Any, models: Path, cancel_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import time
+
     import handlers.neuroexplain_handler as module
 
-    handler_cancel_dir = tmp_path / "cancel"
-    handler_cancel_dir.mkdir()
-    monkeypatch.setattr(handler, "cancel_dir", handler_cancel_dir)
     sent: list[Progress] = []
 
     def fake_send(messages: list[bytes], request_ids: dict[int, str], *_args: Any) -> None:
@@ -227,24 +247,93 @@ def test_visualize_streams_progress_and_stops_on_the_cancel_flag(
         answer = env.decode(messages[0])
         sent.append(env.load(Progress, answer.value, answer.blobs))
         if len(sent) == 2:  # the gateway raises the flag after the second step
-            (handler_cancel_dir / "job-7").touch()
+            env.raise_flag(cancel_dir / "job-7", time.time())
 
     monkeypatch.setattr(module, "send_intermediate_predict_response", fake_send)
     request = VisualizeRequest("tinyles", "class:lesion", preset="robust", steps=50)
-    row = env.encode_request(env.Task.VISUALIZE, request, job_id="job-7")
-    [answer] = handler.handle([row], FakeContext(models / "tinyles", {}, request_ids={0: "req-0"}))
+    row = env.encode_request(Operation.VISUALIZE, request, job_id="job-7")
+    context = FakeContext(models / "tinyles", {}, request_ids={0: "req-0"})
+    context.metrics = FakeMetrics()
+    [answer] = handler.handle([row], context)
     with pytest.raises(errors.CancelledError):
         env.raise_if_error(env.decode(answer))
-    assert 2 <= len(sent) <= 3, f"the worker ran {len(sent)} steps; it must stop within one step of the flag"
-    assert [p.step for p in sent] == list(range(1, len(sent) + 1))
+    assert len(sent) == 2, f"the worker ran {len(sent)} steps; it must stop at the first step after the flag"
+    assert [p.step for p in sent] == [1, 2]
+    # The report: no step finished after the flag was raised (it was raised between steps 2 and 3).
+    assert context.metrics.cancels() == [["tinyles", "visualize", "0"]]
+    assert not list(cancel_dir.iterdir()), "the worker removes the flag when the job ends"
     # The same worker serves the next request normally.
-    (handler_cancel_dir / "job-7").unlink()
     [answer] = handler.handle(
-        [env.encode_request(env.Task.VISUALIZE, VisualizeRequest("tinyles", "class:lesion", steps=2), job_id="job-8")],
+        [env.encode_request(Operation.VISUALIZE, VisualizeRequest("tinyles", "class:lesion", steps=2), job_id="job-8")],
         FakeContext(models / "tinyles", {}),
     )
     result = _result(VisualizeResult, answer)
     assert len(result.objective_curve) == 2 and result.nifti[:2] == b"\x1f\x8b"
+
+
+def _count_passes(handler: Any, raise_flag_at: int | None, flag: Path) -> tuple[list[int], Any]:
+    """Counts the model's forward passes (attribution deep-copies the model, hooks included) and raises the job's
+    cancel flag when pass ``raise_flag_at`` begins — from inside the computation, as a gateway would mid-run."""
+    import time
+
+    passes = [0]
+
+    def pre_hook(_module: Any, _inputs: Any) -> None:
+        passes[0] += 1
+        if passes[0] == raise_flag_at:
+            env.raise_flag(flag, time.time())
+
+    return passes, handler.model.module.register_forward_pre_hook(pre_hook)
+
+
+def test_attribute_stops_within_a_pass_of_the_cancel_flag(
+    handler: Any, models: Path, cancel_dir: Path, scan: bytes
+) -> None:
+    # 64 integration steps, one pass each: the flag rises as pass 5 begins.
+    request = AttributeRequest("tinyles", _scan(scan), method="integrated_gradients",
+                               options={"n_steps": "64", "internal_batch_size": "1"})  # fmt: skip
+    passes, hook = _count_passes(handler, 5, cancel_dir / "job-a")
+    context = FakeContext(models / "tinyles", {})
+    context.metrics = FakeMetrics()
+    try:
+        [answer] = handler.handle([env.encode_request(Operation.ATTRIBUTE, request, job_id="job-a")], context)
+    finally:
+        hook.remove()
+    with pytest.raises(errors.CancelledError):
+        env.raise_if_error(env.decode(answer))
+    assert passes[0] == 5, f"the worker ran {passes[0]} passes; the flag rose during pass 5"
+    assert context.metrics.cancels() == [["tinyles", "attribute", "0"]]
+    assert not list(cancel_dir.iterdir())
+    # Without a flag the same request runs to the end on the same worker.
+    passes, hook = _count_passes(handler, None, cancel_dir / "job-b")
+    try:
+        [answer] = handler.handle([env.encode_request(Operation.ATTRIBUTE, request, job_id="job-b")], context)
+    finally:
+        hook.remove()
+    assert _result(AttributeResult, answer).method == "integrated_gradients" and passes[0] >= 64
+
+
+@pytest.mark.parametrize("method", [m.value for m in Method])
+def test_every_attribution_method_honours_a_raised_flag(
+    handler: Any, models: Path, cancel_dir: Path, scan: bytes, method: str
+) -> None:
+    # Methods that call the model themselves (LRP, guided backprop, DeepLIFT, Grad-CAM) run one or two passes; the
+    # library polls the flag before the first, so a raised flag stops every method before any attribution pass.
+    import time
+
+    env.raise_flag(cancel_dir / "job-m", time.time())
+    passes, hook = _count_passes(handler, None, cancel_dir / "job-m")
+    try:
+        [answer] = handler.handle(
+            [env.encode_request(Operation.ATTRIBUTE, AttributeRequest("tinyles", _scan(scan), method=method),
+                                job_id="job-m")],
+            FakeContext(models / "tinyles", {}),
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    with pytest.raises(errors.CancelledError):
+        env.raise_if_error(env.decode(answer))
+    assert passes[0] == 1, "only the pass that computes the probabilities (before the first poll) may run"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

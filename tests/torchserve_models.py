@@ -1,17 +1,22 @@
-"""Tiny real models on disk for the handler and TorchServe tests (8 mm MNI grid, a few hundred parameters)."""
+"""Tiny real models on disk for the handler and TorchServe tests (8 mm MNI grid, a few hundred parameters), and the
+fixtures both test modules share (import them: ``from torchserve_models import model_dirs, scan``)."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from neuroexplain.models.registry import describe_layers
 from neuroexplain.models.spec import LayerInfo, ModelSpec
 from neuroexplain.models.zoo import ScanCNN
 from neuroexplain.volumes import Grid, nifti_bytes
+from service.backend import ScanInput
 
 # An 8 mm grid over the bundled models' MNI box: the template resamples onto it, so alignment works as in production.
 GRID = Grid((20, 24, 20), np.array([[8.0, 0, 0, -80], [0, 8.0, 0, -112], [0, 0, 8.0, -72], [0, 0, 0, 1]]))
@@ -84,3 +89,51 @@ def scan_bytes(seed: int = 1_000_001) -> bytes:
     t1 = anatomy(GRID).t1.astype(np.float32)
     image = ndimage.gaussian_filter(t1, 0.5) * (600 + 50 * rng.random()) + rng.normal(0, 5, t1.shape)
     return nifti_bytes(image.astype(np.float32), GRID.affine)
+
+
+def scan_input(data: bytes) -> ScanInput:
+    """The scan as the gateway's core hands it to a backend: bytes and their digest."""
+    return ScanInput(data=data, digest=hashlib.sha256(data).hexdigest())
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tinyles`` (the bundled architecture) and ``mynet`` (a user's architecture file) under one folder."""
+    root = tmp_path_factory.mktemp("models")
+    tiny_scan_cnn(root / "tinyles")
+    user_model(root / "mynet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def scan() -> bytes:
+    return scan_bytes()
+
+
+def cancel_reports(backend: Any, model: str, task: str) -> dict[str, float]:
+    """The handler's ``NeuroExplainCancels`` counters for ``model``/``task`` as the gateway re-exports them:
+    AfterFlag label -> count."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    backend.register_metrics(registry)
+    return {
+        s.labels["AfterFlag"]: s.value
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == "NeuroExplainCancels_total" and s.labels.get("ModelName") == model and s.labels.get("Task") == task
+    }
+
+
+def next_cancel_report(backend: Any, model: str, task: str, before: dict[str, float], timeout: float = 30.0) -> int:
+    """Waits for the one cancel the worker reports after ``before`` (TorchServe parses the worker's metric lines
+    asynchronously) and returns its AfterFlag: the steps or passes that still ran after the flag was raised."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = cancel_reports(backend, model, task)
+        grown = [label for label, count in now.items() if count > before.get(label, 0.0)]
+        if sum(now.values()) >= sum(before.values()) + 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert sum(now.values()) == sum(before.values()) + 1 and len(grown) == 1, (before, now)
+    return 10 if grown[0].endswith("+") else int(grown[0])

@@ -5,9 +5,10 @@ installed torchserve package, see :mod:`service.backends.torchserve_proto`):
 
 - Predict and Attribute: unary ``Predictions``; Visualize: ``StreamPredictions`` (one progress envelope per step,
   then the result). Requests and results are the gateway's own domain types (:mod:`handlers.envelope`).
-- Deadlines travel as the gRPC timeout. Cancellation: a unary call is cancelled at once; a Visualize raises the
-  job's cancel flag (a file in the supervisor's cancel directory, which the handler checks every step) and waits
-  for the worker to stop, so the worker is free again when the call returns (pytorch/serve#2814).
+- Deadlines travel as the gRPC timeout. Cancellation: a Predict is abandoned at once (milliseconds of work); an
+  Attribute or Visualize raises the job's cancel flag (a file in the supervisor's cancel directory, which the handler
+  checks before every model pass / optimisation step) and waits for the worker to stop, so the worker is free again
+  when the call returns (pytorch/serve#2814). A deadline that expires raises the flag too.
 - Errors: the handler answers typed error envelopes, re-raised here as the same ``neuroexplain.errors`` class.
   TorchServe's own failures map by state, never by message text: UNAVAILABLE or a dead TorchServe ->
   ``UnavailableError``; INTERNAL while the model has no ready worker -> ``UnavailableError``; INTERNAL while it has
@@ -37,6 +38,7 @@ from service.backend import (
     AttributeResult,
     CallContext,
     ModelInfo,
+    Operation,
     PredictRequest,
     PredictResult,
     Progress,
@@ -115,38 +117,30 @@ class TorchServeBackend:
     # -- operations --------------------------------------------------------------------------------------------------
 
     def predict(self, request: PredictRequest, ctx: CallContext) -> PredictResult:
-        answer = self._unary(env.Task.PREDICT, request.model, request, ctx)
+        # A batched forward pass takes milliseconds: a cancelled Predict is abandoned at once, without a flag.
+        answer = self._unary(Operation.PREDICT, request.model, request, ctx, flagged=False)
         return env.load(PredictResult, answer.value, answer.blobs)
 
     def attribute(self, request: AttributeRequest, ctx: CallContext) -> AttributeResult:
-        answer = self._unary(env.Task.ATTRIBUTE, request.model, request, ctx)
+        answer = self._unary(Operation.ATTRIBUTE, request.model, request, ctx, flagged=True)
         return env.load(AttributeResult, answer.value, answer.blobs)
 
     def visualize(self, request: VisualizeRequest, ctx: CallContext) -> VisualizeResult:
         self._check_model(request.model)
-        job_id = ctx.job_id if env.JOB_ID_PATTERN.match(ctx.job_id) else None
-        if job_id is None:
-            raise errors.InvalidOptionError("job id must be 1-64 characters from [A-Za-z0-9_-]")
-        fields = env.encode_request(env.Task.VISUALIZE, request, job_id=job_id)
-        flag = self.supervisor.cancel_dir / job_id
+        job_id = _job_id(ctx)
+        fields = env.encode_request(Operation.VISUALIZE, request, job_id=job_id)
+        flag = _Flag(self.supervisor.cancel_dir / job_id)
         stub = self._current_stub()
         call = stub.StreamPredictions(
             self._pb2.PredictionsRequest(model_name=request.model, input=fields), timeout=_remaining(ctx)
         )
         stop = threading.Event()
-        stopped_by: list[errors.NeuroExplainError] = []
 
         def watch() -> None:
             # Raise the worker's cancel flag once every caller has gone or the deadline passed, then give the worker
             # CANCEL_GRACE_S to notice it (it checks every step) before giving up on the stream.
             while not stop.wait(POLL_S):
-                expired = ctx.deadline is not None and time.monotonic() >= ctx.deadline
-                if ctx.is_cancelled() or expired:
-                    stopped_by.append(
-                        errors.DeadlineExceededError("the visualization ran past its deadline") if expired
-                        else errors.CancelledError("the visualization was cancelled: every caller went away")
-                    )  # fmt: skip
-                    flag.touch()
+                if flag.raise_if_stopped(ctx, "visualization"):
                     if not stop.wait(CANCEL_GRACE_S):
                         call.cancel()
                     return
@@ -155,22 +149,22 @@ class TorchServeBackend:
         watcher.start()
         result: VisualizeResult | None = None
         try:
-            for message in _responses(call, self, request.model, stopped_by):
+            for message in _responses(call, self, request.model, flag):
                 answer = env.decode(message.prediction)
                 if answer.kind is env.Kind.PROGRESS:
                     # Also after a cancel: the steps the worker still ran are observable (tests, logs).
                     ctx.on_progress(env.load(Progress, answer.value, answer.blobs))
                     continue
-                if stopped_by:
-                    raise stopped_by[0]
+                flag.answered = True
+                if flag.reason is not None:
+                    raise flag.reason
                 result = env.load(VisualizeResult, env.raise_if_error(answer).value, answer.blobs)
         finally:
             stop.set()
             watcher.join()
-            with contextlib.suppress(OSError):
-                flag.unlink()
-        if stopped_by:
-            raise stopped_by[0]
+            flag.lower()
+        if flag.reason is not None:
+            raise flag.reason
         if result is None:
             raise errors.UnavailableError("the model server ended the visualization without a result")
         return result
@@ -200,23 +194,48 @@ class TorchServeBackend:
         if model not in served:
             raise errors.NotFoundError(f"model {model!r} is not served here; served models: {served}")
 
-    def _unary(self, task: env.Task, model: str, request: Any, ctx: CallContext) -> env.Envelope:
+    def _unary(self, task: Operation, model: str, request: Any, ctx: CallContext, *, flagged: bool) -> env.Envelope:
+        """One Predictions call. ``flagged``: send a job id and, on cancel or deadline, raise the worker's cancel flag
+        and wait (CANCEL_GRACE_S at most) for the worker to stop, so it is free again when this returns."""
         self._check_model(model)
-        fields = env.encode_request(task, request)
+        job_id = _job_id(ctx) if flagged else None
+        fields = env.encode_request(task, request, job_id=job_id)
+        flag = _Flag(self.supervisor.cancel_dir / job_id) if job_id else None
         stub = self._current_stub()
         future = stub.Predictions.future(
             self._pb2.PredictionsRequest(model_name=model, input=fields), timeout=_remaining(ctx)
         )
-        while True:
-            try:
-                response = future.result(timeout=POLL_S)
-                break
-            except grpc.FutureTimeoutError:
-                if ctx.is_cancelled():
-                    future.cancel()
-                    raise errors.CancelledError("the request was cancelled: every caller went away") from None
-            except grpc.RpcError as exc:
-                raise self.map_rpc_error(exc, model) from None
+        give_up_at = None
+        try:
+            while True:
+                try:
+                    response = future.result(timeout=POLL_S)
+                    break
+                except grpc.FutureTimeoutError:
+                    if flag is None:
+                        if ctx.is_cancelled():
+                            future.cancel()
+                            raise errors.CancelledError("the request was cancelled: every caller went away") from None
+                    elif give_up_at is None:
+                        if flag.raise_if_stopped(ctx, "request"):
+                            give_up_at = time.monotonic() + CANCEL_GRACE_S
+                    elif time.monotonic() >= give_up_at:
+                        future.cancel()
+                        raise flag.reason from None  # type: ignore[misc]
+                except grpc.RpcError as exc:
+                    if flag is not None and flag.reason is not None:
+                        raise flag.reason from None
+                    error = self.map_rpc_error(exc, model)
+                    if flag is not None and isinstance(error, errors.DeadlineExceededError):
+                        flag.raise_now(error)  # TorchServe let go of the call, not the worker: stop it too
+                    raise error from None
+            if flag is not None:
+                flag.answered = True
+                if flag.reason is not None:
+                    raise flag.reason
+        finally:
+            if flag is not None:
+                flag.lower()
         return env.raise_if_error(env.decode(response.prediction))
 
     def map_rpc_error(self, exc: grpc.RpcError, model: str) -> errors.NeuroExplainError:
@@ -246,13 +265,54 @@ class TorchServeBackend:
         return False
 
 
-def _responses(call: Any, backend: TorchServeBackend, model: str, stopped_by: list[Any]) -> Iterator[Any]:
+def _responses(call: Any, backend: TorchServeBackend, model: str, flag: _Flag) -> Iterator[Any]:
     try:
         yield from call
     except grpc.RpcError as exc:
-        if stopped_by:
-            raise stopped_by[0] from None
-        raise backend.map_rpc_error(exc, model) from None
+        if flag.reason is not None:
+            raise flag.reason from None
+        error = backend.map_rpc_error(exc, model)
+        if isinstance(error, errors.DeadlineExceededError):
+            flag.raise_now(error)
+        raise error from None
+
+
+class _Flag:
+    """The gateway's side of one job's cancel flag (:func:`handlers.envelope.raise_flag`).
+
+    Raised once, when every caller has gone or the deadline passed. Lowered when the call ends only if the worker
+    answered; otherwise the worker may still be running, and it removes the flag itself once it has seen it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reason: errors.NeuroExplainError | None = None
+        self.answered = False
+
+    def raise_if_stopped(self, ctx: CallContext, what: str) -> bool:
+        expired = ctx.deadline is not None and time.monotonic() >= ctx.deadline
+        if expired:
+            self.raise_now(errors.DeadlineExceededError(f"the {what} ran past its deadline"))
+        elif ctx.is_cancelled():
+            self.raise_now(errors.CancelledError(f"the {what} was cancelled: every caller went away"))
+        return self.reason is not None
+
+    def raise_now(self, reason: errors.NeuroExplainError) -> None:
+        if self.reason is None:
+            self.reason = reason
+            with contextlib.suppress(OSError):  # TorchServe restarting: its worker is gone anyway
+                env.raise_flag(self.path, time.time())
+
+    def lower(self) -> None:
+        if self.reason is None or self.answered:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+def _job_id(ctx: CallContext) -> str:
+    if not env.JOB_ID_PATTERN.match(ctx.job_id):
+        raise errors.InvalidOptionError("job id must be 1-64 characters from [A-Za-z0-9_-]")
+    return ctx.job_id
 
 
 def _remaining(ctx: CallContext) -> float | None:
