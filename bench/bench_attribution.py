@@ -44,12 +44,12 @@ def _floor_plan(method: Any, opts: dict[str, Any]) -> list[tuple[str, int, int]]
         return [("fb", b, n // b)] + ([("fb", n % b, 1)] if n % b else [])
     if method is Method.OCCLUSION:
         shape = (80, 96, 80)
-        n = math.prod((s - opts["patch"]) // opts["stride"] + 1 for s in shape)
+        n = math.prod(math.ceil((s - opts["patch"]) / opts["stride"]) + 1 for s in shape)
         return [("f", 1, 1), ("f", b, n // b)] + ([("f", n % b, 1)] if n % b else [])
     if method is Method.DEEPLIFT:
         return [("fb", 2, 1)]  # captum runs the scan and its baseline together, as one batch of 2
     if method is Method.GRADCAM:
-        return [("fl", 1, 1)]  # forward, backward only down to the explained layer
+        return [("fl", 1, 1)]  # forward (no graph below the layer), backward only down to the explained layer
     if method in (Method.LRP_EPSILON, Method.LRP_ALPHA_BETA, Method.LRP_COMPOSITE):
         return [("f", 1, 1), ("fb", 1, 1)]  # captum's LRP: one pass to set weights, one with relevance hooks
     return [("fb", 1, 1)]
@@ -64,9 +64,13 @@ def _floor(
             for _ in range(count):
                 if kind == "fl":
                     seen: list[torch.Tensor] = []
-                    handle = layer.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out))
+
+                    def keep(_m: Any, _i: Any, out: torch.Tensor, seen: list[torch.Tensor] = seen) -> None:
+                        seen.append(out.requires_grad_(True))  # the graph starts at the layer, as in Grad-CAM
+
+                    handle = layer.register_forward_hook(keep)
                     try:
-                        out = module(xb.clone().requires_grad_(True))[:, target].sum()
+                        out = module(xb)[:, target].sum()
                     finally:
                         handle.remove()
                     torch.autograd.grad(out, seen[0])
@@ -108,7 +112,10 @@ def main() -> None:
         floor_fn = _floor(floor_module, x, plan, target, dict(floor_module.named_modules())[layer_names[-1]])
 
         def method_fn(method: Method = method, opts: dict[str, Any] = opts) -> None:
-            attribute_tensor(private_copy(model.module), x, method, target, opts, grid=model.spec.grid, layer_names=layer_names)
+            # The request's private copy is part of the method's time (structural for all but LRP, see private_copy).
+            attribute_tensor(
+                private_copy(model.module, method), x, method, target, opts, grid=model.spec.grid, layer_names=layer_names
+            )
 
         if not results:  # one warm-up for the whole run (allocator, captum import)
             floor_fn()

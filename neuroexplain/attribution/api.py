@@ -82,7 +82,7 @@ def explain(
     target_index = model.spec.class_index(target) if target is not None else None
     prepared = prepare(scan, model, alignment)
     x = prepared.tensor(model.device)  # (1, 1, D, H, W)
-    module = private_copy(model.module)
+    module = private_copy(model.module, m)
     with torch.inference_mode():
         logits = module(x).float()[0]
     probs = torch.softmax(logits, dim=0).tolist()

@@ -276,7 +276,7 @@ def _maps(
     opts = parse_options(m, None)
     x = torch.from_numpy(np.stack([c.x for c in cases]))[:, None]
     out = attribute_tensor(
-        private_copy(module), x, m, target, opts, grid=model.spec.grid, layer_names=[l.name for l in model.spec.layers]
+        private_copy(module, m), x, m, target, opts, grid=model.spec.grid, layer_names=[l.name for l in model.spec.layers]
     )
     return [a[0].numpy() for a in out]
 
