@@ -115,8 +115,9 @@ def test_channel_visualization_recovers_the_pattern_voxel_clamp(model: LoadedMod
 
 def test_channel_visualization_recovers_the_negative_pattern_fourier(model: LoadedModel) -> None:
     result = visualize(model, "channel:detect:1", preset="robust", steps=80, seed=2,
-                       options={"l2": 1.0, "decay": 1.0, "lr": 0.05, "jitter": 0, "scale": 0.0, "rotate": 0.0, "pad": 0})
-    # The 1/f spectrum scaling learns this 4-voxel period more slowly than smooth content; the pattern is there.
+                       options={"l2": 1.0, "decay": 1.0, "cutoff": 0.5, "lr": 0.05, "jitter": 0, "scale": 0.0,
+                                "rotate": 0.0, "pad": 0})
+    # All frequencies free (robust's cutoff 0.25 cannot draw a 4-voxel period's sharp edges). The 1/f spectrum scaling learns this 4-voxel period more slowly than smooth content; the pattern is there.
     mean_tile = _tiles(result.volume).mean(0)
     assert _corr(mean_tile, -_pattern().numpy()) > 0.7
     bar = _pattern().numpy() == 1.0
@@ -478,3 +479,67 @@ def test_cli_scan_start_writes_native_output(tmp_path: Path, monkeypatch: pytest
     assert code == 0
     image = _decode(native.read_bytes())
     assert image.shape == (17, 21, 17) and np.allclose(image.affine, scan_affine)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Band-limited Fourier parametrization and the transform bank
+
+
+@pytest.mark.parametrize("cutoff", [0.5, 0.25, 0.1])
+def test_band_limited_fourier_matches_zero_filled_irfftn_and_keeps_the_start(cutoff: float) -> None:
+    from neuroexplain.featvis.param import Parametrization
+    from neuroexplain.featvis.presets import Param, RangeMap
+
+    start = torch.rand(2, 1, 12, 10, 9, generator=torch.Generator().manual_seed(0))
+    p = Parametrization(Param.FOURIER, start, RangeMap.NONE, 0.0, 1.5, decay=1.0, cutoff=cutoff)
+    assert torch.allclose(p.volume(), start, atol=1e-5)  # the start is reproduced exactly, whatever the band
+    with torch.no_grad():
+        p.raw.add_(torch.randn(p.raw.shape, generator=torch.Generator().manual_seed(1)))
+        spectrum = torch.view_as_complex(p.raw) * p.scale
+        full = torch.zeros(2, 1, 12, 10, 9 // 2 + 1, dtype=spectrum.dtype)
+        full[(..., *p._index())] = spectrum
+        expected = torch.fft.irfftn(full, s=(12, 10, 9), dim=(-3, -2, -1), norm="ortho")
+        expected = expected + (p.residual if p.residual is not None else 0)
+        assert torch.allclose(p.volume(), expected, atol=1e-5)
+    fd = torch.fft.fftfreq(12).abs()
+    assert p.raw.shape[2] == int((fd <= cutoff + 1e-9).sum())  # only the band is free
+
+
+def test_cutoff_is_validated(model: LoadedModel) -> None:
+    with pytest.raises(InvalidOptionError, match="param=fourier"):
+        resolve("none", {"cutoff": 0.25}, ())
+    with pytest.raises(InvalidOptionError, match="0.05 to 0.5"):
+        resolve("robust", {"cutoff": 0.6}, ())
+    assert resolve("robust", {}, ())["cutoff"] == 0.25
+
+
+def test_transform_bank_jitter_is_an_exact_shift_with_zeros_moved_in() -> None:
+    from neuroexplain.featvis.transforms import Robustness
+
+    gen = torch.Generator().manual_seed(3)
+    bank = Robustness(pad=1, jitter=2).bank((7, 8, 9), gen, size=6)
+    v = torch.rand(1, 1, 7, 8, 9)
+    for k in range(6):
+        out = bank.apply(v, gen, choice=torch.tensor([k]))
+        # find the shift that reproduces out from v (zeros where the source falls outside the box)
+        found = False
+        for sd in range(-2, 3):
+            for sh in range(-2, 3):
+                for sw in range(-2, 3):
+                    ref = torch.zeros_like(v)
+                    src = v[..., max(sd, 0): 7 + min(sd, 0), max(sh, 0): 8 + min(sh, 0), max(sw, 0): 9 + min(sw, 0)]
+                    ref[..., max(-sd, 0): 7 + min(-sd, 0), max(-sh, 0): 8 + min(-sh, 0), max(-sw, 0): 9 + min(-sw, 0)] = src
+                    found |= bool(torch.equal(out, ref))
+        assert found
+
+
+def test_transform_bank_rotation_moves_voxels_and_passes_gradients() -> None:
+    from neuroexplain.featvis.transforms import Robustness
+
+    gen = torch.Generator().manual_seed(4)
+    bank = Robustness(pad=0, rotate=20.0, scale=0.1).bank((16, 16, 16), gen, size=4)
+    v = torch.rand(2, 1, 16, 16, 16, requires_grad=True)
+    out = bank.apply(v, gen)
+    assert out.shape == v.shape and not torch.equal(out, v)
+    out.sum().backward()
+    assert v.grad is not None and float(v.grad.sum()) == pytest.approx(16**3 * 2)  # every output voxel has one source

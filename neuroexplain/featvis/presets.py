@@ -118,6 +118,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("param", "enum", Param.VOXEL.value, "parametrization: one value per voxel, or a 3D Fourier spectrum",
                choices=tuple(p.value for p in Param)),
     OptionSpec("decay", "float", 1.0, "Fourier only: spectrum scaled by 1/f^decay (higher = smoother)", 0.0, 3.0),
+    OptionSpec("cutoff", "float", 0.5, "Fourier only: free coefficients up to this frequency (cycles/voxel) along "
+               "each axis; 0.5 = all. Lower = band-limited and cheaper; the start's higher frequencies stay as they are",
+               0.05, 0.5),
     OptionSpec("range_map", "enum", RangeMap.NONE.value,
                "map the parametrization into [range_min, range_max] with a sigmoid",
                choices=tuple(r.value for r in RangeMap)),
@@ -151,7 +154,8 @@ _PAPER = {"param": "voxel", "lr": 0.05, "weight_decay": 0.01, "blur_sigma": 1.0,
 # Fourier steps reach every voxel at once, so robust uses a smaller lr than the voxel presets; decay 1.5 keeps the
 # 1/f-coloured noise start smooth. Transforms are milder than lucid's 2D defaults: with global max pooling, larger ones
 # left the lesion logit flat within 40 steps on our models (see the README's feature-visualization section).
-_ROBUST = {"param": "fourier", "decay": 1.5, "lr": 0.02, "pad": 2, "jitter": 2, "scale": 0.05, "rotate": 5.0}
+_ROBUST = {"param": "fourier", "decay": 1.5, "cutoff": 0.25, "lr": 0.02, "pad": 2, "jitter": 2, "scale": 0.05,
+           "rotate": 5.0}
 PRESETS: Mapping[Preset, Mapping[str, Any]] = {
     Preset.NONE: {"param": "voxel", "lr": 0.05},
     Preset.PAPER: _PAPER,
@@ -209,8 +213,9 @@ def resolve(preset: Preset | str, options: Mapping[str, Any] | None, layer_names
 def _check_contradictions(s: Settings) -> None:
     if s["range_min"] >= s["range_max"]:
         raise InvalidOptionError(f"range_min ({s['range_min']:g}) must be below range_max ({s['range_max']:g})")
-    if "decay" in s.explicit and s["param"] != Param.FOURIER.value:
-        raise InvalidOptionError("option decay applies to param=fourier only; set param=fourier or drop decay")
+    for name in ("decay", "cutoff"):
+        if name in s.explicit and s["param"] != Param.FOURIER.value:
+            raise InvalidOptionError(f"option {name} applies to param=fourier only; set param=fourier or drop {name}")
     if s.explicit & {"blur_sigma", "blur_every"} and (s["blur_sigma"] > 0) != (s["blur_every"] > 0):
         raise InvalidOptionError("blur needs both blur_sigma > 0 and blur_every > 0 (or both 0 to turn it off)")
     if (s["diversity"] > 0 or "diversity_layer" in s.explicit) and s["batch"] < 2:
