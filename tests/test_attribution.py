@@ -17,7 +17,9 @@ from torch import nn
 
 from neuroexplain.attribution import METHOD_OPTIONS, Method, explain, parse_option_pairs, parse_options
 from neuroexplain.attribution.evaluate import (
+    CURVE_STEPS,
     localisation,
+    perturbation_curves,
     randomisation_order,
     randomise,
     spearman_abs,
@@ -542,6 +544,73 @@ def test_localisation_metrics_on_known_maps() -> None:
     half = perfect.copy()
     half[0:4, 0:4, 0:4] = 1.0  # 64 voxels outside, 64 inside
     assert localisation(half, mask, dilated, brain)["share"] == pytest.approx(0.5)
+
+
+class _RegionScore(nn.Module):
+    """Lesion logit 20 * (mean intensity in ``REGION`` - 1): the scan says lesion (p ~ 1), zeros say healthy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 16, 16, 16) -> (B, 2)
+        s = x[(slice(None), 0, *REGION)].mean((1, 2, 3))
+        return torch.stack([torch.zeros_like(s), 20 * (s - 1.0)], 1)
+
+
+def test_deletion_and_insertion_separate_a_faithful_map_from_a_random_one() -> None:
+    net = _RegionScore()
+    x = scan_volume()
+    brain = np.ones(SHAPE, bool)
+    reference = np.zeros(SHAPE, np.float32)  # the model calls it healthy
+    faithful = _region_mask().astype(np.float32) + 0.01 * np.random.default_rng(0).random(SHAPE, np.float32)
+    rand = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    good = perturbation_curves(net, x, faithful, brain, 1, reference)
+    bad = perturbation_curves(net, x, rand, brain, 1, reference)
+    for c in (good, bad):
+        assert len(c["deletion"]) == len(c["insertion"]) == CURVE_STEPS + 1
+        assert c["deletion"][0] == pytest.approx(1.0, abs=1e-3)  # the scan itself
+        assert c["insertion"][0] == pytest.approx(0.0, abs=1e-3)  # the reference itself
+    # 5 % of 4096 voxels = 204 > the region's 64: the faithful map moves the whole region within three steps.
+    assert good["insertion_auc"] > 0.7 and bad["insertion_auc"] < 0.05
+    assert good["deletion_auc"] < 0.3 and bad["deletion_auc"] > 0.95
+    # Reversing the ranking puts the region last: the curves then look like the random map's.
+    worst = perturbation_curves(net, x, -faithful, brain, 1, reference)
+    assert worst["insertion_auc"] < 0.05 and worst["deletion_auc"] > 0.95
+
+
+def test_curves_only_touch_brain_voxels_and_use_the_reference_values() -> None:
+    net = _RegionScore()
+    x = scan_volume()
+    brain = np.zeros(SHAPE, bool)
+    brain[:, :8] = True  # the region (rows 4-8) is inside; voxels outside the brain never move
+    rel = np.zeros(SHAPE, np.float32)
+    rel[:, 8:] = 100.0  # the highest relevance lies outside the brain: ignored
+    rel[REGION] = 1.0
+    c = perturbation_curves(net, x, rel, brain, 1, np.full(SHAPE, 0.5, np.float32))
+    assert c["insertion"][-1] > 0.99 and c["deletion"][-1] < 0.01  # the region moved, not the outside voxels
+    # With the reference's region at 1.0 the logit after deleting it is 0: p = 0.5, not 0.
+    ref = np.ones(SHAPE, np.float32)
+    assert perturbation_curves(net, x, rel, brain, 1, ref)["deletion"][-1] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_aggregate_ignores_curves_made_against_another_reference() -> None:
+    from neuroexplain.attribution.evaluate import Plan, aggregate, to_markdown
+
+    done: dict[tuple[str, str, int], dict[str, Any]] = {
+        # an old record: curves against the blurred scan, no reference stored
+        ("gradient", "map", 1): {"share": 0.5, "deletion_auc": 0.9, "insertion_auc": 0.99, "seconds": 1.0},
+        ("gradient", "map", 3): {
+            "share": 0.7, "deletion_auc": 0.2, "insertion_auc": 0.8, "curves_reference": "template", "seconds": 1.0,
+        },
+        ("gradient", "randomisation", 1): {
+            "rand_spearman": 0.1, "cascade": [{"randomised": ["fc"], "spearman": 0.1}], "seconds": 4.0,
+        },
+    }
+    plan = Plan(scans=2, faithfulness_scans=2, randomisation_scans=1)
+    ev = aggregate(region_model(), plan, [Method.GRADIENT], done, [1, 3], [])
+    row = ev.rows["gradient"]
+    assert row["share"]["n"] == 2
+    assert row["deletion_auc"] == {"mean": 0.2, "sd": 0.0, "n": 1}
+    assert row["insertion_auc"]["n"] == 1
+    assert row["rand_seconds_per_scan"]["mean"] == 4.0
+    assert "randomisation s / scan" in to_markdown(ev, "neuroexplain evaluate-attribution --model region")
 
 
 def test_randomisation_cascade_goes_from_the_output_down_and_changes_the_map() -> None:

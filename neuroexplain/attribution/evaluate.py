@@ -8,9 +8,13 @@ looked at. Metrics (all on the model grid, target = the ground-truth class, e.g.
   the fraction inside the (undilated) mask.
 - ``pointing``: pointing game: the most relevant voxel lies inside the dilated mask (1) or not (0).
 - ``deletion_auc`` (lower is better) / ``insertion_auc`` (higher is better): target-class probability while the
-  most relevant brain voxels are replaced by a blurred copy of the scan (deletion) or copied from the scan into
-  that blurred copy (insertion), in
-  ``CURVE_STEPS`` equal steps up to ``CURVE_MAX_FRACTION`` of the brain; area under the curve on x in [0, 1].
+  most relevant brain voxels are replaced by the reference (deletion) or copied from the scan into the reference
+  (insertion), in ``CURVE_STEPS`` equal steps up to ``CURVE_MAX_FRACTION`` of the brain; area under the curve on
+  x in [0, 1]. The reference is the MNI152 T1 template on the model grid (the healthy anatomy every synthetic scan
+  is built from, the methods' ``template`` baseline): the model must call it healthy, so that the insertion curve
+  starts at "no finding" and rises only when the inserted voxels carry the evidence. (A blurred copy of the scan,
+  used before, is called ``lesion`` by the lesion model: every insertion curve then started near 1 and even a random
+  map scored 0.99.) The run records the model's probability for the reference and says so when it is not healthy.
 - ``rand_spearman``: sanity check (Adebayo et al. 2018): Spearman rank correlation, over brain voxels, of the
   absolute maps of the trained model and of the model with all its layers re-initialised (the last step of a
   cascading randomisation from the output layer down; the whole cascade is kept in the JSON). A method passes when
@@ -42,7 +46,7 @@ from neuroexplain.models.registry import LoadedModel
 DILATE_VOXELS = 2  # 4 mm on the 2 mm grid: tolerance for maps that peak on a lesion's rim
 CURVE_STEPS = 10
 CURVE_MAX_FRACTION = 0.05  # lesions cover < 2 % of the brain: the first 5 % of voxels is where the curve moves
-INSERTION_BLUR_MM = 8.0
+CURVES_REFERENCE = "template"  # stored with every curve: curves made against another reference are not reused
 SANITY_THRESHOLD = 0.3
 RANDOM = "random"  # a seeded random map: the chance level every metric should beat
 
@@ -53,6 +57,7 @@ CHEAP = (
 SAMPLED = (Method.INTEGRATED_GRADIENTS, Method.SMOOTHGRAD, Method.GRADIENT_SHAP)
 PERTURBATION = (Method.OCCLUSION,)
 METRICS = ("share", "rank_acc", "pointing", "deletion_auc", "insertion_auc", "rand_spearman")
+_CURVE_METRICS = ("deletion_auc", "insertion_auc")
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,8 @@ class Plan:
     faithfulness_scans: int = 8
     occlusion_scans: int = 4
     randomisation_scans: int = 3
-    sampled_randomisation_scans: int = 2
-    occlusion_randomisation_scans: int = 1
+    sampled_randomisation_scans: int = 3
+    occlusion_randomisation_scans: int = 3
     batch: int = 4
 
     def subset(self, method: Method | str, metric: str) -> int:
@@ -169,34 +174,49 @@ def _auc(curve: Sequence[float]) -> float:
     return float(np.trapezoid(y, dx=1.0 / (len(y) - 1)))
 
 
+def reference_volume(model: LoadedModel) -> np.ndarray:
+    """The deletion/insertion reference: the MNI152 T1 template on the model grid (``grid.shape`` float32)."""
+    from neuroexplain.template import anatomy
+
+    return np.ascontiguousarray(anatomy(model.spec.grid).t1, dtype=np.float32)
+
+
+def target_probability(module: nn.Module, volumes: np.ndarray, target: int, batch: int = 6) -> list[float]:
+    """Softmax probability of ``target`` for each of ``volumes`` ``(N, D, H, W)``."""
+    vols = torch.from_numpy(np.ascontiguousarray(volumes, dtype=np.float32))[:, None]  # (N, 1, D, H, W)
+    probs: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, vols.shape[0], batch):
+            probs += torch.softmax(module(vols[start : start + batch]).float(), dim=1)[:, target].tolist()
+    return probs
+
+
 def perturbation_curves(
-    module: nn.Module, x: np.ndarray, rel: np.ndarray, brain: np.ndarray, target: int, grid_zooms: Sequence[float]
+    module: nn.Module, x: np.ndarray, rel: np.ndarray, brain: np.ndarray, target: int, reference: np.ndarray
 ) -> dict[str, Any]:
-    """Deletion and insertion curves (target probability per step) and their AUCs for one map."""
+    """Deletion and insertion curves (target probability per step) and their AUCs for one map.
+
+    Deletion replaces the most relevant brain voxels of ``x`` by ``reference``; insertion copies them from ``x``
+    into ``reference``; ``CURVE_STEPS`` equal steps up to ``CURVE_MAX_FRACTION`` of the brain, ties in stable order.
+    """
     order = np.flatnonzero(brain.ravel())
     order = order[np.argsort(-rel.ravel()[order], kind="stable")]
     counts = np.linspace(0, CURVE_MAX_FRACTION * order.size, CURVE_STEPS + 1).astype(int)
     flat = x.ravel()
-    blurred = ndimage.gaussian_filter(x, [INSERTION_BLUR_MM / z for z in grid_zooms], mode="constant").ravel()
+    ref = reference.ravel()
     deleted, inserted = [], []
     for c in counts:
-        # Deleted voxels take the blurred scan's value: zeroed holes are sharp dark edges, which a lesion detector
-        # (max pooling over local contrast) reads as findings, so zeroing would measure artefacts, not relevance.
         d = flat.copy()
-        d[order[:c]] = blurred[order[:c]]
-        ins = blurred.copy()
+        d[order[:c]] = ref[order[:c]]
+        ins = ref.copy()
         ins[order[:c]] = flat[order[:c]]
         deleted.append(d.reshape(x.shape))
         inserted.append(ins.reshape(x.shape))
-    vols = torch.from_numpy(np.stack(deleted + inserted))[:, None]  # (2 * (steps + 1), 1, D, H, W)
-    probs = []
-    with torch.inference_mode():
-        for start in range(0, vols.shape[0], 6):
-            probs += torch.softmax(module(vols[start : start + 6]).float(), dim=1)[:, target].tolist()
+    probs = target_probability(module, np.stack(deleted + inserted), target)  # 2 * (steps + 1) volumes
     n = len(counts)
     return {
         "deletion": probs[:n], "insertion": probs[n:],
-        "deletion_auc": _auc(probs[:n]), "insertion_auc": _auc(probs[n:]),
+        "deletion_auc": _auc(probs[:n]), "insertion_auc": _auc(probs[n:]), "curves_reference": CURVES_REFERENCE,
     }
 
 
@@ -311,7 +331,11 @@ def run_evaluation(
     target = len(model.spec.classes) - 1  # the positive class: lesion / atrophy
     store = _Store(cache, model.spec.weights_sha256 or "unknown", resume or not compute)
     module = model.module
-    zooms = model.spec.grid.zooms
+    reference = reference_volume(model)
+    reference_p = target_probability(module, reference[None], target)[0]
+    if reference_p >= 0.5:
+        log(f"warning: the model calls the deletion/insertion reference {model.spec.classes[target]!r} "
+            f"(p = {reference_p:.3f}); the curves are not measured from a healthy reference")
     n_max = max(plan.subset(m, metric) for m in chosen for metric in METRICS)
     seeds = held_out_seeds(n_max)
     case_cache: dict[int, _Case] = {}
@@ -333,7 +357,12 @@ def run_evaluation(
         # on --resume recomputes the scans that lack curves).
         if not store.has(key(m), "map", seed):
             return False
-        return seed not in seeds[: plan.subset(m, "deletion_auc")] or "deletion_auc" in store.done[(key(m), "map", seed)]
+        rec = store.done[(key(m), "map", seed)]
+        return seed not in seeds[: plan.subset(m, "deletion_auc")] or rec.get("curves_reference") == CURVES_REFERENCE
+
+    # Maps of the trained model on the randomisation subset, kept from the maps phase so that the randomisation
+    # phase does not compute them a second time (about half its work for the many-pass methods).
+    trained_maps: dict[tuple[str, int], np.ndarray] = {}
 
     def maps_phase(ms: Sequence[Method | str]) -> None:
         # Localisation (and, for the first scans, faithfulness) of each method. Scan-major, so that an interrupted
@@ -352,9 +381,12 @@ def run_evaluation(
                     for c, rel in zip(group, maps):
                         values: dict[str, Any] = localisation(rel, c.mask, c.dilated, c.brain)
                         if c.seed in seeds[: plan.subset(m, "deletion_auc")]:
-                            values.update(perturbation_curves(module, c.x, rel, c.brain, target, zooms))
+                            values.update(perturbation_curves(module, c.x, rel, c.brain, target, reference))
                         values["seconds"] = per
                         store.add(key(m), "map", c.seed, values)
+                        wanted = m != RANDOM and c.seed in seeds[: plan.subset(m, "rand_spearman")]
+                        if wanted and not store.has(key(m), "randomisation", c.seed):
+                            trained_maps[(key(m), c.seed)] = rel
             log(f"[{time.monotonic() - t0:7.0f}s] maps: scans {start + len(block)}/{n_all} ({', '.join(key(m) for m in ms)})")
 
     order = randomisation_order(module)
@@ -368,15 +400,25 @@ def run_evaluation(
                 if store.has(key(m), "randomisation", s):
                     continue
                 c = case(s)
-                trained = _maps(module, model, [c], m, target)[0]
+                t = time.monotonic()
+                trained = trained_maps.pop((key(m), s), None)
+                reused = trained is not None
+                if trained is None:  # resumed run: the maps phase found this scan done
+                    trained = _maps(module, model, [c], m, target)[0]
                 cascade = []
                 for names in steps:
                     rnd = private_copy(module)
                     randomise(rnd, names, seed=s)
                     rel = _maps(rnd, model, [c], m, target)[0]
                     cascade.append({"randomised": list(names), "spearman": spearman_abs(trained, rel, c.brain)})
-                store.add(key(m), "randomisation", s, {"rand_spearman": cascade[-1]["spearman"], "cascade": cascade})
-                log(f"[{time.monotonic() - t0:7.0f}s] {key(m)}: randomisation seed {s}")
+                secs = time.monotonic() - t
+                store.add(key(m), "randomisation", s, {
+                    "rand_spearman": cascade[-1]["spearman"], "cascade": cascade, "seconds": secs,
+                    "trained_map_reused": reused,
+                })
+                log(f"[{time.monotonic() - t0:7.0f}s] {key(m)}: randomisation seed {s} ({secs:.1f} s, "
+                    f"{len(steps)} randomised model{'s' if len(steps) > 1 else ''}"
+                    f"{'' if reused else ' + the trained map again'})")
 
     if compute:
         # Cheapest first, so that an interrupted run has the 100-scan rows; then the many-pass methods.
@@ -397,7 +439,9 @@ def run_evaluation(
                 p = torch.softmax(module(torch.from_numpy(c.x)[None, None]).float(), dim=1)[0, target].item()
             store.add("_model", "prediction", s, {"p_target": p, "mask_voxels": int(c.mask.sum())})
         probs.append(store.done[("_model", "prediction", s)])
-    return aggregate(model, plan, chosen, store.done, seeds, probs)
+    ev = aggregate(model, plan, chosen, store.done, seeds, probs)
+    ev.extra["curves_reference"] = {"volume": CURVES_REFERENCE, "p_target": reference_p}
+    return ev
 
 
 def aggregate(
@@ -414,12 +458,18 @@ def aggregate(
             vals = [
                 done[(name, group, s)][metric] for s in seeds[: plan.subset(m, metric)]
                 if (name, group, s) in done and metric in done[(name, group, s)]
+                # curves made against an earlier reference (a blurred scan) are not comparable
+                and (metric not in _CURVE_METRICS or done[(name, group, s)].get("curves_reference") == CURVES_REFERENCE)
             ]
             if vals:
                 row[metric] = {"mean": float(np.mean(vals)), "sd": float(np.std(vals)), "n": len(vals)}
         secs = [done[(name, "map", s)]["seconds"] for s in seeds if (name, "map", s) in done]
         if secs:
             row["seconds_per_scan"] = {"mean": float(np.mean(secs)), "sd": float(np.std(secs)), "n": len(secs)}
+        rsecs = [done[(name, "randomisation", s)].get("seconds") for s in seeds if (name, "randomisation", s) in done]
+        rsecs = [v for v in rsecs if v is not None]
+        if rsecs:  # wall seconds of the randomisation work per scan: what sizes the randomisation subsets
+            row["rand_seconds_per_scan"] = {"mean": float(np.mean(rsecs)), "sd": float(np.std(rsecs)), "n": len(rsecs)}
         cascades = [done[(name, "randomisation", s)]["cascade"] for s in seeds if (name, "randomisation", s) in done]
         if cascades and len(cascades[0]) > 1:
             ev.extra.setdefault("cascade", {})[name] = {
@@ -440,7 +490,8 @@ def to_markdown(ev: Evaluation, command: str) -> str:
     """The table as Markdown (what the command prints and writes to docs/)."""
     cols = [("share", "share in mask ↑"), ("rank_acc", "rank acc. ↑"), ("pointing", "pointing ↑"),
             ("deletion_auc", "deletion AUC ↓"), ("insertion_auc", "insertion AUC ↑"),
-            ("rand_spearman", "randomised ρ ↓"), ("seconds_per_scan", "s / scan")]
+            ("rand_spearman", "randomised ρ ↓"), ("seconds_per_scan", "s / scan"),
+            ("rand_seconds_per_scan", "randomisation s / scan")]
     lines = [
         f"# Attribution evaluation — model `{ev.model}` {ev.model_version}",
         "",
@@ -473,8 +524,16 @@ def to_markdown(ev: Evaluation, command: str) -> str:
         f"({2 * DILATE_VOXELS} mm) / all positive relevance. rank acc.: of the K most relevant brain voxels "
         "(K = mask size) the fraction inside the mask. pointing: the most relevant brain voxel lies in the dilated mask."),
         (f"- deletion / insertion: target probability while the most relevant brain voxels are replaced by the "
-        f"blurred scan (σ {INSERTION_BLUR_MM:g} mm) / copied from the scan into the blurred scan, {CURVE_STEPS} steps "
-        f"up to {CURVE_MAX_FRACTION:.0%} of the brain; area under the curve on [0, 1]."),
+        f"reference / copied from the scan into the reference, {CURVE_STEPS} steps up to {CURVE_MAX_FRACTION:.0%} of "
+        "the brain; area under the curve on [0, 1]. The reference is the MNI152 T1 template on the model grid, the "
+        "healthy anatomy the synthetic scans are built from" + (
+            f" (the model's probability for it: {ev.extra['curves_reference']['p_target']:.3f})"
+            if "curves_reference" in ev.extra else "")
+        + ". Insertion starts from a volume the model calls healthy, so it rises only when the inserted voxels carry "
+        "the finding; a random map stays near the reference's probability. Deletion leaves the scan's other voxels, "
+        "so a map must rank the evidence itself first to lower it; a probability that saturates near 1 keeps it "
+        "weak. (Until this version the reference was the scan blurred with σ 8 mm, which the lesion model calls "
+        "`lesion`: every insertion AUC was about 0.99, random maps included.)"),
         (f"- randomised ρ: Spearman correlation of |map| between the trained and the fully re-initialised model "
         f"(Adebayo et al. 2018); a method passes the sanity check when ρ < {SANITY_THRESHOLD}."),
         "- `random` is a seeded random map: the chance level.",

@@ -26,8 +26,8 @@ def register(sub: Any) -> None:
     p.add_argument("--faithfulness-scans", type=int, default=8, help="scans for deletion/insertion curves (8)")
     p.add_argument("--occlusion-scans", type=int, default=4, help="scans for occlusion (4)")
     p.add_argument("--randomisation-scans", type=int, default=3,
-                   help="scans for the cascading randomisation of single-pass methods (3; many-pass methods: "
-                   "the fully randomised model on 2 scans, occlusion on 1)")
+                   help="scans for the randomisation test of every method (3; single-pass methods: the whole "
+                   "cascade, many-pass methods and occlusion: the fully randomised model)")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="methods to score (default: all, plus 'random')")
     p.add_argument("--resume", action="store_true", help="keep per-scan results already cached for these weights")
     p.add_argument("--report-only", action="store_true", help="only aggregate what the cache holds (no computing)")
@@ -47,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan(
         scans=args.scans, sampled_scans=args.sampled_scans, faithfulness_scans=min(args.faithfulness_scans, args.scans),
         occlusion_scans=args.occlusion_scans, randomisation_scans=args.randomisation_scans,
-        sampled_randomisation_scans=min(2, args.randomisation_scans),
-        occlusion_randomisation_scans=min(1, args.randomisation_scans),
+        sampled_randomisation_scans=args.randomisation_scans, occlusion_randomisation_scans=args.randomisation_scans,
     )
     stem = "attribution-evaluation" + ("" if model.spec.name == "lesion" else f"-{model.spec.name}")
     out: Path = args.out_dir
