@@ -341,6 +341,54 @@ def test_occlusion_equals_captums(patch: int, stride: int) -> None:
     torch.testing.assert_close(ours, ref)
 
 
+@pytest.mark.parametrize("baseline", ["zeros", "blur", "template"])
+def test_deeplift_equals_captums_without_max_pooling(baseline: str) -> None:
+    # Our DeepLIFT swaps ReLU and max pooling for autograd functions instead of captum's hooks; with ReLU only
+    # (the pooling averages) the rescale rule gives captum's numbers exactly.
+    from captum import attr as ca
+
+    model = region_model()
+    model.module.pool1 = nn.AvgPool3d(2)
+    x = torch.cat([_x(0), _x(1)])
+    x[0, 0, :, :, :5] = 0  # equal to the zeros baseline there: the rule falls back to the gradient
+    opts = parse_options(Method.DEEPLIFT, {"baseline": baseline})
+    ours = attribute_tensor(private_copy(model.module, Method.DEEPLIFT), x, Method.DEEPLIFT, [1, 0], opts, grid=GRID)
+    from neuroexplain.attribution.methods import baseline_volume
+
+    ref = ca.DeepLift(private_copy(model.module)).attribute(
+        x.clone().requires_grad_(True), baselines=baseline_volume(baseline, x, GRID, 8.0), target=[1, 0]
+    )
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("baseline", ["blur", "template"])
+def test_deeplift_sums_to_the_output_difference_through_max_pooling(baseline: str) -> None:
+    # Summation-to-delta, DeepLIFT's defining property, holds through the max-pooling rule too. (captum 0.9's
+    # DeepLift misses it here by 0.03-0.1 %, measured; why was not pinned down.)
+    from neuroexplain.attribution.methods import baseline_volume
+
+    model = region_model()
+    x = _x()
+    ref = baseline_volume(baseline, x, GRID, 8.0)
+    opts = parse_options(Method.DEEPLIFT, {"baseline": baseline})
+    rel = attribute_tensor(private_copy(model.module, Method.DEEPLIFT), x, Method.DEEPLIFT, 1, opts, grid=GRID)
+    with torch.no_grad():
+        delta = float(model.module(x)[0, 1] - model.module(ref)[0, 1])
+    assert float(rel.sum()) == pytest.approx(delta, rel=2e-5)
+
+
+def test_deeplift_on_other_nonlinearities_goes_through_captum() -> None:
+    from captum import attr as ca
+
+    model = region_model()
+    model.module.conv2[1] = nn.Tanh()
+    x = _x()
+    opts = parse_options(Method.DEEPLIFT, None)
+    ours = attribute_tensor(private_copy(model.module, Method.DEEPLIFT), x, Method.DEEPLIFT, 1, opts, grid=GRID)
+    ref = ca.DeepLift(private_copy(model.module)).attribute(x.clone().requires_grad_(True), baselines=0.0, target=1)
+    torch.testing.assert_close(ours, ref)
+
+
 def test_occlusion_rejects_a_stride_larger_than_the_patch() -> None:
     opts = parse_options(Method.OCCLUSION, {"patch": 4, "stride": 5})
     with pytest.raises(InvalidOptionError, match="stride.*at most patch"):

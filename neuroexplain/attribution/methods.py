@@ -227,9 +227,7 @@ def _dispatch(
         return ca.GuidedBackprop(module).attribute(x, target=tgt)
     if method is Method.DEEPLIFT:
         _require_relu_modules(module, method)
-        return ca.DeepLift(module, multiply_by_inputs=o["multiply_by_inputs"]).attribute(
-            x, baselines=base(), target=tgt
-        )
+        return _deeplift(module, fwd, x, tgt, o, base)
     if method is Method.GRADCAM:
         # The input needs no gradient: Grad-CAM backpropagates only down to the explained layer.
         return _gradcam(module, fwd, x.detach(), tgt, o, layer_names)
@@ -411,3 +409,128 @@ def _require_relu_modules(module: nn.Module, method: Method) -> None:
             f"method {method.value!r} needs ReLU activations as nn.ReLU modules; this model has none "
             "(use gradient, integrated_gradients or occlusion)"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepLIFT (rescale rule), as captum's DeepLift computes it, without its per-module hooks
+
+
+_DEEPLIFT_EPS = 1e-10  # captum's default: below this |x - x_ref| the rule falls back to the gradient
+
+
+class _RescaleFn(torch.autograd.Function):
+    """ReLU whose backward multiplies by delta_out / delta_in (the rescale rule) on a batch ``[inputs; references]``."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:  # (2B, ...) -> (2B, ...)
+        out = torch.relu(z)
+        pair = z.shape[0] // 2
+        zz, oo = z.view(2, pair, *z.shape[1:]), out.view(2, pair, *z.shape[1:])
+        d_in = zz[0] - zz[1]
+        small = d_in.abs() < _DEEPLIFT_EPS
+        ratio = (oo[0] - oo[1]) / torch.where(small, torch.ones_like(d_in), d_in)
+        # Both halves get the same multiplier; where the two inputs (almost) coincide, each its own gradient.
+        ctx.save_for_backward(torch.where(small, (zz > 0).to(z.dtype), ratio).view_as(z))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (mult,) = ctx.saved_tensors
+        return grad * mult
+
+
+class _RescaleMaxPoolFn(torch.autograd.Function):
+    """Max pooling with captum's DeepLIFT rule for it on a batch ``[inputs; references]``."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, pool: nn.Module) -> torch.Tensor:
+        fn = F.max_pool2d if z.dim() == 4 else F.max_pool3d
+        out, idx = fn(z, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, True)
+        ctx.save_for_backward(z, out, idx)
+        ctx.pool = pool
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        z, out, idx = ctx.saved_tensors
+        pool = ctx.pool
+        pair = z.shape[0] // 2
+        unpool, regular_grad = (
+            (F.max_unpool2d, torch.ops.aten.max_pool2d_with_indices_backward) if z.dim() == 4
+            else (F.max_unpool3d, torch.ops.aten.max_pool3d_with_indices_backward)
+        )
+        o, o_ref = out[:pair], out[pair:]
+        xmax = torch.max(o, o_ref)
+        d_out = torch.cat([xmax - o_ref, o - xmax])
+        spread = unpool(grad * d_out, idx, pool.kernel_size, pool.stride, pool.padding, list(z.shape))
+        d_in = z[:pair] - z[pair:]
+        small = d_in.abs() < _DEEPLIFT_EPS
+        rescaled = (spread[:pair] + spread[pair:]) / torch.where(small, torch.ones_like(d_in), d_in)
+        if not small.any():
+            return torch.cat([rescaled, rescaled]), None
+        n = z.dim() - 2
+        k, s, p, d = (_tuple(v, n) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+        regular = regular_grad(grad, z, k, s, p, d, pool.ceil_mode, idx)  # the ordinary gradient, per half
+        return torch.where(small, regular.view(2, pair, *z.shape[1:]), rescaled).reshape_as(z), None
+
+
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+class _RescaleReLU(nn.Module):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return _RescaleFn.apply(z)
+
+
+class _RescaleMaxPool(nn.Module):
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return _RescaleMaxPoolFn.apply(z, self.pool)
+
+
+_MAXPOOL = (nn.MaxPool2d, nn.MaxPool3d)
+
+
+def _deeplift_fast_path(module: nn.Module) -> bool:
+    """True when every non-linearity captum's DeepLift treats specially is a ReLU or a max pooling."""
+    from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+
+    special = tuple(SUPPORTED_NON_LINEAR)
+    return all(type(m) in (nn.ReLU, *_MAXPOOL) for m in module.modules() if type(m) in special)
+
+
+def _deeplift(
+    module: nn.Module, fwd: _Forward, x: torch.Tensor, tgt: Any, o: dict[str, Any], base: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """DeepLIFT with the rescale rule (Shrikumar et al. 2017), the same numbers as captum's ``DeepLift``.
+
+    captum registers three hooks on every non-linear module and clones every activation in Python hooks; here a
+    structural copy of the network has its ReLU and max-pooling modules swapped for autograd functions that keep
+    the multipliers from the forward pass, so one forward of ``[x; baseline]`` and one backward give the map. Models
+    with other non-linearities (ELU, sigmoid, softmax...) go through captum.
+    """
+    from captum import attr as ca
+
+    ref = base()
+    if not _deeplift_fast_path(module):
+        return ca.DeepLift(module, multiply_by_inputs=o["multiply_by_inputs"]).attribute(x, baselines=ref, target=tgt)
+    swapped = _structural_copy(module)
+    for parent in list(swapped.modules()):
+        for name, child in list(parent._modules.items()):
+            if type(child) is nn.ReLU:
+                parent._modules[name] = _RescaleReLU()
+            elif type(child) in _MAXPOOL:
+                parent._modules[name] = _RescaleMaxPool(child)
+    run = _Forward(swapped, fwd.should_cancel)
+    b = x.shape[0]
+    xg = x.detach().requires_grad_(True)
+    out = run(torch.cat([xg, ref.detach()]))  # (2B, n_classes): the scans, then their baselines
+    fwd.passes += run.passes
+    t = torch.as_tensor([_target_of(tgt, i) for i in range(b)] * 2, device=x.device)
+    # As captum: the target logits of scans and baselines summed, differentiated with respect to the scans.
+    grads = torch.autograd.grad(out.gather(1, t[:, None]).sum(), xg)[0]
+    return (x.detach() - ref) * grads if o["multiply_by_inputs"] else grads
