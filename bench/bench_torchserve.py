@@ -1,24 +1,40 @@
 """TorchServe backend: Predict latency and throughput, side by side in one run.
 
-Latency (sequential, cache off, p50/p95 over ``N`` requests, each on a distinct scan):
+Latency (cache off, p50/p95 over ``N`` requests, each on a distinct scan):
 
 - ``gateway_torchserve``: NeuroExplain.Predict through the gRPC gateway -> TorchServe gRPC -> custom handler;
 - ``stock_rest``: TorchServe's stock REST ``POST /predictions/lesion`` with the same handler and the same payload
   (what a client would do without the gateway) — the baseline;
+- ``gateway_torchserve_decoding_twice``: the first path as it was before the gateway stopped decoding scans that the
+  worker decodes anyway (``decodes_scans``), for the profile;
 - ``gateway_inprocess``: NeuroExplain.Predict through the gateway with the in-process backend.
+
+The TorchServe paths are measured interleaved (one call of each per scan, in rotating order), so a change of machine
+load affects them alike. ``gateway_parts_ms`` profiles what the gateway adds per request (median over the scans).
 
 Throughput (requests/s through the gateway -> TorchServe at 1, 4 and 16 concurrent clients), with TorchServe
 batching off (batch size 1) and on (batch size 8, 10 ms delay); one worker in both, so only batching differs.
 
 Ratios: ``gateway_torchserve / stock_rest`` (target <= 1: the typed gRPC path no slower than stock REST) and
-``batched / unbatched`` throughput. Bounded: ~5 min on 2 CPU cores. Model: the bundled ``lesion`` (80x96x80).
+``batched / unbatched`` throughput; ``paired``: medians over scans of the per-scan difference and ratio between two
+interleaved paths (what a shared, loaded machine can still resolve). Bounded: ~5 min on 2 CPU cores. Model: the bundled ``lesion`` (80x96x80).
+
+``--device cuda`` runs the same on the GPU (TorchServe hands its workers a ``gpu_id``, the handler then runs on
+CUDA; the in-process backend too) and saves ``bench/out/torchserve_cuda.json`` with the card's name. Without a CUDA
+build of torch or without a visible GPU it stops at once with exit code 2 and says which is missing. ``--device cpu``
+(default) keeps TorchServe off any GPU (``number_of_gpu=0``).
+
+    python -m bench.bench_torchserve --device cuda     # one command, a few minutes
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import platform
+import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +46,7 @@ import numpy as np
 
 from bench.common import p50, p95, save
 
-N = int(os.environ.get("BENCH_TS_N", "30"))
+N = int(os.environ.get("BENCH_TS_N", "60"))
 CLIENTS = (1, 4, 16)
 MODEL = "lesion"
 
@@ -87,14 +103,65 @@ def _rest_fn(backend: Any) -> Any:
     return call
 
 
-def _latency(call: Any, scans: list[bytes]) -> dict[str, float]:
-    call(scans[-1])  # warm-up
-    times = []
-    for scan in scans[:N]:
-        t0 = time.perf_counter()
-        call(scan)
-        times.append(time.perf_counter() - t0)
+def _summary(times: list[float]) -> dict[str, float]:
     return {"p50_ms": round(p50(times) * 1e3, 1), "p95_ms": round(p95(times) * 1e3, 1), "n": len(times)}
+
+
+def _latency(calls: dict[str, Any], scans: list[bytes], raw: dict[str, list[float]] | None = None) -> dict[str, dict[str, float]]:
+    """Each call once per scan; with several calls, interleaved in rotating order (load drift hits all alike).
+    ``raw`` receives every call's times, in scan order (for paired comparisons)."""
+    names = list(calls)
+    for name in names:
+        calls[name](scans[-1])  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i, scan in enumerate(scans[:N]):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            calls[name](scan)
+            times[name].append(time.perf_counter() - t0)
+    if raw is not None:
+        raw.update(times)
+    return {name: _summary(t) for name, t in times.items()}
+
+
+def _paired(raw: dict[str, list[float]], a: str, b: str) -> dict[str, float]:
+    """Median over scans of a's time minus (and over) b's time for the same scan, measured back to back: robust to
+    the load drift that moves p50s of separate runs on a shared machine."""
+    pairs = list(zip(raw[a], raw[b], strict=True))
+    return {"median_diff_ms": round(statistics.median(x - y for x, y in pairs) * 1e3, 1),
+            "median_ratio": round(statistics.median(x / y for x, y in pairs), 3)}  # fmt: skip
+
+
+def _gateway_parts(scans: list[bytes]) -> dict[str, float]:
+    """What the gateway does per Predict besides forwarding, timed alone (median ms over the scans)."""
+    from handlers import envelope as env
+    from neuroexplain._proto import neuroexplain_pb2 as pb
+    from neuroexplain.volumes import ScanLimits, read_scan
+    from service.backend import Operation, PredictRequest, ScanInput
+    from service.backends.torchserve_proto import load
+
+    pb2, _ = load()
+
+    def median_ms(fn: Any) -> float:
+        times = []
+        for scan in scans[:N]:
+            t0 = time.perf_counter()
+            fn(scan)
+            times.append(time.perf_counter() - t0)
+        return round(statistics.median(times) * 1e3, 2)
+
+    def forward(scan: bytes) -> None:
+        fields = env.encode_request(Operation.PREDICT, PredictRequest(MODEL, ScanInput(scan, "0" * 64)))
+        pb2.PredictionsRequest(model_name=MODEL, input=fields).SerializeToString()
+
+    return {
+        "parse_client_request": median_ms(lambda s: pb.PredictRequest.FromString(
+            pb.PredictRequest(model=MODEL, scan=pb.Scan(data=s)).SerializeToString())),
+        "sha256": median_ms(lambda s: hashlib.sha256(s).hexdigest()),
+        # Skipped for TorchServe since the worker validates with the same read_scan (backend.decodes_scans).
+        "decode_scan_skipped": median_ms(lambda s: read_scan(s, limits=ScanLimits())),
+        "encode_for_torchserve": median_ms(forward),
+    }
 
 
 def _throughput(call: Any, scans: list[bytes], clients: int) -> float:
@@ -106,16 +173,74 @@ def _throughput(call: Any, scans: list[bytes], clients: int) -> float:
         return round(total / (time.perf_counter() - t0), 2)
 
 
-def _torchserve_backend(store: Path) -> Any:
+class _GatewayDecodesToo:
+    """The TorchServe backend as the gateway drove it before ``decodes_scans``: the core decodes every scan first."""
+
+    decodes_scans = False
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _torchserve_backend(store: Path, device: str) -> Any:
     from service.backends.torchserve import TorchServeBackend
+    from service.backends.torchserve_supervisor import EngineOptions
     from service.config import Settings
 
-    backend = TorchServeBackend(Settings(model_store=store), build_archives=False)
+    settings = Settings(model_store=store)
+    engine = EngineOptions(model_store=store, max_message_bytes=settings.max_message_bytes,
+                           startup_timeout_s=settings.torchserve_startup_timeout_s,
+                           number_of_gpu=None if device == "cuda" else 0)  # fmt: skip
+    backend = TorchServeBackend(settings, engine=engine, build_archives=False)
     backend.start()
+    worker = _worker_device(backend)
+    if not worker.startswith(device):
+        backend.close()
+        raise SystemExit(f"bench torchserve: the TorchServe worker runs on {worker!r}, not on {device}")
     return backend
 
 
-def main() -> None:
+def _worker_device(backend: Any) -> str:
+    """The device the handler reported at start (its ``ready on DEVICE`` log line)."""
+    for path in sorted((backend.supervisor.work_dir / "logs").glob("*")):
+        for line in path.read_text(errors="replace").splitlines():
+            if f"model {MODEL} " in line and " ready on " in line:
+                return line.rsplit(" ready on ", 1)[1].strip()
+    return "unknown"
+
+
+def check_device(device: str) -> str:
+    """The card's name for ``cuda`` (``cpu`` for cpu); exits with a clear message where CUDA cannot run."""
+    import torch
+
+    if device == "cpu":
+        return "cpu"
+    if torch.version.cuda is None:
+        raise SystemExit(
+            f"bench torchserve --device cuda: this torch ({torch.__version__}) is a CPU build; install the CUDA build "
+            "of the same release: .venv/bin/pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0"
+        )
+    if not torch.cuda.is_available():
+        raise SystemExit("bench torchserve --device cuda: torch sees no CUDA device (no GPU, or no NVIDIA driver)")
+    return str(torch.cuda.get_device_name(0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_torchserve", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
+    args = parser.parse_args(argv)
+    try:
+        card = check_device(args.device)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+    run(args.device, card)
+
+
+def run(device: str, card: str) -> None:
     import torch
 
     from handlers.archive import ArchiveConfig, build_archive
@@ -125,31 +250,42 @@ def main() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     folder = _model_folders(())[MODEL]
     scans = _scans(max(N, 2 * max(CLIENTS)) + 1)
-    result: dict[str, Any] = {"model": MODEL, "device": "cpu", "cpus": os.cpu_count(), "machine": platform.node(),
-                              "latency": {}, "throughput_rps": {}}
+    result: dict[str, Any] = {"model": MODEL, "device": device, "card": card, "cpus": os.cpu_count(),
+                              "machine": platform.node(), "latency": {}, "throughput_rps": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="nx-bench-ts-") as tmp:
         for label, batch in (("unbatched", 1), ("batched", 8)):
             store = Path(tmp) / label
             store.mkdir()
             build_archive(folder / "spec.json", folder / "weights.pt", store / f"{MODEL}.mar",
                           config=ArchiveConfig(batch_size=batch, max_batch_delay_ms=10))
-            backend = _torchserve_backend(store)
+            backend = _torchserve_backend(store, device)
+            result["worker_device"] = _worker_device(backend)
             gateway, stub = _gateway(backend)
+            decoding, decoding_stub = _gateway(_GatewayDecodesToo(backend))
             try:
                 predict = _predict_fn(stub)
                 if label == "unbatched":
-                    result["latency"]["gateway_torchserve"] = _latency(predict, scans)
-                    result["latency"]["stock_rest"] = _latency(_rest_fn(backend), scans)
+                    paths = {"gateway_torchserve": predict, "stock_rest": _rest_fn(backend),
+                             "gateway_torchserve_decoding_twice": _predict_fn(decoding_stub)}  # fmt: skip
+                    raw: dict[str, list[float]] = {}
+                    result["latency"].update(_latency(paths, scans, raw))
+                    result["paired"] = {
+                        "gateway_torchserve_vs_stock_rest": _paired(raw, "gateway_torchserve", "stock_rest"),
+                        "decoding_twice_vs_gateway_torchserve": _paired(
+                            raw, "gateway_torchserve_decoding_twice", "gateway_torchserve"
+                        ),
+                    }
                 result["throughput_rps"][label] = {str(c): _throughput(predict, scans, c) for c in CLIENTS}
             finally:
-                gateway.stop(None).wait()
-                gateway.close()
+                for server in (gateway, decoding):
+                    server.stop(None).wait()
+                    server.close()
                 backend.close()
-    inprocess = InProcessBackend()
+    inprocess = InProcessBackend(device=device)
     inprocess.start()
     gateway, stub = _gateway(inprocess)
     try:
-        result["latency"]["gateway_inprocess"] = _latency(_predict_fn(stub), scans)
+        result["latency"].update(_latency({"gateway_inprocess": _predict_fn(stub)}, scans))
     finally:
         gateway.stop(None).wait()
         gateway.close()
@@ -158,12 +294,16 @@ def main() -> None:
         "gateway_torchserve_vs_stock_rest_p50": round(lat["gateway_torchserve"]["p50_ms"] / lat["stock_rest"]["p50_ms"], 3),
         "gateway_torchserve_vs_stock_rest_p95": round(lat["gateway_torchserve"]["p95_ms"] / lat["stock_rest"]["p95_ms"], 3),
         "gateway_torchserve_vs_inprocess_p50": round(lat["gateway_torchserve"]["p50_ms"] / lat["gateway_inprocess"]["p50_ms"], 3),
+        "decoding_twice_vs_stock_rest_p50": round(
+            lat["gateway_torchserve_decoding_twice"]["p50_ms"] / lat["stock_rest"]["p50_ms"], 3
+        ),
         "batched_vs_unbatched_at_16": round(
             result["throughput_rps"]["batched"]["16"] / result["throughput_rps"]["unbatched"]["16"], 3
         ),
     }
     result["scan_bytes"] = int(np.mean([len(s) for s in scans]))
-    save("torchserve", result)
+    result["gateway_parts_ms"] = _gateway_parts(scans)
+    save("torchserve" if device == "cpu" else f"torchserve_{device}", result)
 
 
 if __name__ == "__main__":

@@ -253,6 +253,10 @@ class Backend(Protocol):
     ``CancelledError`` when ``ctx.is_cancelled()`` turned True, ``InvalidInputError``/``NotFoundError`` for bad
     requests); the gateway maps them to gRPC codes. Methods are called from many threads at once and must keep no
     per-request state on ``self``.
+
+    A backend with a true ``decodes_scans`` attribute validates scans itself with the library's ``read_scan`` (so the
+    same typed errors): the core then hands it the bytes undecoded (``ScanInput.decoded`` None) instead of decoding
+    every scan twice. Without the attribute the core decodes first.
     """
 
     def start(self) -> None:

@@ -446,7 +446,9 @@ class Core:
             try:
                 if flight.cancelled.is_set():
                     raise CancelledError("every caller went away before the computation started")
-                resolved = None if scan is None else self._decoded(scan)
+                # A backend that decodes scans itself (TorchServe: the handler runs the same read_scan) gets the bytes.
+                remote = getattr(self.backend, "decodes_scans", False)
+                resolved = None if scan is None else scan if remote else self._decoded(scan)
                 result = compute(resolved, ctx)
                 self.metrics.backend_duration.labels(op.value, info.name).observe(time.perf_counter() - start)
                 self._cache_put(op, key, result)

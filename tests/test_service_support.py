@@ -123,6 +123,7 @@ class GatedBackend:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self.decodes_scans = getattr(inner, "decodes_scans", False)  # TorchServe: the worker validates scans
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Semaphore(0)

@@ -241,6 +241,20 @@ def test_cancelled_attribute_stops_the_worker_within_a_few_passes(backend: Any, 
     assert got.total_positive == pytest.approx(inprocess.attribute(quick, CallContext()).total_positive, rel=1e-4)
 
 
+def test_attribute_past_its_deadline_stops_the_worker_too(backend: Any, scan: bytes) -> None:
+    # TorchServe drops the call at the deadline but not the worker's work: the gateway raises the flag as well, and the
+    # worker, still running after the call ended, stops on it and removes it.
+    request = AttributeRequest("tinyles", _scan(scan), method="smoothgrad", options={
+        "base": "integrated_gradients", "nt_samples": "64", "n_steps": "256", "internal_batch_size": "1"})  # fmt: skip
+    before = cancel_reports(backend, "tinyles", "attribute")
+    with pytest.raises(errors.DeadlineExceededError):
+        backend.attribute(request, CallContext(deadline=time.monotonic() + 2.0))
+    after_flag = next_cancel_report(backend, "tinyles", "attribute", before)
+    assert after_flag <= K_AFTER_FLAG, f"the worker ran {after_flag} passes after the cancel flag; allowed {K_AFTER_FLAG}"
+    assert not list(backend.supervisor.cancel_dir.iterdir()), "the worker removes a flag the gateway left behind"
+    assert backend.predict(PredictRequest("tinyles", _scan(scan)), CallContext()).model == "tinyles"
+
+
 def test_torchserve_killed_mid_request_is_unavailable_then_recovers(backend: Any, inprocess: Any,
                                                                     scan: bytes) -> None:
     generation = backend.supervisor.generation

@@ -62,6 +62,8 @@ class TorchServeBackend:
         build_archives: build missing or stale archives of the registry's models into the store at start.
     """
 
+    decodes_scans = True  # the handler validates every scan with read_scan; the gateway need not decode it first
+
     def __init__(self, settings: Any, *, engine: EngineOptions | None = None, build_archives: bool = True) -> None:
         self.settings = settings
         self.engine = engine or EngineOptions(

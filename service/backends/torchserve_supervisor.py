@@ -65,6 +65,8 @@ class EngineOptions:
         job_queue_size: requests queued per model before TorchServe refuses (mapped to RESOURCE_EXHAUSTED).
         restart_backoff_s: first restart delay; doubles on each quick failure up to ``restart_backoff_max_s``.
         jvm_args: JVM options (small heap, serial GC: the frontend only shuffles bytes).
+        number_of_gpu: GPUs TorchServe hands to workers (``gpu_id``; the handler then runs on CUDA when torch has
+            it); None = TorchServe's default, every visible GPU; 0 = CPU only.
     """
 
     model_store: Path
@@ -77,6 +79,7 @@ class EngineOptions:
     restart_backoff_max_s: float = 30.0
     jvm_args: tuple[str, ...] = ("-Xmx1g", "-XX:+UseSerialGC", "-XX:-UsePerfData")
     extra_env: dict[str, str] = field(default_factory=dict)
+    number_of_gpu: int | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,8 @@ class TorchServeSupervisor:
             "default_workers_per_model": "1",
             "vmargs": " ".join(self.options.jvm_args),
         }
+        if self.options.number_of_gpu is not None:
+            lines["number_of_gpu"] = str(self.options.number_of_gpu)
         path = self.work_dir / "config.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
         endpoints = Endpoints(
