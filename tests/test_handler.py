@@ -405,3 +405,17 @@ def test_metrics_yaml_declares_what_the_handler_emits() -> None:
     dims = {m["name"]: m["dimensions"] for m in declared}
     assert dims[module.REQUESTS_METRIC] == ["ModelName", "Task", "Outcome"]
     assert dims[module.SECONDS_METRIC] == ["ModelName"]
+
+
+def test_the_cuda_benchmark_refuses_to_run_without_cuda() -> None:
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the benchmark would run")
+    done = subprocess.run([sys.executable, "-m", "bench.bench_torchserve", "--device", "cuda"],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert "bench torchserve --device cuda:" in done.stderr and ("CPU build" in done.stderr or "no CUDA" in done.stderr)
+    assert done.stdout == ""  # nothing measured, nothing saved
