@@ -405,6 +405,7 @@ def test_metrics_yaml_declares_what_the_handler_emits() -> None:
     dims = {m["name"]: m["dimensions"] for m in declared}
     assert dims[module.REQUESTS_METRIC] == ["ModelName", "Task", "Outcome"]
     assert dims[module.SECONDS_METRIC] == ["ModelName"]
+    assert dims[module.CANCELS_METRIC] == ["ModelName", "Task", "AfterFlag"]
 
 
 def test_the_cuda_benchmark_refuses_to_run_without_cuda() -> None:
