@@ -428,9 +428,12 @@ class _RescaleFn(torch.autograd.Function):
         zz, oo = z.view(2, pair, *z.shape[1:]), out.view(2, pair, *z.shape[1:])
         d_in = zz[0] - zz[1]
         small = d_in.abs() < _DEEPLIFT_EPS
-        ratio = (oo[0] - oo[1]) / torch.where(small, torch.ones_like(d_in), d_in)
+        ratio = (oo[0] - oo[1]) / d_in  # inf or nan where d_in == 0: replaced just below
         # Both halves get the same multiplier; where the two inputs (almost) coincide, each its own gradient.
-        ctx.save_for_backward(torch.where(small, (zz > 0).to(z.dtype), ratio).view_as(z))
+        mult = torch.empty_like(z)
+        torch.where(small, zz[0] > 0, ratio, out=mult[:pair])  # half by half: a broadcast where is slower
+        torch.where(small, zz[1] > 0, ratio, out=mult[pair:])
+        ctx.save_for_backward(mult)
         return out
 
     @staticmethod
@@ -465,13 +468,15 @@ class _RescaleMaxPoolFn(torch.autograd.Function):
         spread = unpool(grad * d_out, idx, pool.kernel_size, pool.stride, pool.padding, list(z.shape))
         d_in = z[:pair] - z[pair:]
         small = d_in.abs() < _DEEPLIFT_EPS
-        rescaled = (spread[:pair] + spread[pair:]) / torch.where(small, torch.ones_like(d_in), d_in)
+        rescaled = (spread[:pair] + spread[pair:]) / d_in  # inf or nan where d_in == 0: replaced below
         if not small.any():
             return torch.cat([rescaled, rescaled]), None
         n = z.dim() - 2
         k, s, p, d = (_tuple(v, n) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
         regular = regular_grad(grad, z, k, s, p, d, pool.ceil_mode, idx)  # the ordinary gradient, per half
-        return torch.where(small, regular.view(2, pair, *z.shape[1:]), rescaled).reshape_as(z), None
+        torch.where(small, regular[:pair], rescaled, out=regular[:pair])
+        torch.where(small, regular[pair:], rescaled, out=regular[pair:])
+        return regular, None
 
 
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
