@@ -166,8 +166,14 @@ def _tv3d(v: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W) -> (B,)
     return dd + dh + dw
 
 
-def _penalty(v: torch.Tensor, ref: torch.Tensor, s: Settings) -> torch.Tensor:  # (B,)
+def _penalty(d: torch.Tensor, ref: torch.Tensor, s: Settings, volume: torch.Tensor,
+             prior: torch.Tensor | None = None) -> torch.Tensor:  # (B,)
+    """Regularizers on the parametrized image ``d`` (the volume, or with anchor=template its relative change) and
+    the data prior on the volume itself."""
+    v = d
     total = v.new_zeros(v.shape[0])
+    if prior is not None:
+        total = total + s["prior"] * (volume - prior).pow(2).flatten(1).mean(1)
     if s["l1"]:
         total = total + s["l1"] * (v - ref).abs().flatten(1).mean(1)
     if s["l2"]:
@@ -265,8 +271,15 @@ def visualize(
     shape = tuple(spec.grid.shape)
     start_np, placement = _start_volume(model, start, s, gen)
     lo, hi = float(s["range_min"]), float(s["range_max"])
+    anchored = s["anchor"] == "template"
+    if anchored:
+        if placement is not None:
+            raise InvalidOptionError("anchor=template optimises a change of the template; start from noise or the "
+                                     "template, not a scan")
+        start_np = None if start_np is None else np.zeros(shape, dtype=np.float32)  # template start: no change yet
+    noise_level = 0.0 if anchored else NOISE_MEAN
     if start_np is None:
-        start_t = torch.full((batch, 1, *shape), NOISE_MEAN)  # noise is added in parameter space below
+        start_t = torch.full((batch, 1, *shape), noise_level)  # noise is added in parameter space below
         ref = torch.zeros_like(start_t)
     else:
         start_t = torch.from_numpy(np.ascontiguousarray(start_np, dtype=np.float32))[None, None].repeat(batch, 1, 1, 1, 1)
@@ -286,17 +299,28 @@ def visualize(
         param.add_noise_(float(s["noise_std"]), gen)
     ref = ref.to(model.device)
     mask_d = mask.to(model.device) if mask is not None else None
+    template = None
+    if anchored or s["prior"]:
+        from neuroexplain.template import anatomy
+
+        template = torch.from_numpy(anatomy(spec.grid).t1)[None, None].to(model.device)  # 0 outside the brain
+    prior = template if s["prior"] else None
     clamp_in_forward = bool(s["clamp"]) and Param(s["param"]) is Param.FOURIER
     robust = Robustness(int(s["pad"]), int(s["jitter"]), float(s["scale"]), float(s["rotate"]))
     bank = robust.bank(shape, gen, device=model.device) if robust.active else None
     optimizer = torch.optim.Adam(param.parameters(), lr=float(s["lr"]), weight_decay=float(s["weight_decay"]),
                                  fused=True)  # one kernel instead of ~10 passes over 614k voxel parameters
 
-    def current() -> torch.Tensor:  # (B, 1, D, H, W)
-        v = param.volume()
+    def current() -> tuple[torch.Tensor, torch.Tensor]:  # the parametrized image and the volume, (B, 1, D, H, W)
+        d = param.volume()
         if clamp_in_forward:
-            v = v.clamp(lo, hi)
-        return v * mask_d if mask_d is not None else v
+            d = d.clamp(lo, hi)
+        if mask_d is not None:
+            d = d * mask_d
+        if anchored:
+            assert template is not None
+            return d, template * (1 + d)  # a relative change of the template (0 outside its brain)
+        return d, d
 
     curve: list[float] = []
     with _hooks(model, full.layers):
@@ -304,11 +328,11 @@ def visualize(
             if should_cancel is not None and should_cancel():
                 raise VisualizationCancelled(step, steps)
             optimizer.zero_grad(set_to_none=True)
-            v = current()
+            d, v = current()
             acts = _activations(model, bank.apply(v, gen) if bank is not None else v, full.layers)
             target_values = objective(acts)  # (B,)
             total = full(acts) if full is not objective else target_values
-            loss = -(total - _penalty(v, ref, s)).sum()
+            loss = -(total - _penalty(d, ref, s, v, prior)).sum()
             loss.backward()
             optimizer.step()
             if s["clamp"]:
@@ -323,10 +347,10 @@ def visualize(
                 preview = None
                 if preview_every and ((step + 1) % preview_every == 0 or step + 1 == steps):
                     with torch.no_grad():
-                        preview = render_png(current()[0, 0].detach().cpu().numpy())
+                        preview = render_png(current()[1][0, 0].detach().cpu().numpy())
                 progress(Progress(step + 1, steps, value, preview))
         with torch.no_grad():
-            final = current().detach()
+            final = current()[1].detach()
             finals = objective(_activations(model, final, objective.layers)).cpu().tolist()
 
     samples = final[:, 0].cpu().numpy().astype(np.float32)  # (B, D, H, W)

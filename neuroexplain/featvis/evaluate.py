@@ -5,9 +5,21 @@ Lesion model, ``lesion`` class, noise start, under each preset and under ``none`
 - **activation reached**: the class logit on the final (untransformed) volume, and its ratio to the ``none`` run's;
 - **high-frequency energy**: share of the (mean-removed, Hann-windowed) spectral energy above 0.25 cycles/voxel (wavelengths under
   4 voxels = 8 mm at 2 mm), and its ratio to the ``none`` run's;
-- **lesion-likeness**: correlation with the lesion-occurrence prior over the brain, share of the top-1% voxels inside
-  white matter (template WM probability > 0.5), and the sizes of the connected blobs the top-1% voxels form, against
-  the sizes of the real synthetic lesions.
+- **lesion-likeness**, measured on the visualization's own contribution, its *departure* from the image the run is
+  anchored to (:func:`departure`): ``(volume - A) / max(A, 0.1)`` with ``A`` = the MNI152 template for runs that use it
+  as a data prior (``anchor=template`` or ``prior > 0``, e.g. the ``full`` preset) and ``A`` = the noise start's
+  mid-grey 0.5 otherwise (which ranks voxels exactly as the raw volume does). A volume that *is* the template has
+  departure 0 everywhere, so normal white matter cannot score. On the departure: correlation with the
+  lesion-occurrence prior over the brain, share of its top-1% voxels inside white matter (template WM probability
+  > 0.5; chance = white matter's share of wherever the top 1% can go, 34% of the brain), the same share for the
+  *local* departure (departure minus its 8 mm Gaussian smoothing: hyperintense detail rather than broad shading), and
+  the sizes of the connected blobs the top-1% voxels form, against the sizes of the real synthetic lesions;
+- **max intensity** of the volume (normalised units, brain 99th percentile = 1; real lesions reach about 2.2), which
+  shows whether a run stayed realistic.
+
+Control rows optimise another objective under the best preset's settings (``target`` set): they show how much of the
+white-matter share the anchor produces by itself. Every row's ``lesion logit`` is the lesion class logit of its final
+volume.
 
 Atrophy model, ``atrophy`` class, template start: where the visualization departs from the template — share of the
 squared change inside the ventricles and hippocampi (with a 4 mm margin) against their share of the brain.
@@ -30,13 +42,15 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from neuroexplain.featvis.engine import visualize
+from neuroexplain.featvis.engine import NOISE_MEAN, visualize
 from neuroexplain.models.registry import LoadedModel
 
 HF_CUTOFF = 0.25  # cycles/voxel
 TOP_FRACTION = 0.01
 MARGIN_MM = 4.0
 DEFAULT_STEPS = 128
+LOCAL_SIGMA_MM = 8.0
+ANCHOR_FLOOR = 0.1  # departure denominator floor: the template is 0 outside the brain and >= 0.3 inside
 _ROBUST_ONLY = {"pad": 2, "jitter": 2, "scale": 0.05, "rotate": 5.0}  # the robust preset's transforms
 
 
@@ -51,12 +65,20 @@ class RunConfig:
     target: str = ""
 
 
+_REALISTIC = {"range_map": "sigmoid", "range_min": -0.2, "range_max": 1.2}  # d: up to 120% brighter, as real lesions
+
 LESION_RUNS: tuple[RunConfig, ...] = (
     RunConfig("none", "none"),
     RunConfig("paper", "paper"),
     RunConfig("robust", "robust"),
     RunConfig("full", "full"),
     RunConfig("robust + brain mask", "robust", {"brain_mask": True}),
+    RunConfig("robust + anchor", "robust", {"anchor": "template"}),
+    RunConfig("robust + decay 1 + brain mask", "robust", {"decay": 1.0, "brain_mask": True}),
+    RunConfig("full, realistic range", "full", dict(_REALISTIC)),
+    RunConfig("robust + mask + additive prior", "robust",
+              {"brain_mask": True, "prior": 100.0, "range_map": "sigmoid", "range_min": 0.0, "range_max": 2.2}),
+    RunConfig("paper, blur 0.5 voxel", "paper", {"blur_sigma": 0.5, "blur_every": 4}),
     RunConfig("none + L1", "none", {"l1": 0.01}),
     RunConfig("none + L2", "none", {"l2": 0.5}),
     RunConfig("none + weight decay", "none", {"weight_decay": 0.01}),
@@ -66,8 +88,10 @@ LESION_RUNS: tuple[RunConfig, ...] = (
     RunConfig("none + transforms", "none", dict(_ROBUST_ONLY)),
     RunConfig("none + brain mask", "none", {"brain_mask": True}),
     RunConfig("none + clamp", "none", {"clamp": True}),
+    RunConfig("none + anchor", "none", {"anchor": "template"}),
+    RunConfig("control: full, class healthy", "full", target="class:healthy"),
+    RunConfig("control: full, channel conv4:0", "full", target="channel:conv4:0"),
 )
-
 ATROPHY_RUNS: tuple[RunConfig, ...] = (
     RunConfig("none", "none", start="template"),
     RunConfig("paper", "paper", start="template"),
@@ -75,6 +99,26 @@ ATROPHY_RUNS: tuple[RunConfig, ...] = (
     RunConfig("full", "full", start="template"),
 )
 
+
+NOTES = {
+    "lesion": (
+        "What the columns measure (identical for every row). *lesion logit*: the lesion class logit of the final "
+        "volume; *logit / none* and *HF / none* are ratios to the first row. *HF energy*: share of the volume's "
+        "(mean-removed, Hann-windowed) spectral energy above 0.25 cycles/voxel. The lesion-likeness columns are "
+        "computed on the run's **departure** from the image it is anchored to, `(volume - A) / max(A, 0.1)`: "
+        "A = the MNI152 template for runs built on it or pulled towards it (`anchor=template`, `prior > 0`: `full`, "
+        "the anchor and prior rows and the controls), A = the noise start's mid-grey 0.5 for all others (this ranks "
+        "voxels exactly as the raw volume does). The template itself has departure 0, so normal white matter cannot "
+        "score. *top-1% in WM*: share of the departure's top 1% of voxels where the template's white-matter "
+        "probability is > 0.5 (chance: 34% of the brain, 13% of the box); *(local)*: the same for the departure "
+        "minus its 8 mm Gaussian smoothing; *corr. with lesion prior*: correlation of the departure with the "
+        "(smoothed) map lesion centres are drawn from, over the brain; *blobs*: connected components of the top 1% "
+        "and their equivalent diameters against the real synthetic lesions'. *max intensity*: the volume's "
+        "maximum (normalised units; the template's is 1.09, real lesions reach about 2.2). *Control* rows optimise "
+        "another objective under `full`'s settings: how much white-matter share the anchor gives by itself. "
+        "*meets targets*: class-lesion rows with top-1% in WM >= 0.6, HF / none <= 0.2 and logit / none >= 0.5.\n\n"
+    ),
+}
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Metrics (pure functions, unit-tested)
@@ -123,6 +167,26 @@ def blob_diameters_mm(mask: np.ndarray, voxel_mm: float) -> np.ndarray:
         return np.zeros(0)
     sizes = np.bincount(labels.ravel())[1:] * voxel_mm**3
     return (6 * sizes / np.pi) ** (1 / 3)
+
+
+def uses_template(run: RunConfig) -> bool:
+    """Whether the run's volume is built on the template (``anchor=template``) or pulled towards it (``prior``)."""
+    from neuroexplain.featvis.presets import resolve
+
+    s = resolve(run.preset, run.options, ())
+    return s["anchor"] == "template" or s["prior"] > 0
+
+
+def departure(volume: np.ndarray, anchor: np.ndarray | float) -> np.ndarray:
+    """The volume's own contribution: ``(volume - anchor) / max(anchor, ANCHOR_FLOOR)`` (see the module doc)."""
+    a = np.broadcast_to(np.asarray(anchor, dtype=np.float64), np.shape(volume))
+    return (np.asarray(volume, dtype=np.float64) - a) / np.maximum(a, ANCHOR_FLOOR)
+
+
+def local(volume: np.ndarray, sigma_voxels: float) -> np.ndarray:
+    """``volume`` minus its Gaussian smoothing: local detail, without broad shading."""
+    v = np.asarray(volume, dtype=np.float64)
+    return v - ndimage.gaussian_filter(v, sigma_voxels)
 
 
 def correlation(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
@@ -204,28 +268,44 @@ def lesion_rows(model: LoadedModel, steps: int, seed: int, cache_dir: Path, runs
         "real_lesion_diameter_mm_p10_p90": [lo, hi],
         "real_lesions": int(real.size),
     }
+    context["template_max_intensity"] = float(a.t1.max())
+    context["hf_energy_of_template"] = hf_energy_ratio(a.t1)
     rows: list[dict[str, Any]] = []
     volumes: dict[str, np.ndarray] = {}
     for run in runs:
-        r = run_cached(model, run, "class:lesion", steps, seed, cache_dir, log)
+        target = run.target or "class:lesion"
+        r = run_cached(model, run, target, steps, seed, cache_dir, log)
         v = r["volume"]
         volumes[run.name] = v
-        top = top_mask(v)
+        dep = departure(v, a.t1 if uses_template(run) else NOISE_MEAN)
+        top = top_mask(dep)
+        top_local = top_mask(local(dep, LOCAL_SIGMA_MM / voxel_mm))
         blobs = blob_diameters_mm(top, voxel_mm)
+        logit = r["final"] if target == "class:lesion" else _class_logit(model, v, "lesion")
         rows.append({
-            "run": run.name, "preset": run.preset, "options": run.options, "logit": r["final"],
-            "hf_energy": hf_energy_ratio(v), "prior_corr": correlation(v, prior, a.brain),
-            "top1_in_wm": share_inside(top, wm), "top1_in_brain": share_inside(top, a.brain),
+            "run": run.name, "preset": run.preset, "options": run.options, "target": target, "logit": logit,
+            "hf_energy": hf_energy_ratio(v), "prior_corr": correlation(dep, prior, a.brain),
+            "top1_in_wm": share_inside(top, wm), "top1_local_in_wm": share_inside(top_local, wm),
+            "top1_in_brain": share_inside(top, a.brain),
             "blobs": int(blobs.size), "blob_diameter_mm_median": float(np.median(blobs)) if blobs.size else 0.0,
             "blobs_in_real_size_range": float(((blobs >= lo) & (blobs <= hi)).mean()) if blobs.size else 0.0,
-            "seconds": r["seconds"],
+            "max_intensity": float(v.max()), "seconds": r["seconds"],
         })
     base = rows[0]
     for row in rows:
         row["logit_vs_none"] = row["logit"] / base["logit"] if base["logit"] else float("nan")
         row["hf_vs_none"] = row["hf_energy"] / base["hf_energy"] if base["hf_energy"] else float("nan")
-        row["meets_targets"] = bool(row["top1_in_wm"] >= 0.6 and row["hf_vs_none"] <= 0.2 and row["logit_vs_none"] >= 0.5)
+        row["meets_targets"] = bool(row["target"] == "class:lesion" and row["top1_in_wm"] >= 0.6
+                                    and row["hf_vs_none"] <= 0.2 and row["logit_vs_none"] >= 0.5)
     return rows, context, volumes
+
+
+def _class_logit(model: LoadedModel, volume: np.ndarray, cls: str) -> float:
+    import torch
+
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(model.device)
+        return float(model.module(x)[0, model.spec.classes.index(cls)])
 
 
 def atrophy_rows(model: LoadedModel, steps: int, seed: int, cache_dir: Path, runs: Sequence[RunConfig] = ATROPHY_RUNS,
@@ -297,9 +377,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 
 LESION_COLUMNS: tuple[tuple[str, str], ...] = (("run", "run"), ("logit", "lesion logit"), ("logit_vs_none", "logit / none"),
                   ("hf_energy", "HF energy"), ("hf_vs_none", "HF / none"), ("prior_corr", "corr. with lesion prior"),
-                  ("top1_in_wm", "top-1% in WM"), ("top1_in_brain", "top-1% in brain"), ("blobs", "blobs"),
+                  ("top1_in_wm", "top-1% in WM"), ("top1_local_in_wm", "top-1% in WM (local)"),
+                  ("top1_in_brain", "top-1% in brain"), ("blobs", "blobs"),
                   ("blob_diameter_mm_median", "blob diameter (mm, median)"),
-                  ("blobs_in_real_size_range", "blobs in real size range"), ("meets_targets", "meets targets"))
+                  ("blobs_in_real_size_range", "blobs in real size range"), ("max_intensity", "max intensity"),
+                  ("meets_targets", "meets targets"))
 ATROPHY_COLUMNS: tuple[tuple[str, str], ...] = (("run", "preset"), ("logit_start", "logit (template)"), ("logit", "logit (final)"),
                    ("enrichment_ventricles", "change enrichment: ventricles"),
                    ("enrichment_hippocampi", "hippocampi"), ("enrichment_cortical_rim", "cortical rim"),

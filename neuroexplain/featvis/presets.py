@@ -25,7 +25,7 @@ class Preset(enum.Enum):
     NONE = "none"  # plain gradient ascent on voxels: the unregularized baseline
     PAPER = "paper"  # voxel + L2 (Adam weight decay) + Gaussian blur, after Eitel et al. (2022)
     ROBUST = "robust"  # 3D Fourier parametrization + transformation robustness (jitter, scale, rotate)
-    FULL = "full"  # robust + brain mask + total variation + L1 + intensity range
+    FULL = "full"  # robust + data prior: a relative change of the MNI152 template (anchor=template), decay 1.0
 
     @classmethod
     def parse(cls, value: Preset | str) -> Preset:
@@ -132,6 +132,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("weight_decay", "float", 0.0, "Adam weight decay on the parameters (an L2 pull towards 0)", 0.0, 1.0),
     OptionSpec("l1", "float", 0.0, "weight of the mean |volume - start| penalty (start = 0 for noise)", 0.0, 100.0),
     OptionSpec("l2", "float", 0.0, "weight of the mean (volume - start)^2 penalty (start = 0 for noise)", 0.0, 100.0),
+    OptionSpec("anchor", "enum", "none", "template: optimise a relative change d of the MNI152 template, volume = "
+               "template * (1 + d) (lesions are hyperintense relative to their tissue); l1/l2/tv, clamp and range_map "
+               "then act on d, and noise starts around d = 0", choices=("none", "template")),
+    OptionSpec("prior", "float", 0.0, "weight of the mean (volume - MNI152 template)^2 penalty: a data prior that "
+               "pulls the volume towards normal anatomy (0 = off)", 0.0, 10000.0),
     OptionSpec("tv", "float", 0.0, "weight of the 3D total-variation penalty (mean |gradient|)", 0.0, 100.0),
     OptionSpec("blur_sigma", "float", 0.0, "Gaussian blur of the parameters every blur_every steps, in voxels", 0.0, 5.0),
     OptionSpec("blur_every", "int", 0, "blur period in steps (0 = never)", 0, MAX_STEPS),
@@ -153,14 +158,19 @@ _BY_NAME = {o.name: o for o in OPTIONS}
 _PAPER = {"param": "voxel", "lr": 0.05, "weight_decay": 0.01, "blur_sigma": 1.0, "blur_every": 4}
 # Fourier steps reach every voxel at once, so robust uses a smaller lr than the voxel presets; decay 1.5 keeps the
 # 1/f-coloured noise start smooth. Transforms are milder than lucid's 2D defaults: with global max pooling, larger ones
-# left the lesion logit flat within 40 steps on our models (see the README's feature-visualization section).
+# left the lesion logit flat within 40 steps on our models (see the README's feature-visualization section). Only the
+# coefficients up to 0.25 cycles/voxel (8 mm wavelength at 2 mm; the bundled models' stem samples at 4 mm) are free:
+# the inverse transform costs about half as much, and the high frequencies were noise anyway.
 _ROBUST = {"param": "fourier", "decay": 1.5, "cutoff": 0.25, "lr": 0.02, "pad": 2, "jitter": 2, "scale": 0.05,
            "rotate": 5.0}
 PRESETS: Mapping[Preset, Mapping[str, Any]] = {
     Preset.NONE: {"param": "voxel", "lr": 0.05},
     Preset.PAPER: _PAPER,
     Preset.ROBUST: _ROBUST,
-    Preset.FULL: {**_ROBUST, "brain_mask": True, "tv": 0.1, "l1": 0.01, "clamp": True},
+    # robust + the data prior: the volume is the template times (1 + a Fourier-parametrized relative change), so
+    # what the model adds is a change of normal anatomy; decay 1.0 lets blob-sized detail through (1.5 kept the lesion
+    # class's changes too smooth to sit in white matter). Best lesion-likeness in docs/featvis_lesion.md.
+    Preset.FULL: {**_ROBUST, "decay": 1.0, "anchor": "template"},
 }
 
 
@@ -220,6 +230,10 @@ def _check_contradictions(s: Settings) -> None:
         raise InvalidOptionError("blur needs both blur_sigma > 0 and blur_every > 0 (or both 0 to turn it off)")
     if (s["diversity"] > 0 or "diversity_layer" in s.explicit) and s["batch"] < 2:
         raise InvalidOptionError("the diversity term compares samples of a batch; set batch to 2 or more")
+    if s["anchor"] == "template" and s["range_map"] == RangeMap.SIGMOID.value and not s["range_min"] < 0 < s["range_max"]:
+        raise InvalidOptionError("with anchor=template the range bounds the relative change d, which starts at 0: "
+                                 f"range_map=sigmoid needs range_min < 0 < range_max (now {s['range_min']:g} to "
+                                 f"{s['range_max']:g})")
     if "clamp" in s.explicit and s["clamp"] and s["range_map"] == RangeMap.SIGMOID.value:
         raise InvalidOptionError("clamp and range_map=sigmoid both bound intensities; choose one")
 
