@@ -285,6 +285,39 @@ def test_template_start_and_brain_mask(model: LoadedModel) -> None:
     assert _corr(untouched.volume, anatomy(GRID).t1) > 0.99
 
 
+def test_anchor_template_optimises_a_relative_change_of_the_template(model: LoadedModel) -> None:
+    from neuroexplain.template import anatomy
+
+    t1 = anatomy(GRID).t1
+    # Template start: d = 0, so the volume starts as the template and stays 0 outside the brain.
+    untouched = visualize(model, "class:pattern", preset="full", steps=1, start="template", options={"lr": 1e-5})
+    assert np.allclose(untouched.volume, t1, atol=1e-3)
+    result = visualize(model, "class:pattern", preset="full", steps=30, seed=0,
+                       options={"range_map": "sigmoid", "range_min": -0.2, "range_max": 1.2})
+    assert np.all(result.volume[t1 == 0] == 0)
+    inside = t1 > 0.05
+    d = result.volume[inside] / t1[inside] - 1  # the relative change is bounded by the range map
+    assert d.min() >= -0.2 - 1e-4 and d.max() <= 1.2 + 1e-4 and d.std() > 0.01
+    assert result.objective_final > result.curve[0]
+
+
+def test_anchor_refuses_a_scan_start(model: LoadedModel) -> None:
+    data = np.ones((8, 8, 8), dtype=np.float32)
+    scan = Scan(data=data, affine=np.diag([10.0, 10.0, 10.0, 1.0]), digest="0" * 64, format="nifti1")
+    with pytest.raises(InvalidOptionError, match="start from noise or the template"):
+        visualize(model, "class:pattern", preset="robust", steps=1, start=scan, options={"anchor": "template"})
+
+
+def test_prior_pulls_the_volume_towards_the_template(model: LoadedModel) -> None:
+    from neuroexplain.template import anatomy
+
+    t1 = anatomy(GRID).t1
+    kw = {"preset": "none", "steps": 40, "seed": 0}
+    free = visualize(model, "class:pattern", **kw)
+    pulled = visualize(model, "class:pattern", **kw, options={"prior": 1000.0})
+    assert np.abs(pulled.volume - t1).mean() < 0.5 * np.abs(free.volume - t1).mean()
+
+
 def test_batch_with_diversity_gives_distinct_samples(model: LoadedModel) -> None:
     result = visualize(model, "channel:detect:0", preset="none", steps=4, seed=5,
                        options={"batch": 3, "diversity": 1.0})
@@ -369,6 +402,12 @@ def test_bad_targets(model: LoadedModel, target: str, error: type[Exception], al
         ({"options": {"diversity_layer": "conv1", "batch": 2}}, InvalidOptionError, "layers: ['detect']"),
         ({"options": {"blur_sigma": 1.0}}, InvalidOptionError, "blur_every"),
         ({"options": {"clamp": True, "range_map": "sigmoid"}}, InvalidOptionError, "choose one"),
+        ({"options": {"anchor": "atlas"}}, InvalidOptionError, "['none', 'template']"),
+        ({"options": {"prior": -1}}, InvalidOptionError, "0 to 10000"),
+        ({"options": {"prior": "strong"}}, InvalidOptionError, "not a number"),
+        ({"preset": "none", "options": {"cutoff": 0.2}}, InvalidOptionError, "param=fourier only"),
+        ({"options": {"anchor": "template", "range_map": "sigmoid"}}, InvalidOptionError,
+         "range_min < 0 < range_max"),
     ],
 )
 def test_bad_arguments(model: LoadedModel, kwargs: dict, error: type[Exception], allowed: str) -> None:

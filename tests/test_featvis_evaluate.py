@@ -89,3 +89,23 @@ def test_cli_refuses_a_model_without_lesion_or_atrophy_class(tmp_path: Path, mon
     code = main(["evaluate-featvis", "--model", "tinyfv", "--docs", str(tmp_path / "docs")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "'lesion' or 'atrophy' class" in err[0]
+
+
+def test_departure_is_relative_to_the_anchor_and_zero_for_the_anchor_itself() -> None:
+    anchor = np.array([[[0.0, 0.5, 1.0]]])
+    assert np.allclose(ev.departure(anchor, anchor), 0.0)
+    vol = np.array([[[0.2, 1.0, 1.5]]])
+    assert np.allclose(ev.departure(vol, anchor), [[[0.2 / ev.ANCHOR_FLOOR, 1.0, 0.5]]])
+    # A constant anchor ranks voxels as the raw volume does: the top-1% mask is unchanged.
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(10, 10, 10))
+    assert np.array_equal(ev.top_mask(ev.departure(v, 0.5)), ev.top_mask(v))
+    smooth = np.ones((9, 9, 9))
+    assert np.allclose(ev.local(smooth, 2.0), 0.0)
+
+
+def test_uses_template_follows_the_resolved_options() -> None:
+    assert ev.uses_template(ev.RunConfig("full", "full"))
+    assert ev.uses_template(ev.RunConfig("x", "none", {"prior": 1.0}))
+    assert not ev.uses_template(ev.RunConfig("robust", "robust"))
+    assert not ev.uses_template(ev.RunConfig("x", "full", {"anchor": "none"}))
