@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
@@ -375,6 +376,27 @@ def test_deeplift_sums_to_the_output_difference_through_max_pooling(baseline: st
     with torch.no_grad():
         delta = float(model.module(x)[0, 1] - model.module(ref)[0, 1])
     assert float(rel.sum()) == pytest.approx(delta, rel=2e-5)
+
+
+def test_deeplift_max_pooling_rule_on_the_pooled_grid_equals_captums_formula() -> None:
+    # captum's rule (deep_lift.maxpool), written on the full input grid, against our disjoint-window version.
+    from neuroexplain.attribution.methods import _DEEPLIFT_EPS, _maxpool_rule_disjoint
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.relu(torch.randn(4, 3, 6, 8, 4, generator=gen))  # (2B, C, D, H, W): scans then references
+    z[2:, :, :2] = z[:2, :, :2]  # equal inputs: the gradient fallback
+    z[:, 0, 2:4] = 0.0  # ties inside windows
+    grad = torch.randn(4, 3, 3, 4, 2, generator=gen)
+    out, idx = F.max_pool3d(z, 2, 2, 0, 1, False, True)
+    with torch.no_grad():
+        o, o_ref = out.chunk(2)
+        xmax = torch.max(o, o_ref)
+        d_out = torch.cat([xmax - o_ref, o - xmax])
+        spread = F.max_unpool3d(grad * d_out, idx, 2, 2, 0, list(z.shape))
+        d_in = torch.cat(2 * [z[:2] - z[2:]])
+        regular = torch.ops.aten.max_pool3d_with_indices_backward(grad, z, [2] * 3, [2] * 3, [0] * 3, [1] * 3, False, idx)
+        expected = torch.where(d_in.abs() < _DEEPLIFT_EPS, regular, torch.cat(2 * [spread[:2] + spread[2:]]) / d_in)
+    torch.testing.assert_close(_maxpool_rule_disjoint(z, out, idx, grad), expected)
 
 
 def test_deeplift_on_other_nonlinearities_goes_through_captum() -> None:

@@ -457,6 +457,10 @@ class _RescaleMaxPoolFn(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         z, out, idx = ctx.saved_tensors
         pool = ctx.pool
+        n = z.dim() - 2
+        k, s, p, d = (_tuple(v, n) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+        if k == s and not any(p) and all(v == 1 for v in d):
+            return _maxpool_rule_disjoint(z, out, idx, grad), None
         pair = z.shape[0] // 2
         unpool, regular_grad = (
             (F.max_unpool2d, torch.ops.aten.max_pool2d_with_indices_backward) if z.dim() == 4
@@ -471,12 +475,45 @@ class _RescaleMaxPoolFn(torch.autograd.Function):
         rescaled = (spread[:pair] + spread[pair:]) / d_in  # inf or nan where d_in == 0: replaced below
         if not small.any():
             return torch.cat([rescaled, rescaled]), None
-        n = z.dim() - 2
-        k, s, p, d = (_tuple(v, n) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
         regular = regular_grad(grad, z, k, s, p, d, pool.ceil_mode, idx)  # the ordinary gradient, per half
         torch.where(small, regular[:pair], rescaled, out=regular[:pair])
         torch.where(small, regular[pair:], rescaled, out=regular[pair:])
         return regular, None
+
+
+def _maxpool_rule_disjoint(z: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """captum's DeepLIFT max-pooling rule for windows that do not overlap, computed on the pooled grid.
+
+    The rule's input gradient is ``(unpool(g * d_out, idx) + unpool(g_ref * d_out_ref, idx_ref)) / d_in``, each half
+    falling back to its ordinary gradient where ``|d_in| < eps``. With disjoint windows it is non-zero only at the
+    two argmax positions of each window, so everything is computed there (1/8 of the voxels for 2x2x2 windows) and
+    scattered once, instead of unpooling and dividing on the full input grid.
+    """
+    pair = z.shape[0] // 2
+    o0, o1, i0, i1, g0, g1 = out[:pair], out[pair:], idx[:pair], idx[pair:], grad[:pair], grad[pair:]
+    z0, z1 = z[:pair].flatten(2), z[pair:].flatten(2)  # (B, C, voxels)
+    xmax = torch.max(o0, o1)
+    c0 = g0 * (xmax - o1)  # what each half's unpooled term puts at its own argmax
+    c1 = g1 * (o0 - xmax)
+    same = i0 == i1
+    d_at_i0 = o0 - z1.gather(2, i0.flatten(2)).view_as(o0)  # d_in at the scan's argmax
+    d_at_i1 = z0.gather(2, i1.flatten(2)).view_as(o1) - o1  # d_in at the reference's argmax
+    r0 = torch.where(same, c0 + c1, c0) / d_at_i0
+    r1 = c1 / d_at_i1
+    small0 = d_at_i0.abs() < _DEEPLIFT_EPS
+    small1 = (d_at_i1.abs() < _DEEPLIFT_EPS) | same
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    result = torch.zeros_like(z)
+    r_in, r_ref = result[:pair].flatten(2), result[pair:].flatten(2)  # views: scatter writes into result
+    # At the scan's argmax: the rescaled sum, or each half's ordinary gradient (the reference's only if its
+    # argmax is the same voxel).
+    r_in.scatter_add_(2, i0.flatten(2), torch.where(small0, g0, r0).flatten(2))
+    r_ref.scatter_add_(2, i0.flatten(2), torch.where(small0, torch.where(same, g1, zero), r0).flatten(2))
+    # At the reference's argmax, where it differs from the scan's.
+    keep1 = ~same
+    r_in.scatter_add_(2, i1.flatten(2), torch.where(small1, zero, r1).flatten(2))
+    r_ref.scatter_add_(2, i1.flatten(2), torch.where(small1, torch.where(keep1, g1, zero), r1).flatten(2))
+    return result
 
 
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
