@@ -247,18 +247,20 @@ def raise_flag(flag: Path, at: float) -> None:
 
 
 def flag_raised_at(flag: Path) -> float | None:
-    """When a raised flag was raised (``time.time()``), or None while it is not raised."""
+    """When a flag was raised (``time.time()``), or None while it is not raised.
+
+    The later of the time the gateway wrote and the file's change time (set by the rename that made it visible,
+    coarse: a clock tick): a gateway thread descheduled between the two does not count as time the flag was up.
+    """
     try:
         text = flag.read_text()
+        changed = flag.stat().st_ctime
     except OSError:
         return None
     try:
-        return float(text)
-    except ValueError:  # a flag from an older gateway (an empty file): its modification time
-        try:
-            return flag.stat().st_mtime
-        except OSError:
-            return None
+        return max(float(text), changed)
+    except ValueError:  # a flag from an older gateway (an empty file)
+        return changed
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -296,6 +296,9 @@ def test_torchserve_killed_mid_request_is_unavailable_then_recovers(backend: Any
         assert time.monotonic() < deadline, "TorchServe was not restarted"
         time.sleep(0.1)
     _wait_ready(backend)
+    seen_back = time.monotonic() + 5  # the prober's next sample (every 20 ms) must see readiness back
+    while readiness[-1] is not True and time.monotonic() < seen_back:
+        time.sleep(0.02)
     probing.set()
     prober.join()
     assert False in readiness, "readiness never turned off while TorchServe restarted"
