@@ -3,17 +3,16 @@
 Targets (issue 4): time per optimisation step <= 1.3x one forward+backward pass of the same model on the same input
 size, measured in the same run; the seconds for 256 steps at 2 mm; peak RSS <= 2 GB for one visualization.
 
-Step time is the median interval between progress reports (so setup and output encoding are excluded); the baseline
-is the median of plain ``model(x)[0, c].backward()`` calls on a (1, 1, 80, 96, 80) input. The machine is shared with
-other jobs, so both are timed in CPU time of the calling thread (``time.thread_time``; torch runs single-threaded
-here, so all compute is on that thread and time spent waiting for a core does not count), in alternating rounds
-(``BENCH_FEATVIS_ROUNDS``, default 3), and the fastest round of each is used. The 256-step run reports both wall
-and CPU seconds.
+A step's time is the interval between progress reports (so setup and output encoding are excluded); the baseline is
+a plain ``model(x)[0, c].backward()`` on a (1, 1, 80, 96, 80) random input, run inside every progress callback and
+subtracted from that interval, so each step is paired with a baseline measured right next to it. The ratio is the
+median over the pairs (``BENCH_FEATVIS_STEPS`` - 1, default 32). The machine is shared with other jobs, so both are
+timed in CPU time of the calling thread (``time.thread_time``; torch runs single-threaded here, so all compute is on
+that thread and time spent waiting for a core does not count). The 256-step run reports wall and CPU seconds.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
 import statistics
@@ -22,10 +21,9 @@ import time
 
 import torch
 
-from bench.common import p50, peak_rss_mb, save
+from bench.common import peak_rss_mb, save
 
-STEPS_PER_PRESET = int(os.environ.get("BENCH_FEATVIS_STEPS", "12"))
-ROUNDS = int(os.environ.get("BENCH_FEATVIS_ROUNDS", "3"))
+STEPS_PER_PRESET = int(os.environ.get("BENCH_FEATVIS_STEPS", "33"))
 FULL_RUN_STEPS = int(os.environ.get("BENCH_FEATVIS_FULL_STEPS", "256"))
 
 
@@ -49,23 +47,23 @@ def _model():  # type: ignore[no-untyped-def]
         return LoadedModel(spec, module, torch.device("cpu")), "random-weight ScanCNN"
 
 
-def _step_seconds(model, preset: str, steps: int) -> float:  # type: ignore[no-untyped-def]
+def _paired(model, preset: str, steps: int, forward_backward) -> tuple[list[float], list[float]]:  # type: ignore[no-untyped-def]
+    """Per step: the step's CPU time and, right after it (inside the progress callback, excluded from the step), one
+    plain forward+backward. Adjacent pairs see the same machine load, so their ratio is stable on a shared machine."""
     from neuroexplain.featvis import visualize
 
     stamps: list[float] = []
-    visualize(model, "class:lesion", preset=preset, steps=steps, seed=0,
-              progress=lambda _p: stamps.append(time.thread_time()))
-    return statistics.median(b - a for a, b in itertools.pairwise(stamps))
+    fbs: list[float] = []
 
+    def progress(_p) -> None:  # type: ignore[no-untyped-def]
+        t = time.thread_time()
+        stamps.append(t)
+        forward_backward()
+        fbs.append(time.thread_time() - t)
 
-def _cpu_times(fn, repeat: int) -> list[float]:  # type: ignore[no-untyped-def]
-    fn()
-    out = []
-    for _ in range(repeat):
-        c0 = time.thread_time()
-        fn()
-        out.append(time.thread_time() - c0)
-    return out
+    visualize(model, "class:lesion", preset=preset, steps=steps, seed=0, progress=progress)
+    step_times = [stamps[i + 1] - stamps[i] - fbs[i] for i in range(len(stamps) - 1)]
+    return step_times, fbs[1:]
 
 
 def main() -> int:
@@ -82,15 +80,13 @@ def main() -> int:
     results: dict = {"model": which, "grid": list(shape), "torch_threads": threads, "machine": platform.processor()
                      or platform.machine(), "presets": {}}
     for preset in ("none", "paper", "robust", "full"):
-        fbs, steps = [], []
-        for _ in range(ROUNDS):  # alternating, beside each preset: the machine is shared
-            fbs.append(p50(_cpu_times(forward_backward, repeat=5)))
-            steps.append(_step_seconds(model, preset, STEPS_PER_PRESET))
-        fb, step = min(fbs), min(steps)
+        steps, fbs = _paired(model, preset, STEPS_PER_PRESET, forward_backward)
+        ratio = statistics.median(a / b for a, b in zip(steps, fbs))
+        step, fb = statistics.median(steps), statistics.median(fbs)
         results["presets"][preset] = {"step_s": round(step, 4), "forward_backward_s": round(fb, 4),
-                                      "ratio": round(step / fb, 3), "rounds_step_s": [round(t, 4) for t in steps],
-                                      "rounds_forward_backward_s": [round(t, 4) for t in fbs]}
-        print(f"{preset:>7}: step {step:.3f} s, forward+backward {fb:.3f} s, ratio {step / fb:.2f}", flush=True)
+                                      "ratio": round(ratio, 3), "pairs": len(steps)}
+        print(f"{preset:>7}: step {step:.3f} s, forward+backward {fb:.3f} s, ratio {ratio:.2f} (median of "
+              f"{len(steps)} paired steps)", flush=True)
     from neuroexplain.featvis import visualize
 
     rss_before = peak_rss_mb()

@@ -187,6 +187,19 @@ def _penalty(d: torch.Tensor, ref: torch.Tensor, s: Settings, volume: torch.Tens
 # The engine
 
 
+@contextlib.contextmanager
+def _flush_denormals() -> Iterator[None]:
+    """Treat subnormal floats as 0 on this thread while optimising: tiny gradients (e.g. of a template-anchored volume
+    far from the maximum) otherwise hit the CPU's slow path and made a step ~30 % slower. Torch's default (off) is
+    restored afterwards."""
+    enabled = torch.set_flush_denormal(True)  # False where the CPU does not support it: nothing to restore
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_flush_denormal(False)
+
+
 def _start_volume(model: LoadedModel, start: str | Scan, s: Settings, gen: torch.Generator
                   ) -> tuple[np.ndarray | None, Placement | None]:
     """The starting volume on the model grid (``None`` for noise) and, for a scan, its placement."""
@@ -319,11 +332,11 @@ def visualize(
             d = d * mask_d
         if anchored:
             assert template is not None
-            return d, template * (1 + d)  # a relative change of the template (0 outside its brain)
+            return d, torch.addcmul(template, template, d)  # template * (1 + d): 0 outside the template's brain
         return d, d
 
     curve: list[float] = []
-    with _hooks(model, full.layers):
+    with _hooks(model, full.layers), _flush_denormals():
         for step in range(steps):
             if should_cancel is not None and should_cancel():
                 raise VisualizationCancelled(step, steps)

@@ -113,5 +113,9 @@ class TransformBank:
         flat = volume.reshape(b, self.n)
         if self.zero_outside:
             flat = torch.cat([flat, flat.new_zeros(b, 1)], 1)
-        idx = self.index[choice.to(self.index.device)]
+        if b == 1:  # a view of the bank's row: no 5 MB copy per step
+            k = int(choice[0])
+            idx = self.index[k : k + 1]
+        else:
+            idx = self.index[choice.to(self.index.device)]
         return torch.gather(flat, 1, idx).reshape(volume.shape)
