@@ -49,6 +49,9 @@ HF_CUTOFF = 0.25  # cycles/voxel
 TOP_FRACTION = 0.01
 MARGIN_MM = 4.0
 DEFAULT_STEPS = 128
+# Part of every run's cache key: bump it when the engine's numerics change (band-limited Fourier, nearest-neighbour
+# transform bank, fused Adam, anchor), so that cached volumes of an older engine are not reported as this one's.
+ENGINE_REVISION = 2
 LOCAL_SIGMA_MM = 8.0
 ANCHOR_FLOOR = 0.1  # departure denominator floor: the template is 0 outside the brain and >= 0.3 inside
 _ROBUST_ONLY = {"pad": 2, "jitter": 2, "scale": 0.05, "rotate": 5.0}  # the robust preset's transforms
@@ -210,7 +213,8 @@ def change_enrichment(volume: np.ndarray, reference: np.ndarray, region: np.ndar
 
 def _run_key(model: LoadedModel, run: RunConfig, target: str, steps: int, seed: int) -> str:
     payload = json.dumps(
-        {"model": model.spec.name, "version": model.spec.version, "weights": model.spec.weights_sha256,
+        {"engine": ENGINE_REVISION, "model": model.spec.name, "version": model.spec.version,
+         "weights": model.spec.weights_sha256,
          "preset": run.preset, "options": run.options, "start": run.start, "target": target, "steps": steps,
          "seed": seed}, sort_keys=True,
     )
