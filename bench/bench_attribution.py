@@ -121,7 +121,10 @@ def main() -> None:
         if not results:  # one warm-up for the whole run (allocator, captum import)
             floor_fn()
             method_fn()
-        t_method, t_floor, c_method, c_floor = [], [], [], []
+        t_method: list[float] = []
+        t_floor: list[float] = []
+        c_method: list[float] = []
+        c_floor: list[float] = []
         for _ in range(repeat):  # interleaved, so that load from other processes hits both alike
             for fn, wall, cpu in ((method_fn, t_method, c_method), (floor_fn, t_floor, c_floor)):
                 t0, c0 = time.perf_counter(), time.process_time()

@@ -466,8 +466,10 @@ def aggregate(
         secs = [done[(name, "map", s)]["seconds"] for s in seeds if (name, "map", s) in done]
         if secs:
             row["seconds_per_scan"] = {"mean": float(np.mean(secs)), "sd": float(np.std(secs)), "n": len(secs)}
-        rsecs = [done[(name, "randomisation", s)].get("seconds") for s in seeds if (name, "randomisation", s) in done]
-        rsecs = [v for v in rsecs if v is not None]
+        rsecs: list[float] = [
+            done[(name, "randomisation", s)]["seconds"] for s in seeds
+            if (name, "randomisation", s) in done and "seconds" in done[(name, "randomisation", s)]
+        ]
         if rsecs:  # wall seconds of the randomisation work per scan: what sizes the randomisation subsets
             row["rand_seconds_per_scan"] = {"mean": float(np.mean(rsecs)), "sd": float(np.std(rsecs)), "n": len(rsecs)}
         cascades = [done[(name, "randomisation", s)]["cascade"] for s in seeds if (name, "randomisation", s) in done]

@@ -384,7 +384,8 @@ def _gradcam(
         raise InvalidOptionError(f"layer {name!r} does not produce a 3D feature map; choose a conv layer: {allowed}")
     if o["interpolation"] == "nearest":
         return F.interpolate(cam, size=tuple(x.shape[2:]), mode="nearest")
-    return upsample_trilinear(cam, tuple(x.shape[2:]))  # (B, 1, D, H, W)
+    d, h, w = x.shape[2:]
+    return upsample_trilinear(cam, (d, h, w))  # (B, 1, D, H, W)
 
 
 def upsample_trilinear(v: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
@@ -446,8 +447,8 @@ class _RescaleMaxPoolFn(torch.autograd.Function):
     """Max pooling with captum's DeepLIFT rule for it on a batch ``[inputs; references]``."""
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, pool: nn.Module) -> torch.Tensor:
-        fn = F.max_pool2d if z.dim() == 4 else F.max_pool3d
+    def forward(ctx: Any, z: torch.Tensor, pool: Any) -> torch.Tensor:  # pool: nn.MaxPool2d | nn.MaxPool3d
+        fn: Any = F.max_pool2d if z.dim() == 4 else F.max_pool3d
         out, idx = fn(z, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, True)
         ctx.save_for_backward(z, out, idx)
         ctx.pool = pool
@@ -565,7 +566,7 @@ def _deeplift(
         for name, child in list(parent._modules.items()):
             if type(child) is nn.ReLU:
                 parent._modules[name] = _RescaleReLU()
-            elif type(child) in _MAXPOOL:
+            elif child is not None and type(child) in _MAXPOOL:
                 parent._modules[name] = _RescaleMaxPool(child)
     run = _Forward(swapped, fwd.should_cancel)
     b = x.shape[0]
