@@ -33,21 +33,22 @@ _PASS_THROUGH = (nn.ReLU, nn.Dropout, nn.Tanh)  # captum propagates relevance th
 
 
 class RelativeEpsilonRule(EpsilonRule):
-    """LRP-epsilon with ``epsilon`` in units of the standard deviation of the layer's output, per sample."""
+    """LRP-epsilon with ``epsilon`` in units of the standard deviation of the layer's output, per sample
+    (``relative=False``: an absolute epsilon, captum's rule). The denominator is built once in the forward pass."""
 
-    def __init__(self, epsilon: float) -> None:
+    def __init__(self, epsilon: float, relative: bool = True) -> None:
         super().__init__(epsilon)
-        self.relative = epsilon
+        self.relative = relative
 
     def _create_backward_hook_output(self, outputs: torch.Tensor) -> Any:
-        dims = tuple(range(1, outputs.dim()))
-        eps = self.relative * outputs.std(dim=dims, keepdim=True) + EpsilonRule().STABILITY_FACTOR
+        eps: float | torch.Tensor = self.STABILITY_FACTOR
+        if self.relative:
+            eps = self.STABILITY_FACTOR * outputs.std(dim=tuple(range(1, outputs.dim())), keepdim=True) + 1e-9
+        denominator = outputs + torch.where(outputs >= 0, eps, -eps)  # sign(0) counts as +, as in captum
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            sign = torch.sign(outputs)
-            sign[sign == 0] = 1
             self.relevance_output[grad.device] = grad.data
-            return grad / (outputs + sign * eps)
+            return grad / denominator
 
         return hook
 
@@ -106,7 +107,7 @@ def set_rules(module: nn.Module, method: Method, o: dict[str, Any]) -> None:
                 m.rule = RelativeEpsilonRule(o["epsilon"])
         elif isinstance(m, _POOL + BATCHNORM):
             # Pooling (and any batch norm that could not be folded) passes relevance on like a linear map.
-            m.rule = EpsilonRule(1e-9)
+            m.rule = RelativeEpsilonRule(1e-9, relative=False)
         else:
             raise InvalidOptionError(
                 f"method {method.value!r} has no LRP rule for layer {name!r} ({type(m).__name__}); "
