@@ -140,7 +140,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("tv", "float", 0.0, "weight of the 3D total-variation penalty (mean |gradient|)", 0.0, 100.0),
     OptionSpec("blur_sigma", "float", 0.0, "Gaussian blur of the parameters every blur_every steps, in voxels", 0.0, 5.0),
     OptionSpec("blur_every", "int", 0, "blur period in steps (0 = never)", 0, MAX_STEPS),
-    OptionSpec("pad", "int", 0, "zero margin, in voxels, around the volume while it is transformed", 0, 32),
+    OptionSpec("pad", "int", 0, "> 0: what a transform moves in from outside the box is 0 (background); 0: the box's "
+               "edge voxels repeat", 0, 32),
     OptionSpec("jitter", "int", 0, "random shift per step, up to this many voxels along each axis", 0, 32),
     OptionSpec("scale", "float", 0.0, "random isotropic scaling per step, by a factor in [1 - scale, 1 + scale]",
                0.0, 0.5),
