@@ -301,11 +301,19 @@ def test_anchor_template_optimises_a_relative_change_of_the_template(model: Load
     assert result.objective_final > result.curve[0]
 
 
-def test_anchor_refuses_a_scan_start(model: LoadedModel) -> None:
-    data = np.ones((8, 8, 8), dtype=np.float32)
-    scan = Scan(data=data, affine=np.diag([10.0, 10.0, 10.0, 1.0]), digest="0" * 64, format="nifti1")
-    with pytest.raises(InvalidOptionError, match="start from noise or the template"):
-        visualize(model, "class:pattern", preset="robust", steps=1, start=scan, options={"anchor": "template"})
+def test_anchor_with_a_scan_start_changes_the_scan(model: LoadedModel) -> None:
+    from neuroexplain.template import anatomy
+
+    t1 = anatomy(GRID).t1
+    affine = np.array([[-10.0, 0, 0, 78], [0, 10.0, 0, -110], [0, 0, 10.0, -70], [0, 0, 0, 1]])
+    data = np.ascontiguousarray(t1[::-1][:16, :19, :16] * 700 + 1, dtype=np.float32)
+    scan = Scan(data=data, affine=affine, digest="0" * 64, format="nifti1")
+    untouched = visualize(model, "class:pattern", preset="full", steps=1, start=scan, options={"lr": 1e-5})
+    plain = visualize(model, "class:pattern", preset="none", steps=1, start=scan, options={"lr": 1e-5})
+    assert np.allclose(untouched.volume, plain.volume, atol=1e-3)  # d = 0: the scan on the model grid
+    changed = visualize(model, "class:pattern", preset="full", steps=10, start=scan)
+    assert np.all(changed.volume[plain.volume == 0] == 0)  # a relative change: 0 stays 0
+    assert changed.native_nifti is not None and not np.allclose(changed.volume, plain.volume)
 
 
 def test_prior_pulls_the_volume_towards_the_template(model: LoadedModel) -> None:

@@ -285,11 +285,10 @@ def visualize(
     start_np, placement = _start_volume(model, start, s, gen)
     lo, hi = float(s["range_min"]), float(s["range_max"])
     anchored = s["anchor"] == "template"
+    anchor_np = None  # with a scan start the scan is the anchor: feature amplification as a relative change of it
     if anchored:
-        if placement is not None:
-            raise InvalidOptionError("anchor=template optimises a change of the template; start from noise or the "
-                                     "template, not a scan")
-        start_np = None if start_np is None else np.zeros(shape, dtype=np.float32)  # template start: no change yet
+        anchor_np = start_np if placement is not None else None
+        start_np = None if start_np is None else np.zeros(shape, dtype=np.float32)  # no change yet
     noise_level = 0.0 if anchored else NOISE_MEAN
     if start_np is None:
         start_t = torch.full((batch, 1, *shape), noise_level)  # noise is added in parameter space below
@@ -318,6 +317,8 @@ def visualize(
 
         template = torch.from_numpy(anatomy(spec.grid).t1)[None, None].to(model.device)  # 0 outside the brain
     prior = template if s["prior"] else None
+    if anchor_np is not None:
+        template = torch.from_numpy(np.ascontiguousarray(anchor_np, dtype=np.float32))[None, None].to(model.device)
     clamp_in_forward = bool(s["clamp"]) and Param(s["param"]) is Param.FOURIER
     robust = Robustness(int(s["pad"]), int(s["jitter"]), float(s["scale"]), float(s["rotate"]))
     bank = robust.bank(shape, gen, device=model.device) if robust.active else None
@@ -332,7 +333,7 @@ def visualize(
             d = d * mask_d
         if anchored:
             assert template is not None
-            return d, torch.addcmul(template, template, d)  # template * (1 + d): 0 outside the template's brain
+            return d, torch.addcmul(template, template, d)  # anchor * (1 + d): 0 where the anchor is 0
         return d, d
 
     curve: list[float] = []

@@ -132,9 +132,10 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("weight_decay", "float", 0.0, "Adam weight decay on the parameters (an L2 pull towards 0)", 0.0, 1.0),
     OptionSpec("l1", "float", 0.0, "weight of the mean |volume - start| penalty (start = 0 for noise)", 0.0, 100.0),
     OptionSpec("l2", "float", 0.0, "weight of the mean (volume - start)^2 penalty (start = 0 for noise)", 0.0, 100.0),
-    OptionSpec("anchor", "enum", "none", "template: optimise a relative change d of the MNI152 template, volume = "
-               "template * (1 + d) (lesions are hyperintense relative to their tissue); l1/l2/tv, clamp and range_map "
-               "then act on d, and noise starts around d = 0", choices=("none", "template")),
+    OptionSpec("anchor", "enum", "none", "template: optimise a relative change d of the MNI152 template (of the scan, "
+               "with a scan start), volume = template * (1 + d) (lesions are hyperintense relative to their tissue); "
+               "l1/l2/tv, clamp and range_map then act on d, and noise starts around d = 0",
+               choices=("none", "template")),
     OptionSpec("prior", "float", 0.0, "weight of the mean (volume - MNI152 template)^2 penalty: a data prior that "
                "pulls the volume towards normal anatomy (0 = off)", 0.0, 10000.0),
     OptionSpec("tv", "float", 0.0, "weight of the 3D total-variation penalty (mean |gradient|)", 0.0, 100.0),
