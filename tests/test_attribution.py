@@ -595,7 +595,7 @@ def test_options_parse_from_strings_and_fill_defaults() -> None:
             d = spec.to_dict()
             assert d["doc"] and d["type"] in ("int", "float", "str", "bool"), (method, d)
             if spec.default is not None:
-                assert spec.parse(method, str(spec.default).lower() if spec.type == "bool" else str(spec.default)) == spec.default
+                assert spec.parse(str(spec.default).lower() if spec.type == "bool" else str(spec.default)) == spec.default
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,12 +8,11 @@ of range with an :class:`~neuroexplain.errors.InvalidOptionError` that names wha
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from neuroexplain.errors import InvalidOptionError
+from neuroexplain.options import OptionSpec
 
 
 class Method(enum.Enum):
@@ -43,100 +42,6 @@ class Method(enum.Enum):
             raise InvalidOptionError(
                 f"attribution method {value!r} is unknown; expected one of {[m.value for m in cls]}"
             ) from None
-
-
-@dataclass(frozen=True)
-class OptionSpec:
-    """One option of one method.
-
-    Attributes:
-        name: the key (``n_steps``).
-        type: ``int``, ``float``, ``str`` or ``bool``.
-        default: value used when the caller does not send the option (``None``: decided from the model, see doc).
-        minimum: inclusive lower bound for numbers, else ``None``.
-        maximum: inclusive upper bound for numbers, else ``None``.
-        choices: allowed values for strings, else ``None`` (``layer``: the model's ``spec.layers``).
-        doc: one line for help texts and GetModel.
-    """
-
-    name: str
-    type: str
-    default: Any
-    doc: str
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: tuple[str, ...] | None = None
-
-    def allowed(self) -> str:
-        """Human-readable allowed values, for error messages and help."""
-        if self.choices is not None:
-            return f"one of {list(self.choices)}"
-        if self.type == "bool":
-            return "true or false"
-        if self.minimum is not None or self.maximum is not None:
-            return f"{'an integer' if self.type == 'int' else 'a number'} from {_fmt(self.minimum)} to {_fmt(self.maximum)}"
-        return f"a {self.type}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable description (what GetModel and ``--help`` show)."""
-        return {
-            "name": self.name,
-            "type": self.type,
-            "default": self.default,
-            "minimum": self.minimum,
-            "maximum": self.maximum,
-            "choices": list(self.choices) if self.choices is not None else None,
-            "doc": self.doc,
-        }
-
-    def parse(self, method: Method, raw: str | float | bool) -> Any:
-        """Typed, range-checked value of ``raw``; raises InvalidOptionError saying what is allowed."""
-        where = f"option {self.name!r} of method {method.value!r}"
-        text = raw.strip() if isinstance(raw, str) else raw
-        try:
-            if self.type == "bool":
-                value: Any = _parse_bool(text)
-            elif self.type == "int":
-                if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
-                    raise ValueError
-                value = int(text) if not isinstance(text, str) else int(text, 10)
-            elif self.type == "float":
-                if isinstance(text, bool):
-                    raise ValueError
-                value = float(text)
-                if not math.isfinite(value):
-                    raise ValueError
-            else:
-                value = str(text)
-        except (TypeError, ValueError):
-            raise InvalidOptionError(f"{where} must be {self.allowed()}; got {_show(raw)}") from None
-        if self.choices is not None and value not in self.choices:
-            raise InvalidOptionError(f"{where} must be {self.allowed()}; got {_show(raw)}")
-        if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
-            raise InvalidOptionError(f"{where} must be {self.allowed()}; got {_show(raw)}")
-        return value
-
-
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "unbounded"
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-def _show(raw: object) -> str:
-    # Option values are the caller's own parameters, never scan content; still, cap their length in messages.
-    text = repr(raw)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _parse_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        return value.lower() in ("true", "1", "yes", "on")
-    raise ValueError(value)
 
 
 BASELINES = ("zeros", "blur", "template")
@@ -226,7 +131,7 @@ def parse_options(method: Method | str, options: Mapping[str, str | int | float 
     if unknown:
         allowed = sorted(specs) or "none"
         raise InvalidOptionError(f"method {m.value!r} has no option {unknown[0]!r}; its options: {allowed}")
-    return {name: (spec.parse(m, given[name]) if name in given else spec.default) for name, spec in specs.items()}
+    return {name: (spec.parse(given[name], f"option {name!r} of method {m.value!r}") if name in given else spec.default) for name, spec in specs.items()}
 
 
 def parse_option_pairs(pairs: list[str] | None) -> dict[str, str]:

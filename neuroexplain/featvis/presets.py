@@ -8,12 +8,12 @@ options passed by the caller override the preset's.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from neuroexplain.errors import InvalidOptionError, LimitExceededError
+from neuroexplain.options import OptionSpec
 
 MAX_STEPS = 4096
 MAX_BATCH = 8
@@ -49,69 +49,6 @@ class RangeMap(enum.Enum):
 
     NONE = "none"
     SIGMOID = "sigmoid"  # range_min + (range_max - range_min) * sigmoid(raw)
-
-
-@dataclass(frozen=True)
-class OptionSpec:
-    """One option: name, type (``float``, ``int``, ``bool`` or ``enum``), default, range and doc."""
-
-    name: str
-    type: str
-    default: Any
-    doc: str
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: tuple[str, ...] = ()
-
-    @property
-    def range_text(self) -> str:
-        if self.choices:
-            return "|".join(self.choices)
-        if self.type == "bool":
-            return "true|false"
-        if self.type == "layer":
-            return "a targetable layer of the model"
-        return f"{self.minimum:g} to {self.maximum:g}"
-
-    def parse(self, value: Any) -> Any:
-        """Convert a caller's value (``str``, ``int``, ``float`` or ``bool``) and check its range."""
-        name = self.name
-        if self.choices:
-            text = value.value if isinstance(value, enum.Enum) else str(value)
-            if text not in self.choices:
-                raise InvalidOptionError(f"option {name}={text!r} is not allowed; expected one of {list(self.choices)}")
-            return text
-        if self.type == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise InvalidOptionError(f"option {name}={value!r} is not a boolean; expected true or false")
-        try:
-            number = float(value) if self.type == "float" else _to_int(value)
-        except (TypeError, ValueError):
-            raise InvalidOptionError(f"option {name}={value!r} is not a{'n integer' if self.type == 'int' else ' number'}; "
-                                     f"expected {self.range_text}") from None
-        if isinstance(number, float) and not math.isfinite(number):
-            raise InvalidOptionError(f"option {name} must be finite; expected {self.range_text}")
-        lo = -math.inf if self.minimum is None else self.minimum
-        hi = math.inf if self.maximum is None else self.maximum
-        if not lo <= number <= hi:
-            raise InvalidOptionError(f"option {name}={number:g} is out of range; expected {self.range_text}")
-        return number
-
-
-def _to_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError("bool")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError("fraction")
-        return int(value)
-    return int(str(value).strip())
 
 
 OPTIONS: tuple[OptionSpec, ...] = (

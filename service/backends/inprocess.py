@@ -83,7 +83,7 @@ def visualization_presets() -> tuple[MethodInfo, ...]:
             name=preset.value,
             options=tuple(
                 OptionInfo(name=o.name, type=o.type, default=_text(values.get(o.name, o.default)),
-                           allowed=o.range_text, description=o.doc)
+                           allowed=o.allowed(), description=o.doc)
                 for o in OPTIONS
             ),
         )
