@@ -697,3 +697,20 @@ def test_randomisation_cascade_goes_from_the_output_down_and_changes_the_map() -
     brain = np.ones(SHAPE, dtype=bool)
     assert spearman_abs(a, a, brain) == pytest.approx(1.0)
     assert spearman_abs(a, b, brain) < 0.9
+
+
+@pytest.mark.parametrize("method", [Method.LRP_EPSILON, Method.LRP_ALPHA_BETA, Method.LRP_COMPOSITE])
+def test_lrp_without_autograd_in_its_first_pass_equals_captums(method: Method) -> None:
+    from captum.attr import LRP as CaptumLRP
+
+    from neuroexplain.attribution import lrp
+
+    model = region_model()
+    maps = []
+    for cls in (CaptumLRP, lrp.LRP):
+        net = private_copy(model.module, method)
+        lrp.canonise(net)
+        lrp.set_rules(net, method, parse_options(method, None))
+        maps.append(cls(net).attribute(_x().requires_grad_(True), target=1).detach())
+    assert maps[0].abs().sum() > 0
+    assert torch.equal(maps[0], maps[1])

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from captum.attr import LRP as _CaptumLRP
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule
 from torch import nn
 
@@ -51,6 +52,15 @@ class RelativeEpsilonRule(EpsilonRule):
             return grad / denominator
 
         return hook
+
+
+class LRP(_CaptumLRP):
+    """captum's LRP with its first pass (which only records activations and adjusts weights) run without autograd:
+    its output is used as a number only, so building a graph there cost time and memory for nothing."""
+
+    def _compute_output_and_change_weights(self, *args: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return super()._compute_output_and_change_weights(*args)
 
 
 def canonise(module: nn.Module) -> None:

@@ -242,7 +242,7 @@ def _dispatch(
         lrp.canonise(module)
         lrp.set_rules(module, method, o)
         fwd.passes += 2  # captum's LRP runs two forward passes itself
-        return ca.LRP(module).attribute(x, target=tgt)
+        return lrp.LRP(module).attribute(x, target=tgt)
     raise InvalidOptionError(f"attribution method {method.value!r} is not implemented")  # pragma: no cover
 
 
