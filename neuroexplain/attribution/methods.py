@@ -562,6 +562,7 @@ def _deeplift(
     if not _deeplift_fast_path(module):
         return ca.DeepLift(module, multiply_by_inputs=o["multiply_by_inputs"]).attribute(x, baselines=ref, target=tgt)
     swapped = _structural_copy(module)
+    lrp.canonise(swapped)  # batch norm folded into its convolution: the same affine map, one layer fewer per pass
     for parent in list(swapped.modules()):
         for name, child in list(parent._modules.items()):
             if type(child) is nn.ReLU:
