@@ -106,9 +106,9 @@ def main() -> None:
     for method in Method:
         opts = parse_options(method, None)
         plan = _floor_plan(method, opts)
-        # p50 of interleaved rounds: 15 for the single-pass methods (tens of ms each, at the mercy of the neighbours),
+        # p50 of interleaved rounds: 41 for the single-pass methods (tens of ms each, at the mercy of the neighbours),
         # 3 for the many-pass ones (seconds each).
-        repeat = 3 if sum(c for _, _, c in plan) > 2 else 15
+        repeat = 3 if sum(c for _, _, c in plan) > 2 else 41
         floor_module = private_copy(model.module)
         floor_fn = _floor(floor_module, x, plan, target, dict(floor_module.named_modules())[layer_names[-1]])
 

@@ -714,3 +714,31 @@ def test_lrp_without_autograd_in_its_first_pass_equals_captums(method: Method) -
         maps.append(cls(net).attribute(_x().requires_grad_(True), target=1).detach())
     assert maps[0].abs().sum() > 0
     assert torch.equal(maps[0], maps[1])
+
+
+@pytest.mark.parametrize("method", [Method.LRP_ALPHA_BETA, Method.LRP_COMPOSITE])
+def test_lrp_rules_give_captums_numbers(method: Method) -> None:
+    # Our rules only build the stabilised denominator once per forward; the relevance must be captum's own rules'.
+    from captum.attr import LRP as CaptumLRP
+    from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule
+
+    from neuroexplain.attribution import lrp
+
+    model = region_model()
+    maps = []
+    for stock in (False, True):
+        net = private_copy(model.module, method)
+        lrp.canonise(net)
+        lrp.set_rules(net, method, parse_options(method, None))
+        if stock:
+            for m in net.modules():
+                rule = getattr(m, "rule", None)
+                if isinstance(rule, Alpha1_Beta0_Rule):
+                    m.rule = Alpha1_Beta0_Rule()
+                elif isinstance(rule, GammaRule):
+                    m.rule = GammaRule(gamma=rule.gamma)
+                elif isinstance(rule, lrp.RelativeEpsilonRule) and not rule.relative:
+                    m.rule = EpsilonRule(rule.STABILITY_FACTOR)
+        maps.append(CaptumLRP(net).attribute(_x().requires_grad_(True), target=1).detach())
+    assert maps[0].abs().sum() > 0
+    assert torch.allclose(maps[0], maps[1], rtol=1e-5, atol=1e-7 * float(maps[1].abs().max()))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from captum.attr import LRP as _CaptumLRP
-from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule
+from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, PropagationRule
 from torch import nn
 
 from neuroexplain.attribution.options import Method
@@ -33,9 +33,21 @@ _POOL = (
 _PASS_THROUGH = (nn.ReLU, nn.Dropout, nn.Tanh)  # captum propagates relevance through these unchanged
 
 
+def _output_hook(rule: PropagationRule, outputs: torch.Tensor, eps: float | torch.Tensor) -> Any:
+    """captum's relevance hook on a layer's output, with the stabilised denominator built once in the forward pass
+    (captum recomputes ``sign`` and patches its zeros in every backward)."""
+    denominator = outputs + torch.where(outputs >= 0, eps, -eps)  # sign(0) counts as +, as in captum
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        rule.relevance_output[grad.device] = grad.data
+        return grad / denominator
+
+    return hook
+
+
 class RelativeEpsilonRule(EpsilonRule):
     """LRP-epsilon with ``epsilon`` in units of the standard deviation of the layer's output, per sample
-    (``relative=False``: an absolute epsilon, captum's rule). The denominator is built once in the forward pass."""
+    (``relative=False``: an absolute epsilon, captum's rule)."""
 
     def __init__(self, epsilon: float, relative: bool = True) -> None:
         super().__init__(epsilon)
@@ -45,13 +57,17 @@ class RelativeEpsilonRule(EpsilonRule):
         eps: float | torch.Tensor = self.STABILITY_FACTOR
         if self.relative:
             eps = self.STABILITY_FACTOR * outputs.std(dim=tuple(range(1, outputs.dim())), keepdim=True) + 1e-9
-        denominator = outputs + torch.where(outputs >= 0, eps, -eps)  # sign(0) counts as +, as in captum
+        return _output_hook(self, outputs, eps)
 
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            self.relevance_output[grad.device] = grad.data
-            return grad / denominator
 
-        return hook
+class _GammaRule(GammaRule):
+    def _create_backward_hook_output(self, outputs: torch.Tensor) -> Any:
+        return _output_hook(self, outputs, self.STABILITY_FACTOR)
+
+
+class _AlphaBetaRule(Alpha1_Beta0_Rule):
+    def _create_backward_hook_output(self, outputs: torch.Tensor) -> Any:
+        return _output_hook(self, outputs, self.STABILITY_FACTOR)
 
 
 class LRP(_CaptumLRP):
@@ -107,12 +123,12 @@ def set_rules(module: nn.Module, method: Method, o: dict[str, Any]) -> None:
             if method is Method.LRP_EPSILON:
                 m.rule = RelativeEpsilonRule(o["epsilon"])
             elif method is Method.LRP_ALPHA_BETA:
-                m.rule = Alpha1_Beta0_Rule()
+                m.rule = _AlphaBetaRule()
             else:
-                m.rule = GammaRule(gamma=o["gamma"])
+                m.rule = _GammaRule(gamma=o["gamma"])
         elif isinstance(m, nn.Linear):
             if method is Method.LRP_ALPHA_BETA:
-                m.rule = Alpha1_Beta0_Rule()
+                m.rule = _AlphaBetaRule()
             else:
                 m.rule = RelativeEpsilonRule(o["epsilon"])
         elif isinstance(m, _POOL + BATCHNORM):
