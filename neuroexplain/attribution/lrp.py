@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from captum.attr import LRP as _CaptumLRP
-from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, PropagationRule
+from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule
 from torch import nn
 
 from neuroexplain.attribution.options import Method
@@ -33,19 +33,28 @@ _POOL = (
 _PASS_THROUGH = (nn.ReLU, nn.Dropout, nn.Tanh)  # captum propagates relevance through these unchanged
 
 
-def _output_hook(rule: PropagationRule, outputs: torch.Tensor, eps: float | torch.Tensor) -> Any:
-    """captum's relevance hook on a layer's output, with the stabilised denominator built once in the forward pass
-    (captum recomputes ``sign`` and patches its zeros in every backward)."""
-    denominator = outputs + torch.where(outputs >= 0, eps, -eps)  # sign(0) counts as +, as in captum
+class _Stabilised:
+    """Mixin for captum's rules: the relevance hook on a layer's output divides by a stabilised denominator built
+    once in the forward pass (captum recomputes ``sign`` and patches its zeros in every backward)."""
 
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        rule.relevance_output[grad.device] = grad.data
-        return grad / denominator
+    STABILITY_FACTOR: float
+    relevance_output: dict[torch.device, torch.Tensor]
 
-    return hook
+    def _epsilon(self, outputs: torch.Tensor) -> float | torch.Tensor:
+        return self.STABILITY_FACTOR
+
+    def _create_backward_hook_output(self, outputs: torch.Tensor) -> Any:
+        eps = self._epsilon(outputs)
+        denominator = outputs + torch.where(outputs >= 0, eps, -eps)  # sign(0) counts as +, as in captum
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            self.relevance_output[grad.device] = grad.data
+            return grad / denominator
+
+        return hook
 
 
-class RelativeEpsilonRule(EpsilonRule):
+class RelativeEpsilonRule(_Stabilised, EpsilonRule):
     """LRP-epsilon with ``epsilon`` in units of the standard deviation of the layer's output, per sample
     (``relative=False``: an absolute epsilon, captum's rule)."""
 
@@ -53,21 +62,18 @@ class RelativeEpsilonRule(EpsilonRule):
         super().__init__(epsilon)
         self.relative = relative
 
-    def _create_backward_hook_output(self, outputs: torch.Tensor) -> Any:
-        eps: float | torch.Tensor = self.STABILITY_FACTOR
-        if self.relative:
-            eps = self.STABILITY_FACTOR * outputs.std(dim=tuple(range(1, outputs.dim())), keepdim=True) + 1e-9
-        return _output_hook(self, outputs, eps)
+    def _epsilon(self, outputs: torch.Tensor) -> float | torch.Tensor:
+        if not self.relative:
+            return self.STABILITY_FACTOR
+        return self.STABILITY_FACTOR * outputs.std(dim=tuple(range(1, outputs.dim())), keepdim=True) + 1e-9
 
 
-class _GammaRule(GammaRule):
-    def _create_backward_hook_output(self, outputs: torch.Tensor) -> Any:
-        return _output_hook(self, outputs, self.STABILITY_FACTOR)
+class _GammaRule(_Stabilised, GammaRule):
+    pass
 
 
-class _AlphaBetaRule(Alpha1_Beta0_Rule):
-    def _create_backward_hook_output(self, outputs: torch.Tensor) -> Any:
-        return _output_hook(self, outputs, self.STABILITY_FACTOR)
+class _AlphaBetaRule(_Stabilised, Alpha1_Beta0_Rule):
+    pass
 
 
 class LRP(_CaptumLRP):
