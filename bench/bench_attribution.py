@@ -50,7 +50,7 @@ def _floor_plan(method: Any, opts: dict[str, Any]) -> list[tuple[str, int, int]]
         return [("fb", 2, 1)]  # captum runs the scan and its baseline together, as one batch of 2
     if method is Method.GRADCAM:
         return [("fl", 1, 1)]  # forward (no graph below the layer), backward only down to the explained layer
-    if method in (Method.LRP_EPSILON, Method.LRP_ALPHA_BETA, Method.LRP_COMPOSITE):
+    if method in (Method.LRP_ALPHA_BETA, Method.LRP_COMPOSITE):
         return [("f", 1, 1), ("fb", 1, 1)]  # captum's LRP: one pass to set weights, one with relevance hooks
     return [("fb", 1, 1)]
 

@@ -201,10 +201,12 @@ def test_hooks_are_removed_when_backpropagation_raises(method: Method) -> None:
     _no_leftovers(net)
 
 
-@pytest.mark.parametrize("method", [Method.LRP_EPSILON, Method.DEEPLIFT, Method.GUIDED_BACKPROP, Method.GRADCAM])
+@pytest.mark.parametrize(
+    "method", [Method.LRP_EPSILON, Method.LRP_COMPOSITE, Method.DEEPLIFT, Method.GUIDED_BACKPROP, Method.GRADCAM]
+)
 def test_hooks_are_removed_when_a_forward_pass_inside_the_method_raises(method: Method) -> None:
     net = region_net()
-    net.fail_on_forward = 2 if method is Method.LRP_EPSILON else 1  # LRP's second pass runs with its hooks set
+    net.fail_on_forward = 2 if method is Method.LRP_COMPOSITE else 1  # captum's LRP: the second pass has the hooks
     with pytest.raises(RuntimeError, match="bomb"):
         attribute_tensor(net, _x(), method, 1, parse_options(method, None), grid=GRID, layer_names=["conv2"])
     _no_leftovers(net)
@@ -742,3 +744,20 @@ def test_lrp_rules_give_captums_numbers(method: Method) -> None:
         maps.append(CaptumLRP(net).attribute(_x().requires_grad_(True), target=1).detach())
     assert maps[0].abs().sum() > 0
     assert torch.allclose(maps[0], maps[1], rtol=1e-5, atol=1e-7 * float(maps[1].abs().max()))
+
+
+@pytest.mark.parametrize("epsilon", [1e-6, 1.0, 100.0])
+def test_lrp_epsilon_single_pass_equals_captums_lrp(epsilon: float) -> None:
+    # lrp_epsilon runs as input x modified gradient in one pass; captum's LRP with the same rules is the reference.
+    from neuroexplain.attribution import lrp
+
+    model = region_model()
+    x = torch.cat([_x(), _x().flip(2)])
+    opts = parse_options(Method.LRP_EPSILON, {"epsilon": epsilon})
+    net = private_copy(model.module, Method.LRP_EPSILON)
+    lrp.canonise(net)
+    lrp.set_rules(net, Method.LRP_EPSILON, opts)
+    ref = lrp.LRP(net).attribute(x.clone().requires_grad_(True), target=[1, 0]).detach()
+    one_pass = attribute_tensor(private_copy(model.module, Method.LRP_EPSILON), x, Method.LRP_EPSILON, [1, 0], opts, grid=GRID)
+    assert ref.abs().sum() > 0
+    assert torch.allclose(one_pass, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))

@@ -9,10 +9,14 @@ model, whatever the scale of its activations. Small values (≤ 0.01) give gradi
 but the strongest evidence paths, which gives sparse maps that concentrate on the features that decided the output
 (Montavon et al., "Layer-wise relevance propagation: an overview", 2019). Relevance is then no longer conserved;
 the map's total is not the logit.
+
+``lrp_epsilon`` runs in a single forward and backward pass (:func:`epsilon_map`); the other LRP methods use captum's
+:class:`LRP` (two forward passes, relevance hooks on every layer).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,6 +87,30 @@ class LRP(_CaptumLRP):
     def _compute_output_and_change_weights(self, *args: Any) -> torch.Tensor:
         with torch.no_grad():
             return super()._compute_output_and_change_weights(*args)
+
+
+def epsilon_map(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+    """LRP with epsilon-type rules only (``lrp_epsilon``) in one forward and one backward pass.
+
+    With the epsilon rule at every layer, relevance is the input times a modified gradient: each layer's output
+    gradient is scaled by ``z / (z + eps * sign(z))`` (Ancona et al., ICLR 2018). That gives captum's LRP numbers
+    (tested) without its second forward pass and per-layer relevance hooks. ``module`` must already be canonised and
+    carry its rules (:func:`set_rules`); ``forward`` is the model call (cancellation checks); ``targets``: ``(B,)``.
+    """
+    def scale(m: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        z = out.detach()
+        eps = m.rule._epsilon(z)
+        factor = z / (z + torch.where(z >= 0, eps, -eps))
+        out.register_hook(lambda grad: grad * factor)
+
+    for m in module.modules():
+        if isinstance(getattr(m, "rule", None), RelativeEpsilonRule):
+            m.register_forward_hook(scale)  # removed with the request copy's other hooks (HookGuard)
+    xg = x.detach().requires_grad_(True)
+    out = forward(xg)
+    grad = torch.autograd.grad(out.gather(1, targets[:, None]).sum(), xg)[0]
+    return xg.detach() * grad
 
 
 def canonise(module: nn.Module) -> None:

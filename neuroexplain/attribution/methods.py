@@ -241,6 +241,9 @@ def _dispatch(
     if method in (Method.LRP_EPSILON, Method.LRP_ALPHA_BETA, Method.LRP_COMPOSITE):
         lrp.canonise(module)
         lrp.set_rules(module, method, o)
+        if method is Method.LRP_EPSILON:
+            targets = torch.as_tensor([_target_of(tgt, i) for i in range(x.shape[0])], device=x.device)
+            return lrp.epsilon_map(module, fwd, x, targets)
         fwd.passes += 2  # captum's LRP runs two forward passes itself
         return lrp.LRP(module).attribute(x, target=tgt)
     raise InvalidOptionError(f"attribution method {method.value!r} is not implemented")  # pragma: no cover
