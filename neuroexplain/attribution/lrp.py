@@ -47,9 +47,13 @@ class _Stabilised:
     def _epsilon(self, outputs: torch.Tensor) -> float | torch.Tensor:
         return self.STABILITY_FACTOR
 
-    def _create_backward_hook_output(self, outputs: torch.Tensor) -> Any:
+    def denominator(self, outputs: torch.Tensor) -> torch.Tensor:
+        """``z + eps * sign(z)``, with sign(0) counted as +, as in captum."""
         eps = self._epsilon(outputs)
-        denominator = outputs + torch.where(outputs >= 0, eps, -eps)  # sign(0) counts as +, as in captum
+        return outputs + torch.where(outputs >= 0, eps, -eps)
+
+    def _create_backward_hook_output(self, outputs: torch.Tensor) -> Any:
+        denominator = self.denominator(outputs)
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
             self.relevance_output[grad.device] = grad.data
@@ -68,7 +72,7 @@ class RelativeEpsilonRule(_Stabilised, EpsilonRule):
 
     def _epsilon(self, outputs: torch.Tensor) -> float | torch.Tensor:
         if not self.relative:
-            return self.STABILITY_FACTOR
+            return super()._epsilon(outputs)
         return self.STABILITY_FACTOR * outputs.std(dim=tuple(range(1, outputs.dim())), keepdim=True) + 1e-9
 
 
@@ -100,8 +104,7 @@ def epsilon_map(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
     """
     def scale(m: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
         z = out.detach()
-        eps = m.rule._epsilon(z)
-        factor = z / (z + torch.where(z >= 0, eps, -eps))
+        factor = z / m.rule.denominator(z)
         out.register_hook(lambda grad: grad * factor)
 
     for m in module.modules():

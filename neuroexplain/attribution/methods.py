@@ -242,8 +242,7 @@ def _dispatch(
         lrp.canonise(module)
         lrp.set_rules(module, method, o)
         if method is Method.LRP_EPSILON:
-            targets = torch.as_tensor([_target_of(tgt, i) for i in range(x.shape[0])], device=x.device)
-            return lrp.epsilon_map(module, fwd, x, targets)
+            return lrp.epsilon_map(module, fwd, x, _targets(tgt, x.shape[0], x.device))
         fwd.passes += 2  # captum's LRP runs two forward passes itself
         return lrp.LRP(module).attribute(x, target=tgt)
     raise InvalidOptionError(f"attribution method {method.value!r} is not implemented")  # pragma: no cover
@@ -255,6 +254,11 @@ def _intensity_range(x: torch.Tensor) -> float:
 
 def _target_of(tgt: Any, i: int) -> int:
     return int(tgt) if isinstance(tgt, int) else int(tgt[i])
+
+
+def _targets(tgt: Any, b: int, device: torch.device) -> torch.Tensor:
+    """The class index of each of ``b`` volumes, ``(b,)``."""
+    return torch.as_tensor([_target_of(tgt, i) for i in range(b)], device=device)
 
 
 def _input_gradient(fwd: _Forward, points: torch.Tensor, target: int) -> torch.Tensor:
@@ -577,7 +581,7 @@ def _deeplift(
     xg = x.detach().requires_grad_(True)
     out = run(torch.cat([xg, ref.detach()]))  # (2B, n_classes): the scans, then their baselines
     fwd.passes += run.passes
-    t = torch.as_tensor([_target_of(tgt, i) for i in range(b)] * 2, device=x.device)
+    t = _targets(tgt, b, x.device).repeat(2)
     # As captum: the target logits of scans and baselines summed, differentiated with respect to the scans.
     grads = torch.autograd.grad(out.gather(1, t[:, None]).sum(), xg)[0]
     return (x.detach() - ref) * grads if o["multiply_by_inputs"] else grads
