@@ -326,6 +326,15 @@ def test_prior_pulls_the_volume_towards_the_template(model: LoadedModel) -> None
     assert np.abs(pulled.volume - t1).mean() < 0.5 * np.abs(free.volume - t1).mean()
 
 
+def test_prior_measures_the_departure_relative_to_the_template() -> None:
+    from neuroexplain.featvis.engine import relative_departure
+
+    template = torch.tensor([0.0, 0.05, 0.3, 1.0])
+    # the same brightening by 0.1 departs most where the template is dark; the floor (0.1) keeps the background finite
+    expected = torch.tensor([1.0, 1.0, 1 / 3, 0.1])
+    assert torch.allclose(relative_departure(template + 0.1, template), expected)
+
+
 def test_batch_with_diversity_gives_distinct_samples(model: LoadedModel) -> None:
     result = visualize(model, "channel:detect:0", preset="none", steps=4, seed=5,
                        options={"batch": 3, "diversity": 1.0})

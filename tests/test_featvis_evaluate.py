@@ -9,6 +9,7 @@ import pytest
 from scipy import ndimage
 
 from neuroexplain.featvis import evaluate as ev
+from neuroexplain.featvis.engine import PRIOR_FLOOR
 
 
 def _ball(shape: tuple[int, int, int], centre: tuple[int, int, int], radius: float) -> np.ndarray:
@@ -95,7 +96,7 @@ def test_departure_is_relative_to_the_anchor_and_zero_for_the_anchor_itself() ->
     anchor = np.array([[[0.0, 0.5, 1.0]]])
     assert np.allclose(ev.departure(anchor, anchor), 0.0)
     vol = np.array([[[0.2, 1.0, 1.5]]])
-    assert np.allclose(ev.departure(vol, anchor), [[[0.2 / ev.ANCHOR_FLOOR, 1.0, 0.5]]])
+    assert np.allclose(ev.departure(vol, anchor), [[[0.2 / PRIOR_FLOOR, 1.0, 0.5]]])
     # A constant anchor ranks voxels as the raw volume does: the top-1% mask is unchanged.
     rng = np.random.default_rng(0)
     v = rng.normal(size=(10, 10, 10))

@@ -32,6 +32,7 @@ from neuroexplain.volumes import Placement, Scan, nifti_bytes
 
 MAX_SEED = 2**63 - 1
 NOISE_MEAN = 0.5  # noise start: mid-grey in normalised units (brain 99th percentile = 1)
+PRIOR_FLOOR = 0.1  # denominator floor of the relative departure from the template (0 outside the brain, >= 0.3 in it)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,12 @@ def _tv3d(v: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W) -> (B,)
     return dd + dh + dw
 
 
+def relative_departure(volume: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """``(volume - template) / max(template, PRIOR_FLOOR)``: the change a lesion makes (a relative hyperintensity);
+    what the data prior penalises and what the evaluation measures lesion-likeness on."""
+    return (volume - template) / template.clamp(min=PRIOR_FLOOR)
+
+
 def _penalty(d: torch.Tensor, ref: torch.Tensor, s: Settings, volume: torch.Tensor,
              prior: torch.Tensor | None = None) -> torch.Tensor:  # (B,)
     """Regularizers on the parametrized image ``d`` (the volume, or with anchor=template its relative change) and
@@ -173,7 +180,7 @@ def _penalty(d: torch.Tensor, ref: torch.Tensor, s: Settings, volume: torch.Tens
     v = d
     total = v.new_zeros(v.shape[0])
     if prior is not None:
-        total = total + s["prior"] * (volume - prior).pow(2).flatten(1).mean(1)
+        total = total + s["prior"] * relative_departure(volume, prior).pow(2).flatten(1).mean(1)
     if s["l1"]:
         total = total + s["l1"] * (v - ref).abs().flatten(1).mean(1)
     if s["l2"]:

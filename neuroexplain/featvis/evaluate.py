@@ -40,9 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
 
-from neuroexplain.featvis.engine import NOISE_MEAN, visualize
+from neuroexplain.featvis.engine import NOISE_MEAN, relative_departure, visualize
+from neuroexplain.featvis.presets import Settings, resolve
 from neuroexplain.models.registry import LoadedModel
 
 HF_CUTOFF = 0.25  # cycles/voxel
@@ -50,10 +52,10 @@ TOP_FRACTION = 0.01
 MARGIN_MM = 4.0
 DEFAULT_STEPS = 128
 # Part of every run's cache key: bump it when the engine's numerics change (band-limited Fourier, nearest-neighbour
-# transform bank, fused Adam, anchor), so that cached volumes of an older engine are not reported as this one's.
-ENGINE_REVISION = 2
+# transform bank, fused Adam, anchor, relative prior), so that cached volumes of an older engine are not reported as
+# this one's.
+ENGINE_REVISION = 3
 LOCAL_SIGMA_MM = 8.0
-ANCHOR_FLOOR = 0.1  # departure denominator floor: the template is 0 outside the brain and >= 0.3 inside
 _ROBUST_ONLY = {"pad": 2, "jitter": 2, "scale": 0.05, "rotate": 5.0}  # the robust preset's transforms
 
 
@@ -79,8 +81,11 @@ LESION_RUNS: tuple[RunConfig, ...] = (
     RunConfig("robust + anchor", "robust", {"anchor": "template"}),
     RunConfig("robust + decay 1 + brain mask", "robust", {"decay": 1.0, "brain_mask": True}),
     RunConfig("full, realistic range", "full", dict(_REALISTIC)),
-    RunConfig("robust + mask + additive prior", "robust",
-              {"brain_mask": True, "prior": 100.0, "range_map": "sigmoid", "range_min": 0.0, "range_max": 2.2}),
+    # The data prior from a true noise image (the first image is noise, not the template): anatomy comes in only
+    # through a regularizer.
+    RunConfig("none + brain mask + prior", "none", {"brain_mask": True, "prior": 10000.0}),
+    RunConfig("robust + brain mask + prior", "robust", {"brain_mask": True, "prior": 10000.0, "cutoff": 0.5,
+                                                        "decay": 1.0}),
     RunConfig("paper, blur 0.5 voxel", "paper", {"blur_sigma": 0.5, "blur_every": 4}),
     RunConfig("none + L1", "none", {"l1": 0.01}),
     RunConfig("none + L2", "none", {"l2": 0.5}),
@@ -92,6 +97,7 @@ LESION_RUNS: tuple[RunConfig, ...] = (
     RunConfig("none + brain mask", "none", {"brain_mask": True}),
     RunConfig("none + clamp", "none", {"clamp": True}),
     RunConfig("none + anchor", "none", {"anchor": "template"}),
+    RunConfig("none + prior", "none", {"prior": 10000.0}),
     RunConfig("control: full, class healthy", "full", target="class:healthy"),
     RunConfig("control: full, channel conv4:0", "full", target="channel:conv4:0"),
 )
@@ -105,7 +111,10 @@ ATROPHY_RUNS: tuple[RunConfig, ...] = (
 
 NOTES = {
     "lesion": (
-        "What the columns measure (identical for every row). *lesion logit*: the lesion class logit of the final "
+        "What the columns measure (identical for every row). *first image*: what the optimisation starts from, "
+        "all with `start=noise`: a noise image (mid-grey 0.5 plus seeded noise), or, for runs with "
+        "`anchor=template`, the template times (1 + noise), because the noise is on the relative change d. "
+        "*lesion logit*: the lesion class logit of the final "
         "volume; *logit / none* and *HF / none* are ratios to the first row. *HF energy*: share of the volume's "
         "(mean-removed, Hann-windowed) spectral energy above 0.25 cycles/voxel. The lesion-likeness columns are "
         "computed on the run's **departure** from the image it is anchored to, `(volume - A) / max(A, 0.1)`: "
@@ -174,16 +183,28 @@ def blob_diameters_mm(mask: np.ndarray, voxel_mm: float) -> np.ndarray:
 
 def uses_template(run: RunConfig) -> bool:
     """Whether the run's volume is built on the template (``anchor=template``) or pulled towards it (``prior``)."""
-    from neuroexplain.featvis.presets import resolve
-
-    s = resolve(run.preset, run.options, ())
+    s = _settings(run)
     return s["anchor"] == "template" or s["prior"] > 0
 
 
+def first_image(run: RunConfig) -> str:
+    """What the optimisation starts from: with ``anchor=template`` a noise start is noise on the relative change d,
+    so the first image is already the template (times 1 + noise)."""
+    anchored = _settings(run)["anchor"] == "template"
+    if run.start == "noise":
+        return "template × (1 + noise)" if anchored else "noise"
+    return run.start
+
+
+def _settings(run: RunConfig) -> Settings:
+    return resolve(run.preset, run.options, ())
+
+
 def departure(volume: np.ndarray, anchor: np.ndarray | float) -> np.ndarray:
-    """The volume's own contribution: ``(volume - anchor) / max(anchor, ANCHOR_FLOOR)`` (see the module doc)."""
-    a = np.broadcast_to(np.asarray(anchor, dtype=np.float64), np.shape(volume))
-    return (np.asarray(volume, dtype=np.float64) - a) / np.maximum(a, ANCHOR_FLOOR)
+    """The volume's own contribution: ``(volume - anchor) / max(anchor, 0.1)`` (see the module doc), the same relative
+    departure the data prior penalises."""
+    a = torch.as_tensor(np.asarray(anchor, dtype=np.float64))
+    return relative_departure(torch.from_numpy(np.asarray(volume, dtype=np.float64)), a).numpy()
 
 
 def local(volume: np.ndarray, sigma_voxels: float) -> np.ndarray:
@@ -287,7 +308,8 @@ def lesion_rows(model: LoadedModel, steps: int, seed: int, cache_dir: Path, runs
         blobs = blob_diameters_mm(top, voxel_mm)
         logit = r["final"] if target == "class:lesion" else _class_logit(model, v, "lesion")
         rows.append({
-            "run": run.name, "preset": run.preset, "options": run.options, "target": target, "logit": logit,
+            "run": run.name, "preset": run.preset, "options": run.options, "target": target,
+            "first_image": first_image(run), "logit": logit,
             "hf_energy": hf_energy_ratio(v), "prior_corr": correlation(dep, prior, a.brain),
             "top1_in_wm": share_inside(top, wm), "top1_local_in_wm": share_inside(top_local, wm),
             "top1_in_brain": share_inside(top, a.brain),
@@ -379,7 +401,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     return "\n".join([head, sep, *body])
 
 
-LESION_COLUMNS: tuple[tuple[str, str], ...] = (("run", "run"), ("logit", "lesion logit"), ("logit_vs_none", "logit / none"),
+LESION_COLUMNS: tuple[tuple[str, str], ...] = (("run", "run"), ("first_image", "first image"),
+                  ("logit", "lesion logit"), ("logit_vs_none", "logit / none"),
                   ("hf_energy", "HF energy"), ("hf_vs_none", "HF / none"), ("prior_corr", "corr. with lesion prior"),
                   ("top1_in_wm", "top-1% in WM"), ("top1_local_in_wm", "top-1% in WM (local)"),
                   ("top1_in_brain", "top-1% in brain"), ("blobs", "blobs"),

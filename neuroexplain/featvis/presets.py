@@ -73,8 +73,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "with a scan start), volume = template * (1 + d) (lesions are hyperintense relative to their tissue); "
                "l1/l2/tv, clamp and range_map then act on d, and noise starts around d = 0",
                choices=("none", "template")),
-    OptionSpec("prior", "float", 0.0, "weight of the mean (volume - MNI152 template)^2 penalty: a data prior that "
-               "pulls the volume towards normal anatomy (0 = off)", 0.0, 10000.0),
+    OptionSpec("prior", "float", 0.0, "weight of the mean squared relative departure from the MNI152 template, "
+               "((volume - template) / max(template, 0.1))^2: a data prior that pulls the volume towards normal "
+               "anatomy and makes brightening cheapest where tissue is bright (0 = off)", 0.0, 10000.0),
     OptionSpec("tv", "float", 0.0, "weight of the 3D total-variation penalty (mean |gradient|)", 0.0, 100.0),
     OptionSpec("blur_sigma", "float", 0.0, "Gaussian blur of the parameters every blur_every steps, in voxels", 0.0, 5.0),
     OptionSpec("blur_every", "int", 0, "blur period in steps (0 = never)", 0, MAX_STEPS),
