@@ -20,9 +20,9 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from neuroexplain.errors import InvalidOptionError
 from neuroexplain.template import MNI_2MM, Anatomy, _world_grid, anatomy

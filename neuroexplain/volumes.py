@@ -40,7 +40,7 @@ _ALLOWED_DTYPES = {
     np.dtype(t).newbyteorder("=")
     for t in ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
 }
-_MGH_DTYPES = {0: np.dtype(">u1"), 1: np.dtype(">i4"), 3: np.dtype(">f4"), 4: np.dtype(">i2")}
+_MGH_DTYPES: dict[int, np.dtype] = {0: np.dtype(">u1"), 1: np.dtype(">i4"), 3: np.dtype(">f4"), 4: np.dtype(">i2")}
 _MGH_HEADER_BYTES = 284
 _HEAD_BYTES = 1024  # enough for any NIfTI-2 (540) or MGH (284) header
 
@@ -239,7 +239,7 @@ def _nifti_header(cls: Any, head: bytes, kind: str) -> tuple[str, tuple[int, ...
     try:
         hdr = cls.from_fileobj(io.BytesIO(head), check=False)
         dtype = hdr.get_data_dtype()
-    except Exception:  # nibabel raises several types for unknown datatype codes
+    except Exception:  # noqa: BLE001 - nibabel raises several types for unknown datatype codes
         raise ScanFormatError(f"{kind} header is invalid (unknown data type code); expected a numeric volume") from None
     dims = [int(x) for x in hdr["dim"]]
     ndim = dims[0]
@@ -274,10 +274,10 @@ def _check_shape(shape: tuple[int, ...], volume_index: int | None, limits: ScanL
 
 
 def _nibabel_image(kind: str, raw: bytes) -> Any:
-    cls = {"nifti1": nib.Nifti1Image, "nifti2": nib.Nifti2Image, "mgh": nib.MGHImage}[kind]
+    cls: Any = {"nifti1": nib.Nifti1Image, "nifti2": nib.Nifti2Image, "mgh": nib.MGHImage}[kind]
     try:
         return cls.from_bytes(raw)
-    except Exception:  # nibabel's parse errors have no common base class
+    except Exception:  # noqa: BLE001 - nibabel's parse errors have no common base class
         raise ScanFormatError(f"{kind} file could not be parsed; expected a valid {kind} volume") from None
 
 
@@ -286,7 +286,7 @@ def _select_volume(image: Any, spatial: tuple[int, ...], volume_index: int | Non
     index: tuple[Any, ...] = (slice(None),) * 3 + (volume_index or 0,) * (len(proxy.shape) - 3)
     try:
         data = np.asarray(proxy[index], dtype=np.float32)
-    except Exception:
+    except Exception:  # noqa: BLE001 - truncated or corrupt data fails in zlib, numpy or nibabel
         raise ScanFormatError("voxel data could not be read; the file is truncated or corrupt") from None
     return np.ascontiguousarray(data.reshape(spatial))
 

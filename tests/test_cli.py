@@ -49,7 +49,7 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "missing.nii"
     result = subprocess.run(
         [sys.executable, "-m", "neuroexplain.cli.main", "predict", str(missing), "--model", "nope", "--local"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0

@@ -104,7 +104,7 @@ def epsilon_map(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
     """
     def scale(m: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
         z = out.detach()
-        factor = z / m.rule.denominator(z)
+        factor = z / m.rule.denominator(z)  # type: ignore[union-attr,operator]  # set_rules put a rule on m
         out.register_hook(lambda grad: grad * factor)
 
     for m in module.modules():

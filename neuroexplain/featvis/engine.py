@@ -288,7 +288,7 @@ def visualize(
 
     gen = torch.Generator().manual_seed(seed)
     batch = int(s["batch"])
-    shape = tuple(spec.grid.shape)
+    shape = spec.grid.shape
     start_np, placement = _start_volume(model, start, s, gen)
     lo, hi = float(s["range_min"]), float(s["range_max"])
     anchored = s["anchor"] == "template"

@@ -92,7 +92,8 @@ class Robustness:
         if not self.active:
             return volume
         b = volume.shape[0]
-        index = torch.cat([self.bank(tuple(volume.shape[2:]), gen, 1, volume.device).index for _ in range(b)])
+        d, h, w = volume.shape[2:]
+        index = torch.cat([self.bank((d, h, w), gen, 1, volume.device).index for _ in range(b)])
         return TransformBank(index, index.shape[1], bool(self.pad)).apply(volume, gen, choice=torch.arange(b))
 
 
