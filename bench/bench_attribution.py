@@ -88,7 +88,7 @@ def main() -> None:
     from neuroexplain.attribution.methods import attribute_tensor, private_copy
     from neuroexplain.models import load_model
     from neuroexplain.predict import prepare
-    from neuroexplain.synthetic import Task, make_sample
+    from neuroexplain.lab.synthetic import Task, make_sample
     from neuroexplain.template import MNI_2MM
     from neuroexplain.volumes import Alignment, Scan
 

@@ -53,7 +53,7 @@ MODEL = "lesion"
 
 def _scans(count: int) -> list[bytes]:
     """Distinct scans (so neither singleflight nor the cache merges requests): one sample, rescaled per index."""
-    from neuroexplain.synthetic import Task, make_sample
+    from neuroexplain.lab.synthetic import Task, make_sample
     from neuroexplain.template import MNI_2MM
     from neuroexplain.volumes import nifti_bytes
 

@@ -43,7 +43,7 @@ def one_mm_scan_bytes(seed: int = 1_000_001) -> bytes:
     """A synthetic lesion scan upsampled to 1 mm isotropic (182 x 218 x 182 world box), gzipped NIfTI."""
     from scipy import ndimage
 
-    from neuroexplain.synthetic import Task, make_sample
+    from neuroexplain.lab.synthetic import Task, make_sample
     from neuroexplain.template import MNI_2MM
     from neuroexplain.volumes import nifti_bytes
 

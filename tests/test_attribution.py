@@ -17,7 +17,7 @@ from scipy import ndimage
 from torch import nn
 
 from neuroexplain.attribution import METHOD_OPTIONS, Method, explain, parse_option_pairs, parse_options
-from neuroexplain.attribution.evaluate import (
+from neuroexplain.lab.evaluate_attribution import (
     CURVE_STEPS,
     localisation,
     perturbation_curves,
@@ -663,7 +663,7 @@ def test_curves_only_touch_brain_voxels_and_use_the_reference_values() -> None:
 
 
 def test_aggregate_ignores_curves_made_against_another_reference() -> None:
-    from neuroexplain.attribution.evaluate import Plan, aggregate, to_markdown
+    from neuroexplain.lab.evaluate_attribution import Plan, aggregate, to_markdown
 
     done: dict[tuple[str, str, int], dict[str, Any]] = {
         # an old record: curves against the blurred scan, no reference stored

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from neuroexplain.featvis import evaluate as ev
+from neuroexplain.lab import evaluate_featvis as ev
 from neuroexplain.featvis.engine import PRIOR_FLOOR
 
 

@@ -253,7 +253,7 @@ def test_blob_round_trip_lands_within_one_voxel(name: str) -> None:
 
 
 def test_auto_alignment_centres_unregistered_scans() -> None:
-    from neuroexplain.synthetic import Task, make_sample
+    from neuroexplain.lab.synthetic import Task, make_sample
     from neuroexplain.template import anatomy
 
     sample = make_sample(Task.LESION, 1_000_000)

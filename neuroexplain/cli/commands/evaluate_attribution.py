@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neuroexplain.attribution.evaluate import Plan, run_evaluation, to_json, to_markdown
+    from neuroexplain.lab.evaluate_attribution import Plan, run_evaluation, to_json, to_markdown
     from neuroexplain.cli.main import CliError
     from neuroexplain.models import load_model
 

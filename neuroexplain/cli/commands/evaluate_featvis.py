@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from neuroexplain import RESEARCH_NOTICE, __version__
     from neuroexplain.cli.main import CliError
-    from neuroexplain.featvis import evaluate as ev
+    from neuroexplain.lab import evaluate_featvis as ev
     from neuroexplain.models import load_model
 
     if not 8 <= args.steps <= 4096 or not 8 <= args.channel_steps <= 4096:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-HELD_OUT_SEED_START = 1_000_000  # neuroexplain.synthetic.HELD_OUT_SEED_START, without importing numpy here
+HELD_OUT_SEED_START = 1_000_000  # neuroexplain.lab.synthetic.HELD_OUT_SEED_START, without importing numpy here
 TASKS = ("lesion", "atrophy")
 
 
@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from neuroexplain.cli.main import CliError
-    from neuroexplain.synthetic import CLASSES, Task, make_sample
+    from neuroexplain.lab.synthetic import CLASSES, Task, make_sample
     from neuroexplain.template import MNI_2MM
     from neuroexplain.volumes import nifti_bytes
 

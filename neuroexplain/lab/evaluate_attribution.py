@@ -121,7 +121,7 @@ class Evaluation:
 
 
 def _task_of(model: LoadedModel) -> Any:
-    from neuroexplain.synthetic import Task
+    from neuroexplain.lab.synthetic import Task
 
     for task in Task:
         if model.spec.name == task.value or model.spec.task.startswith(task.value):
@@ -136,13 +136,13 @@ def _task_of(model: LoadedModel) -> Any:
 
 def held_out_seeds(n: int) -> list[int]:
     """The first ``n`` held-out seeds whose synthetic scans are positive (lesion/atrophy present)."""
-    from neuroexplain.synthetic import HELD_OUT_SEED_START
+    from neuroexplain.lab.synthetic import HELD_OUT_SEED_START
 
     return [HELD_OUT_SEED_START + 1 + 2 * i for i in range(n)]
 
 
 def _case(task: Any, seed: int) -> _Case:
-    from neuroexplain.synthetic import make_sample
+    from neuroexplain.lab.synthetic import make_sample
     from neuroexplain.volumes import normalise
 
     s = make_sample(task, seed)

@@ -266,7 +266,7 @@ def run_cached(model: LoadedModel, run: RunConfig, target: str, steps: int, seed
 
 def real_lesion_diameters_mm(n_scans: int = 16) -> np.ndarray:
     """Equivalent diameters of the lesions in held-out synthetic scans (their ground-truth masks)."""
-    from neuroexplain.synthetic import HELD_OUT_SEED_START, Task, make_sample
+    from neuroexplain.lab.synthetic import HELD_OUT_SEED_START, Task, make_sample
     from neuroexplain.template import MNI_2MM
 
     out = [blob_diameters_mm(make_sample(Task.LESION, HELD_OUT_SEED_START + 2 * i + 1).mask, MNI_2MM.zooms[0])
@@ -277,7 +277,7 @@ def real_lesion_diameters_mm(n_scans: int = 16) -> np.ndarray:
 def lesion_rows(model: LoadedModel, steps: int, seed: int, cache_dir: Path, runs: Sequence[RunConfig] = LESION_RUNS,
                 log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, np.ndarray]]:
     """Metrics of every lesion run (the first run is the unregularized baseline the ratios refer to)."""
-    from neuroexplain.synthetic import lesion_prior
+    from neuroexplain.lab.synthetic import lesion_prior
     from neuroexplain.template import anatomy
 
     grid = model.spec.grid
