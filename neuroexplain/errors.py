@@ -49,3 +49,7 @@ class DeadlineExceededError(NeuroExplainError):
 
 class UnavailableError(NeuroExplainError):
     """A backend is not ready or went away; retrying later may succeed (UNAVAILABLE)."""
+
+
+class UnimplementedError(NeuroExplainError):
+    """The request uses a field or mode this server does not offer yet (UNIMPLEMENTED); the message names it."""

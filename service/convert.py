@@ -7,7 +7,7 @@ check the wire shape only (enum values, field presence); the core validates mean
 from __future__ import annotations
 
 from neuroexplain._proto import neuroexplain_pb2 as pb
-from neuroexplain.errors import InvalidOptionError
+from neuroexplain.errors import InvalidOptionError, UnimplementedError
 from service.backend import (
     NOTICE,
     AttributeRequest,
@@ -34,13 +34,22 @@ _STARTS = {"": StartKind.NOISE, **{k.value: k for k in StartKind}}
 DEFAULT_PRESET = "robust"
 
 
+def _not_built(feature: str, allowed: str) -> UnimplementedError:
+    return UnimplementedError(f"{feature} is not available on this server yet; use {allowed}")
+
+
 def scan_ref(msg: pb.Scan) -> ScanRef:
     """Wire scan -> :class:`ScanRef` (bytes or digest, reading options)."""
+    if msg.alignment == pb.ALIGNMENT_REGISTER:
+        raise _not_built("scan.alignment ALIGNMENT_REGISTER (registration to the template)",
+                         "ALIGNMENT_AUTO, ALIGNMENT_MNI or ALIGNMENT_CENTER")
     if msg.alignment not in _ALIGNMENT:
         raise InvalidOptionError(f"scan.alignment {msg.alignment} is unknown; allowed: {sorted(_ALIGNMENT)}")
     if msg.non_finite not in _NONFINITE:
         raise InvalidOptionError(f"scan.non_finite {msg.non_finite} is unknown; allowed: {sorted(_NONFINITE)}")
     source = msg.WhichOneof("source")
+    if source == "dicom":
+        raise _not_built("scan.dicom (DICOM series input)", "scan.data with a NIfTI-1/-2 or MGH file, or scan.digest")
     return ScanRef(
         data=msg.data if source == "data" else None,
         digest=msg.digest if source == "digest" else None,
@@ -83,7 +92,15 @@ def response_info(model: str, version: str, cached: bool, scan_digest: str = "")
     return pb.ResponseInfo(model=model, model_version=version, cached=cached, notice=NOTICE, scan_digest=scan_digest)
 
 
+def _refuse_dicom_results(msg: pb.PredictRequest | pb.AttributeRequest) -> None:
+    if msg.return_dicom:
+        raise _not_built("return_dicom (DICOM result objects)", "the NIfTI map and the summary in the response")
+    if msg.deidentify:
+        raise _not_built("deidentify (de-identified DICOM results)", "return_dicom unset")
+
+
 def predict_request(msg: pb.PredictRequest) -> tuple[str, ScanRef]:
+    _refuse_dicom_results(msg)
     return msg.model, scan_ref(msg.scan)
 
 
@@ -98,6 +115,9 @@ def predict_response(result: PredictResult, cached: bool, digest: str) -> pb.Pre
 
 def attribute_fields(msg: pb.AttributeRequest) -> dict[str, object]:
     """Everything of an AttributeRequest except the scan (resolved by the core)."""
+    _refuse_dicom_results(msg)
+    if msg.dicom_extras:
+        raise _not_built("dicom_extras (Segmentation and Secondary Capture results)", "no dicom_extras")
     return {"model": msg.model, "method": msg.method, "target": msg.target, "options": dict(msg.options),
             "png": msg.png}
 

@@ -28,6 +28,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.CancelledError: grpc.StatusCode.CANCELLED,
     errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.UnimplementedError: grpc.StatusCode.UNIMPLEMENTED,
     MemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
