@@ -40,6 +40,7 @@ _ERRORS: dict[grpc.StatusCode, type[errors.NeuroExplainError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
     grpc.StatusCode.CANCELLED: errors.CancelledError,
+    grpc.StatusCode.UNIMPLEMENTED: errors.UnimplementedError,
 }
 _ALIGNMENTS = {"auto": pb.ALIGNMENT_AUTO, "mni": pb.ALIGNMENT_MNI, "center": pb.ALIGNMENT_CENTER}
 _NONFINITE = {"reject": pb.NON_FINITE_REJECT, "zero": pb.NON_FINITE_ZERO}
@@ -74,6 +75,7 @@ _CODES: tuple[tuple[type[errors.NeuroExplainError], str], ...] = (
     (errors.UnavailableError, "UNAVAILABLE"),
     (errors.DeadlineExceededError, "DEADLINE_EXCEEDED"),
     (errors.CancelledError, "CANCELLED"),
+    (errors.UnimplementedError, "UNIMPLEMENTED"),
 )
 
 
