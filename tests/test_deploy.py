@@ -1,7 +1,7 @@
 """Offline checks of the deployment: Dockerfile, k8s/ manifests, alerts, dashboard, autoscaling, docs.
 
 No cluster and no container engine: manifests are validated strictly with kubernetes-validate against pinned
-Kubernetes releases, the Prometheus Operator objects against the CRD schemas in ../shared/schemas/, alert rules with
+Kubernetes releases, the Prometheus Operator objects against the CRD schemas in k8s/crds/, alert rules with
 promtool (rules and unit tests), the Dockerfile with hadolint and against the Makefile. tests/test_deploy_live.py
 checks the metric names against a running gateway. The helpers at the top are shared with it.
 """
@@ -22,7 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
-SCHEMAS = ROOT.parent / "shared" / "schemas"
+SCHEMAS = K8S / "crds"
 DOCS = ROOT / "docs"
 
 # The Kubernetes releases the manifests must be valid for: the oldest we support and the newest the pinned
@@ -135,7 +135,7 @@ def _strict(schema: Any) -> Any:
 
 
 def crd_schema(kind: str, api_version: str) -> dict[str, Any]:
-    """The strict ``openAPIV3Schema`` of ``kind`` at ``api_version`` from ../shared/schemas/."""
+    """The strict ``openAPIV3Schema`` of ``kind`` at ``api_version`` from k8s/crds/."""
     path = SCHEMAS / CRD_FILES[kind]
     group, _, version = api_version.partition("/")
     for crd in yaml.safe_load_all(path.read_text()):
