@@ -15,6 +15,7 @@ import enum
 import gzip
 import hashlib
 import io
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class ScanLimits:
     max_input_bytes: int = 256 * MiB
     max_decompressed_bytes: int = 1 * GiB
     max_voxels: int = 64 * MiB
+    # Header + extensions before the voxel data (vox_offset). NIfTI extensions (e.g. embedded DICOM headers) are
+    # small; a large offset in a small gzip upload would otherwise make us inflate up to the offset for nothing.
+    max_header_bytes: int = 16 * MiB
 
 
 class NonFinite(enum.Enum):
@@ -156,6 +160,11 @@ def read_scan(
     compressed = raw[:2] == b"\x1f\x8b"
     head = _gunzip(raw, _HEAD_BYTES, allow_short=True) if compressed else raw[:_HEAD_BYTES]
     kind, shape, dtype, data_offset = _parse_header(head)
+    if data_offset > limits.max_header_bytes:
+        raise LimitExceededError(
+            f"header declares its voxel data at byte {data_offset} (vox_offset); at most {limits.max_header_bytes} "
+            "bytes of header and extensions are accepted"
+        )
     _check_shape(shape, volume_index, limits)
     needed = data_offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
     if needed > limits.max_decompressed_bytes:
@@ -247,7 +256,31 @@ def _nifti_header(cls: Any, head: bytes, kind: str) -> tuple[str, tuple[int, ...
         raise ScanFormatError(f"{kind} header declares {ndim} dimensions; a NIfTI file has 1 to 7")
     if dtype.newbyteorder("=") not in _ALLOWED_DTYPES:
         raise ScanFormatError(f"voxel data type {dtype.name} is not supported; expected an integer or real type")
-    return kind, tuple(dims[1 : ndim + 1]), dtype, int(hdr["vox_offset"])
+    return kind, tuple(dims[1 : ndim + 1]), dtype, _vox_offset(hdr, kind, len(head))
+
+
+def _vox_offset(hdr: Any, kind: str, header_bytes: int) -> int:
+    """The data offset, checked before use: finite, a whole number, not inside the header; and the header's other
+    numeric fields finite (pixdim, scl_slope/scl_inter: NaN scaling means "none" in NIfTI, infinity is invalid)."""
+    offset = float(hdr["vox_offset"])
+    if not math.isfinite(offset) or offset != int(offset):
+        raise ScanFormatError(
+            f"{kind} header field vox_offset is {offset!r}; expected a whole number of bytes from {header_bytes + 4}"
+        )
+    if int(offset) < header_bytes:
+        raise ScanFormatError(
+            f"{kind} header field vox_offset is {int(offset)}, inside the {header_bytes}-byte header; expected at "
+            f"least {header_bytes + 4} for a single-file NIfTI"
+        )
+    ndim = int(hdr["dim"][0])
+    pixdim = [float(x) for x in hdr["pixdim"][: ndim + 1]]
+    if not all(math.isfinite(x) for x in pixdim):
+        raise ScanFormatError(f"{kind} header field pixdim holds NaN or infinite voxel sizes; expected finite values")
+    for name in ("scl_slope", "scl_inter"):
+        value = float(hdr[name])
+        if math.isinf(value):
+            raise ScanFormatError(f"{kind} header field {name} is infinite; expected a finite number (or 0/NaN: none)")
+    return int(offset)
 
 
 def _check_shape(shape: tuple[int, ...], volume_index: int | None, limits: ScanLimits) -> None:
@@ -286,6 +319,8 @@ def _select_volume(image: Any, spatial: tuple[int, ...], volume_index: int | Non
     index: tuple[Any, ...] = (slice(None),) * 3 + (volume_index or 0,) * (len(proxy.shape) - 3)
     try:
         data = np.asarray(proxy[index], dtype=np.float32)
+    except MemoryError:
+        raise
     except Exception:  # noqa: BLE001 - truncated or corrupt data fails in zlib, numpy or nibabel
         raise ScanFormatError("voxel data could not be read; the file is truncated or corrupt") from None
     return np.ascontiguousarray(data.reshape(spatial))

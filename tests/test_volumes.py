@@ -271,3 +271,49 @@ def test_auto_alignment_centres_unregistered_scans() -> None:
     # Centring recovers the same model-space image as the registered scan.
     registered_model = place(registered, MNI_2MM, com, Alignment.MNI).to_model(registered.data)
     assert np.corrcoef(placement.to_model(moved.data).ravel(), registered_model.ravel())[0, 1] > 0.95
+
+
+# vox_offset and the header's other numeric fields are checked before use (security review: NaN gave INTERNAL, a huge
+# offset in a small gzip upload made the server inflate 200 MB).
+_VOX_OFFSET_AT = 108  # byte offset of vox_offset (float32) in a NIfTI-1 header
+
+
+def _with_vox_offset(value: float, *, compress: bool) -> bytes:
+    raw = bytearray(_nifti(_brain_like((4, 4, 4))))
+    struct.pack_into("<f", raw, _VOX_OFFSET_AT, value)
+    return gzip.compress(bytes(raw)) if compress else bytes(raw)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["nii", "nii.gz"])
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [(float("nan"), "vox_offset is nan"), (float("-inf"), "vox_offset is -inf"), (float("inf"), "vox_offset is inf"),
+     (-352.0, "inside the 348-byte header"), (0.0, "inside the 348-byte header"), (352.5, "whole number")],
+    ids=["nan", "-inf", "inf", "negative", "zero", "fraction"],
+)
+def test_invalid_vox_offset_is_a_format_error(value: float, words: str, compress: bool) -> None:
+    with pytest.raises(ScanFormatError, match=words):
+        read_scan(_with_vox_offset(value, compress=compress))
+
+
+def test_huge_vox_offset_in_a_small_gzip_is_refused_before_inflating() -> None:
+    # 200 MB of offset in a ~200 KB upload: refused from the header, so at most the header is ever inflated.
+    upload = _with_vox_offset(200e6, compress=True)
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(LimitExceededError, match=r"vox_offset.*at most 16777216 bytes"):
+            read_scan(upload)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"peak allocation {peak} bytes while refusing a bad header"
+
+
+def test_infinite_pixdim_or_scaling_rejected() -> None:
+    for offset, name in ((80, "pixdim"), (112, "scl_slope"), (116, "scl_inter")):  # pixdim[1], scl_slope, scl_inter
+        raw = bytearray(_nifti(_brain_like((4, 4, 4))))
+        struct.pack_into("<f", raw, offset, float("inf"))
+        with pytest.raises(ScanFormatError, match=name):
+            read_scan(bytes(raw))
