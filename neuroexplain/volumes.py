@@ -196,9 +196,17 @@ def _read_source(source: bytes | str | Path, limits: ScanLimits) -> bytes:
             size = path.stat().st_size
         except OSError as exc:
             raise ScanFormatError(f"cannot read scan file: {exc.strerror}") from None
+        if path.is_dir():
+            raise ScanFormatError(
+                "scan is a directory; expected a NIfTI-1/-2 or MGH/MGZ file (DICOM series directories are not "
+                "accepted yet: convert the series to NIfTI)"
+            )
         if size > limits.max_input_bytes:
             raise LimitExceededError(f"scan file is {size} bytes; the limit is {limits.max_input_bytes} bytes")
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ScanFormatError(f"cannot read scan file: {exc.strerror}") from None
     if len(raw) > limits.max_input_bytes:
         raise LimitExceededError(f"scan is {len(raw)} bytes; the limit is {limits.max_input_bytes} bytes")
     if len(raw) < 4:

@@ -59,3 +59,26 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 def test_synth_rejects_out_of_range_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["synth", "--model", "lesion", "-n", "0", "-o", str(tmp_path)]) == 1
     assert "expected 1 to 10000" in capsys.readouterr().err
+
+
+def _one_line_failure(args: list[str]) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "neuroexplain.cli.main", *args], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line and line != RESEARCH_NOTICE]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_a_directory_given_as_a_scan_is_one_line(tmp_path: Path) -> None:
+    err = _one_line_failure(["predict", str(tmp_path), "--model", "lesion", "--local"])
+    assert "is a directory" in err
+
+
+def test_an_unwritable_output_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    err = _one_line_failure(["synth", "--model", "lesion", "-n", "1", "-o", str(blocker / "sub")])
+    assert "cannot access" in err

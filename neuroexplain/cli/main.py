@@ -1,7 +1,7 @@
 """Entry point. Each module in ``neuroexplain.cli.commands`` adds one subcommand through ``register(subparsers)``.
 
-Errors from the project's exception tree (and bad arguments) print one line on stderr and exit non-zero; anything
-else is a bug and keeps its traceback.
+Errors from the project's exception tree, file-system errors (a path that cannot be read or written) and bad
+arguments print one line on stderr and exit non-zero; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (NeuroExplainError, CliError) as exc:
         print(f"neuroexplain {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # an unreadable input or an unwritable -o/--png/--summary: the user's own path
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"neuroexplain {args.command}: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"neuroexplain {args.command}: interrupted", file=sys.stderr)
