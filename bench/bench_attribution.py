@@ -86,9 +86,9 @@ def _floor(
 def main() -> None:
     from neuroexplain.attribution import Method, explain, parse_options
     from neuroexplain.attribution.methods import attribute_tensor, private_copy
+    from neuroexplain.lab.synthetic import Task, make_sample
     from neuroexplain.models import load_model
     from neuroexplain.predict import prepare
-    from neuroexplain.lab.synthetic import Task, make_sample
     from neuroexplain.template import MNI_2MM
     from neuroexplain.volumes import Alignment, Scan
 

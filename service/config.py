@@ -32,12 +32,22 @@ def default_cache_dir() -> Path:
     return Path(base) / "neuroexplain"
 
 
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (``localhost``, 127.0.0.0/8, ::1)."""
+    bare = host.strip("[]")
+    return bare == "localhost" or bare == "::1" or bare.startswith("127.")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Gateway configuration (immutable).
 
     Attributes:
-        host: address the gRPC port binds to.
+        host: address the gRPC (and health-only) port binds to. Default ``localhost``: loopback only, both
+            127.0.0.1 and [::1]. Any other address needs TLS and tokens, or ``insecure``.
+        insecure: allow a non-loopback ``host`` without TLS and tokens (plaintext, unauthenticated); must be
+            written out (``--insecure``).
+        metrics_host: address ``/metrics`` binds to (default loopback; the Kubernetes manifests set the pod's).
         port: gRPC port (0 = pick a free one; ``create_server`` returns the bound port).
         metrics_port: Prometheus ``/metrics`` port (0 = pick a free one, -1 = no metrics server).
         health_port: plaintext port serving only grpc.health.v1 (kubelet probes); -1 = none.
@@ -71,8 +81,10 @@ class Settings:
         redis_password_file / redis_password: the Redis password, kept out of the ``--cache`` URL (and the logs).
     """
 
-    host: str = "[::]"
+    host: str = "localhost"
+    insecure: bool = False
     port: int = 50051
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     health_port: int = 50052
     backend: BackendKind = BackendKind.TORCHSERVE
@@ -114,6 +126,12 @@ class Settings:
                 raise InvalidOptionError(f"{name} is {getattr(self, name)}; allowed: >= 1")
         if self.max_queue < 0:
             raise InvalidOptionError(f"max_queue is {self.max_queue}; allowed: >= 0")
+        if not is_loopback(self.host) and not self.insecure and not (self.tls_cert and (self.tokens_file or self.tokens)):
+            raise InvalidOptionError(
+                f"--host {self.host} listens beyond loopback without TLS and tokens; give --tls-cert/--tls-key and "
+                "--tokens-file (or NEUROEXPLAIN_TOKENS), or write --insecure to serve plaintext without "
+                "authentication"
+            )
         if not (self.cache in ("disk", "none") or self.cache.startswith(("redis://", "rediss://"))):
             raise InvalidOptionError(
                 "cache must be 'disk', 'none' or a redis://[:password@]host:port/db URL; got a value of another form"

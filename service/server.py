@@ -223,6 +223,14 @@ def serve(
     # Certificates, keys and tokens are checked before anything slow starts: a bad file fails at once.
     security = build_security(settings, status_of=lambda exc: (status_for(exc) or (None,))[0])
     log.info(security.describe())
+    from service.config import is_loopback
+
+    if is_loopback(settings.host):
+        log.info("listening on loopback only (%s): other machines cannot connect; to serve them, give --host with "
+                 "TLS and tokens (or --insecure)", settings.host)
+    elif settings.insecure:
+        log.warning("--insecure: listening on %s without TLS or tokens; anyone who reaches it can call it",
+                    settings.host)
     registry = CollectorRegistry()
     backend = make_backend(settings)
     backend.start()
@@ -232,7 +240,7 @@ def serve(
     health_port: tuple[grpc.Server, int] | None = None
     metrics_server: Any = None
     if settings.metrics_port >= 0:
-        metrics_server, _thread = start_http_server(settings.metrics_port, registry=registry)
+        metrics_server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -17,6 +17,9 @@ from scipy import ndimage
 from torch import nn
 
 from neuroexplain.attribution import METHOD_OPTIONS, Method, explain, parse_option_pairs, parse_options
+from neuroexplain.attribution.methods import added_hooks, attribute_tensor, private_copy
+from neuroexplain.attribution.summary import summarise
+from neuroexplain.errors import CancelledError, InvalidOptionError, NotFoundError
 from neuroexplain.lab.evaluate_attribution import (
     CURVE_STEPS,
     localisation,
@@ -25,9 +28,6 @@ from neuroexplain.lab.evaluate_attribution import (
     randomise,
     spearman_abs,
 )
-from neuroexplain.attribution.methods import added_hooks, attribute_tensor, private_copy
-from neuroexplain.attribution.summary import summarise
-from neuroexplain.errors import CancelledError, InvalidOptionError, NotFoundError
 from neuroexplain.models.registry import LoadedModel
 from neuroexplain.models.spec import LayerInfo, ModelSpec
 from neuroexplain.models.zoo import ScanCNN

@@ -1087,3 +1087,15 @@ def test_runtime_install_provides_every_module_the_service_imports() -> None:
         if not dists & runtime:
             missing[module] = (sorted(dists) or ["not installed"], sorted(files)[:3])
     assert not missing, f"imported at run time but not installed by the full extra: {missing}"
+
+
+def test_the_configmap_opens_grpc_and_metrics_only_with_tls_and_tokens() -> None:
+    # The gateway's defaults are loopback (safe defaults); the pod must listen on its own addresses, which the
+    # gateway allows only with TLS and tokens — the same Settings check the pod runs at start.
+    from service.config import build_settings, is_loopback
+
+    env = configmap_env()
+    assert not is_loopback(env["NEUROEXPLAIN_HOST"]) and not is_loopback(env["NEUROEXPLAIN_METRICS_HOST"])
+    assert env.get("NEUROEXPLAIN_INSECURE", "false") == "false"
+    settings = build_settings(environ=env)
+    assert settings.tls_cert and settings.tokens_file

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from neuroexplain.lab import evaluate_featvis as ev
 from neuroexplain.featvis.engine import PRIOR_FLOOR
+from neuroexplain.lab import evaluate_featvis as ev
 
 
 def _ball(shape: tuple[int, int, int], centre: tuple[int, int, int], radius: float) -> np.ndarray:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from neuroexplain.errors import InvalidInputError, NotFoundError
+from neuroexplain.lab.synthetic import HELD_OUT_SEED_START, Task, make_sample
 from neuroexplain.models import list_specs, load_from_files, load_model
 from neuroexplain.models.spec import ModelSpec
 from neuroexplain.predict import predict, predict_arrays
-from neuroexplain.lab.synthetic import HELD_OUT_SEED_START, Task, make_sample
 from neuroexplain.volumes import Grid, nifti_bytes, normalise, read_scan
 
 TARGETS = {"lesion": 0.95, "atrophy": 0.90}

@@ -33,9 +33,9 @@ def lesion_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
 
 
 def test_bundled_lesion_over_grpc_matches_the_library(lesion_gateway: Running) -> None:
+    from neuroexplain.lab.synthetic import HELD_OUT_SEED_START, Task, make_sample
     from neuroexplain.models import load_model
     from neuroexplain.predict import predict
-    from neuroexplain.lab.synthetic import HELD_OUT_SEED_START, Task, make_sample
     from neuroexplain.template import MNI_2MM
     from neuroexplain.volumes import nifti_bytes, read_scan
 

@@ -20,10 +20,10 @@ from torch import nn
 from tqdm import tqdm
 
 import neuroexplain
+from neuroexplain.lab.synthetic import CLASSES, HELD_OUT_SEED_START, Task, make_sample
 from neuroexplain.models.registry import describe_layers
 from neuroexplain.models.spec import LayerInfo, ModelSpec
 from neuroexplain.models.zoo import ScanCNN
-from neuroexplain.lab.synthetic import CLASSES, HELD_OUT_SEED_START, Task, make_sample
 from neuroexplain.template import MNI_2MM
 from neuroexplain.volumes import normalise
 

@@ -36,8 +36,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neuroexplain.lab.evaluate_attribution import Plan, run_evaluation, to_json, to_markdown
     from neuroexplain.cli.main import CliError
+    from neuroexplain.lab.evaluate_attribution import Plan, run_evaluation, to_json, to_markdown
     from neuroexplain.models import load_model
 
     sizes = [args.scans, args.sampled_scans, args.faithfulness_scans, args.occlusion_scans, args.randomisation_scans]

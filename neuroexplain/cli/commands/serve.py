@@ -14,7 +14,12 @@ def register(sub: Any) -> None:
         description="Run the gRPC gateway. Every flag also reads a NEUROEXPLAIN_* environment variable "
         "(flag > environment > default), e.g. NEUROEXPLAIN_PORT, NEUROEXPLAIN_CACHE.",
     )
-    p.add_argument("--host", default=None, help="address to bind (default [::])")
+    p.add_argument("--host", default=None,
+                   help="address to bind (default localhost: loopback only, 127.0.0.1 and [::1]); any other "
+                   "address needs --tls-cert/--tls-key and --tokens-file, or --insecure")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow a non-loopback --host without TLS and tokens (plaintext, no authentication)")
+    p.add_argument("--metrics-host", default=None, help="address /metrics binds to (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default 9464; -1 = off)")
     p.add_argument("--health-port", type=int, default=None,
@@ -60,6 +65,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "host": args.host,
+        "insecure": args.insecure,
+        "metrics_host": args.metrics_host,
         "port": args.port,
         "metrics_port": args.metrics_port,
         "health_port": args.health_port,

@@ -25,9 +25,9 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from neuroexplain.cli.main import CliError
-    from neuroexplain.models.registry import BUNDLED_DIR
     from neuroexplain.lab.synthetic import Task
     from neuroexplain.lab.train import TrainConfig, train
+    from neuroexplain.models.registry import BUNDLED_DIR
 
     if args.samples < 8 or args.epochs < 1 or args.eval < 1:
         raise CliError("--samples must be at least 8, --epochs and --eval at least 1")
