@@ -86,6 +86,10 @@ class ScanRef:
     nonfinite: str = "reject"
 
 
+def _store_key(owner: str, digest: str) -> str:
+    return f"{owner}\0{digest}"
+
+
 def canonical_options(described: MethodInfo | None, given: Mapping[str, str], what: str) -> dict[str, str]:
     """Options with the documented defaults filled in, so that spelling a default out hits the same cache entry.
 
@@ -105,7 +109,11 @@ def canonical_options(described: MethodInfo | None, given: Mapping[str, str], wh
 
 
 class ScanStore:
-    """Recently received scans by digest: bounded in entries and bytes, each kept at most ``ttl_s``."""
+    """Recently received scans by owner and digest: bounded in entries and bytes, each kept at most ``ttl_s``.
+
+    Keys are ``owner + NUL + digest``: a digest resolves only for the caller that sent those bytes (a digest is not a
+    key to someone else's scan: digests appear in audit lines).
+    """
 
     def __init__(self, max_entries: int, max_bytes: int, ttl_s: float, metrics: Metrics | None = None) -> None:
         self.max_entries, self.max_bytes, self.ttl_s = max_entries, max_bytes, ttl_s
@@ -236,8 +244,15 @@ class Core:
 
     # -- scans ---------------------------------------------------------------------------------------------------
 
-    def resolve_scan(self, ref: ScanRef) -> ScanInput:
-        """Bytes and digest of a scan sent inline or by digest; inline bytes are remembered for later references."""
+    def remember_scan(self, owner: str, scan: ScanInput) -> None:
+        """Keep a scan that validated (its request succeeded) for later digest references by the same ``owner``."""
+        self.scans.put(_store_key(owner, scan.digest), scan.data)
+
+    def resolve_scan(self, ref: ScanRef, owner: str) -> ScanInput:
+        """Bytes and digest of a scan sent inline, or by a digest ``owner`` sent earlier (see :meth:`remember_scan`).
+
+        Another caller's digest is NOT_FOUND with the same message as an unknown one, so a digest reveals nothing.
+        """
         if ref.alignment not in _ALIGNMENTS:
             raise InvalidOptionError(f"alignment {ref.alignment!r} is unknown; allowed: {list(_ALIGNMENTS)}")
         if ref.nonfinite not in _NONFINITE:
@@ -247,13 +262,11 @@ class Core:
                 raise InvalidOptionError("scan.data is empty; send the bytes of a NIfTI-1/-2 or MGH/MGZ file")
             digest = hashlib.sha256(ref.data).hexdigest()
             data = ref.data
-            # remembered at once, so a digest reference works even when this request is answered from the cache
-            self.scans.put(digest, data)
         elif ref.digest:
             digest = ref.digest.lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise InvalidOptionError("scan.digest must be 64 hex digits (the SHA-256 of the scan's bytes)")
-            stored = self.scans.get(digest)
+            stored = self.scans.get(_store_key(owner, digest))
             if stored is None:
                 raise NotFoundError(
                     f"scan {digest[:12]}… is not held by this server (scans are kept for "

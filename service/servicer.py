@@ -26,8 +26,20 @@ def caller(context: grpc.ServicerContext) -> Caller:
     return Caller(is_active=context.is_active, deadline=deadline, add_done_callback=context.add_callback)
 
 
-def _resolve(core: Core, ref: ScanRef) -> ScanInput:
-    scan = core.resolve_scan(ref)
+def owner(context: grpc.ServicerContext) -> str:
+    """Who a scan sent in this call belongs to: the authenticated caller (token name or certificate subject), else the
+    peer's address without its port (connections from one host share scans; without authentication nothing finer
+    is known)."""
+    record = audit.current()
+    if record is not None and record.caller:
+        return f"id:{record.caller}"
+    peer = context.peer() or ""
+    host = peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+    return f"peer:{host}"
+
+
+def _resolve(core: Core, ref: ScanRef, context: grpc.ServicerContext) -> ScanInput:
+    scan = core.resolve_scan(ref, owner(context))
     audit.annotate(scan_digest=scan.digest)  # the audit line names the scan by its digest, never by anything else
     return scan
 
@@ -58,22 +70,24 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         _require(request.model, "model")
         model, ref = convert.predict_request(request)
-        scan = _resolve(self.core, ref)
+        scan = _resolve(self.core, ref, context)
         result, cached = self.core.predict(PredictRequest(model=model, scan=scan), caller(context))
+        self.core.remember_scan(owner(context), scan)  # only scans that validated are kept
         return convert.predict_response(result, cached, scan.digest)
 
     def Attribute(self, request: pb.AttributeRequest, context: grpc.ServicerContext) -> pb.AttributeResponse:
         _require(request.model, "model")
         fields = convert.attribute_fields(request)
-        scan = _resolve(self.core, convert.scan_ref(request.scan))
+        scan = _resolve(self.core, convert.scan_ref(request.scan), context)
         result, cached = self.core.attribute(AttributeRequest(scan=scan, **fields), caller(context))  # type: ignore[arg-type]
+        self.core.remember_scan(owner(context), scan)
         return convert.attribute_response(result, cached, scan.digest)
 
     def Visualize(self, request: pb.VisualizeRequest, context: grpc.ServicerContext) -> Iterator[pb.VisualizeEvent]:
         _require(request.model, "model")
         _require(request.target, "target")
         fields = convert.visualize_fields(request)
-        scan = _resolve(self.core, convert.scan_ref(request.scan)) if request.HasField("scan") else None
+        scan = _resolve(self.core, convert.scan_ref(request.scan), context) if request.HasField("scan") else None
         digest = scan.digest if scan is not None else ""
         _annotate(request.model, digest or None)
         for job_id, event in self.core.visualize(VisualizeRequest(scan=scan, **fields), caller(context)):  # type: ignore[arg-type]
@@ -81,4 +95,6 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
                 yield convert.visualize_progress(job_id, event)
             else:
                 result, cached = event
+                if scan is not None:
+                    self.core.remember_scan(owner(context), scan)
                 yield convert.visualize_result(job_id, result, cached, digest)

@@ -37,6 +37,7 @@ from service.security.setup import build_security, start_health_port
 from service.server import SERVICE_NAME, create_server
 
 TIMEOUT = 60
+OTHER_TOKEN = "b" * 40
 PATIENT = "ZQDOEJANE4711"  # a name plus record number, unique enough to grep for
 TOKEN = "pacs-bridge-token-000111222333"
 
@@ -154,7 +155,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                                                                                          server=False)}
     cert, key = pki["server"].write(tmp, "server")
     (tmp / "client-ca.pem").write_bytes(client_ca.cert_pem)
-    (tmp / "tokens").write_text(f"pacs-bridge:{TOKEN}\n")
+    (tmp / "tokens").write_text(f"pacs-bridge:{TOKEN}\nresearcher:{OTHER_TOKEN}\n")
 
     logs, audit_lines = _Records(), _Records()
     root = logging.getLogger()
@@ -202,6 +203,45 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
+OTHER_AUTH = (("authorization", f"Bearer {OTHER_TOKEN}"),)
+
+
+def test_a_digest_resolves_only_for_the_caller_that_sent_the_scan(stack: Stack) -> None:
+    # Digests are written to the audit log; they must not be keys to the patient's scan (security review).
+    stub = stack.stub()
+    scan = identifying_scan()
+    sent = stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(data=scan)), metadata=AUTH, timeout=TIMEOUT)
+    digest = sent.info.scan_digest
+    again = stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(digest=digest)), metadata=AUTH, timeout=TIMEOUT)
+    assert again.predicted_class == sent.predicted_class
+    unknown = "0" * 64
+    messages = []
+    for ref in (digest, unknown):
+        for request in (pb.PredictRequest(model="tiny", scan=pb.Scan(digest=ref)),
+                        pb.VisualizeRequest(model="tiny", target="class:lesion", preset="none", steps=1,
+                                            start="scan", scan=pb.Scan(digest=ref))):
+            call = stub.Predict if isinstance(request, pb.PredictRequest) else (
+                lambda r, **kw: list(stub.Visualize(r, **kw)))
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, metadata=OTHER_AUTH, timeout=TIMEOUT)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            messages.append(info.value.details().replace(ref[:12], "<digest>"))
+    # another caller's digest reads exactly like an unknown one
+    assert messages[0] == messages[2] and messages[1] == messages[3]
+
+
+def test_a_scan_that_fails_validation_is_not_stored(stack: Stack) -> None:
+    stub = stack.stub()
+    junk = b"\x00" * 4096
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(data=junk)), metadata=AUTH, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    import hashlib
+
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(digest=hashlib.sha256(junk).hexdigest())),
+                     metadata=AUTH, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_secure_gateway_serves_authenticated_callers_and_refuses_the_rest(stack: Stack) -> None:
