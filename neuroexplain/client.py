@@ -41,6 +41,7 @@ _ERRORS: dict[grpc.StatusCode, type[errors.NeuroExplainError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
     grpc.StatusCode.CANCELLED: errors.CancelledError,
     grpc.StatusCode.UNIMPLEMENTED: errors.UnimplementedError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
 }
 _ALIGNMENTS = {"auto": pb.ALIGNMENT_AUTO, "mni": pb.ALIGNMENT_MNI, "center": pb.ALIGNMENT_CENTER}
 _NONFINITE = {"reject": pb.NON_FINITE_REJECT, "zero": pb.NON_FINITE_ZERO}
@@ -76,6 +77,7 @@ _CODES: tuple[tuple[type[errors.NeuroExplainError], str], ...] = (
     (errors.DeadlineExceededError, "DEADLINE_EXCEEDED"),
     (errors.CancelledError, "CANCELLED"),
     (errors.UnimplementedError, "UNIMPLEMENTED"),
+    (errors.PermissionDeniedError, "PERMISSION_DENIED"),
 )
 
 

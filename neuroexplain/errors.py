@@ -53,3 +53,7 @@ class UnavailableError(NeuroExplainError):
 
 class UnimplementedError(NeuroExplainError):
     """The request uses a field or mode this server does not offer yet (UNIMPLEMENTED); the message names it."""
+
+
+class PermissionDeniedError(NeuroExplainError):
+    """The caller is known but its credentials do not allow this model or operation (PERMISSION_DENIED)."""

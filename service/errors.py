@@ -29,6 +29,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
     errors.UnimplementedError: grpc.StatusCode.UNIMPLEMENTED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     MemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 

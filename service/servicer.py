@@ -12,7 +12,7 @@ import grpc
 
 from neuroexplain._proto import neuroexplain_pb2 as pb
 from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
-from neuroexplain.errors import InvalidOptionError
+from neuroexplain.errors import InvalidOptionError, PermissionDeniedError
 from service import convert
 from service.backend import NOTICE, AttributeRequest, PredictRequest, Progress, ScanInput, VisualizeRequest
 from service.core import Caller, Core, ScanRef
@@ -51,6 +51,15 @@ def _annotate(model: str, digest: str | None) -> None:
     audit.annotate(model=model, scan_digest=digest)
 
 
+def _authorize(model: str, op: str) -> None:
+    """PERMISSION_DENIED when the caller's token does not allow ``op`` on ``model`` (tokens file grants)."""
+    record = audit.current()
+    grant = None if record is None else record.grant
+    refusal = None if grant is None else grant.refusal(model, op)
+    if refusal is not None:
+        raise PermissionDeniedError(refusal)
+
+
 def _require(value: str, field: str) -> None:
     if not value:
         raise InvalidOptionError(f"{field} is missing")
@@ -69,6 +78,7 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         _require(request.model, "model")
+        _authorize(request.model, "predict")
         model, ref = convert.predict_request(request)
         scan = _resolve(self.core, ref, context)
         result, cached = self.core.predict(PredictRequest(model=model, scan=scan), caller(context))
@@ -77,6 +87,7 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
 
     def Attribute(self, request: pb.AttributeRequest, context: grpc.ServicerContext) -> pb.AttributeResponse:
         _require(request.model, "model")
+        _authorize(request.model, "attribute")
         fields = convert.attribute_fields(request)
         scan = _resolve(self.core, convert.scan_ref(request.scan), context)
         result, cached = self.core.attribute(AttributeRequest(scan=scan, **fields), caller(context))  # type: ignore[arg-type]
@@ -86,6 +97,7 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
     def Visualize(self, request: pb.VisualizeRequest, context: grpc.ServicerContext) -> Iterator[pb.VisualizeEvent]:
         _require(request.model, "model")
         _require(request.target, "target")
+        _authorize(request.model, "visualize")
         fields = convert.visualize_fields(request)
         scan = _resolve(self.core, convert.scan_ref(request.scan), context) if request.HasField("scan") else None
         digest = scan.digest if scan is not None else ""

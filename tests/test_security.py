@@ -619,3 +619,25 @@ def test_request_description_keeps_only_bounded_names_and_real_digests() -> None
     assert describe_request(pb.PredictRequest(model="lesion", scan=pb.Scan(data=b"bytes"))) == ("lesion", None)
     assert describe_request(pb.GetModelRequest(name="atrophy")) == ("atrophy", None)
     assert describe_request(pb.ListModelsRequest()) == (None, None)
+
+
+def test_token_lines_may_carry_grants(tmp_path: Path) -> None:
+    from service.security.tokens import TokenStore
+
+    (tmp_path / "tokens").write_text("a:" + "x" * 20 + ":models=lesion,atrophy:ops=predict\nb:" + "y" * 20 + "\n")
+    store = TokenStore.from_file(tmp_path / "tokens")
+    limited, full = store.identify("x" * 20), store.identify("y" * 20)
+    assert limited is not None and full is not None
+    assert limited.models == {"lesion", "atrophy"} and limited.ops == {"predict"}
+    assert limited.refusal("lesion", "predict") is None and "may not attribute" in str(limited.refusal("lesion", "attribute"))
+    assert full.models is None and full.refusal("anything", "visualize") is None
+
+
+@pytest.mark.parametrize("fields", [":ops=delete", ":models=", ":ops=predict:ops=attribute"])
+def test_malformed_grants_are_refused_at_start(fields: str) -> None:
+    # (NEUROEXPLAIN_TOKENS separates entries by commas, so there a grant lists one model or operation each.)
+    from service.security.errors import SecurityConfigError
+    from service.security.tokens import TokenStore
+
+    with pytest.raises(SecurityConfigError, match="entry 1"):
+        TokenStore.from_env_value("a:" + "x" * 20 + fields)

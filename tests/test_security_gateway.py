@@ -38,6 +38,8 @@ from service.server import SERVICE_NAME, create_server
 
 TIMEOUT = 60
 OTHER_TOKEN = "b" * 40
+LIMITED_TOKEN = "c" * 40
+FOREIGN_TOKEN = "d" * 40
 PATIENT = "ZQDOEJANE4711"  # a name plus record number, unique enough to grep for
 TOKEN = "pacs-bridge-token-000111222333"
 
@@ -155,7 +157,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                                                                                          server=False)}
     cert, key = pki["server"].write(tmp, "server")
     (tmp / "client-ca.pem").write_bytes(client_ca.cert_pem)
-    (tmp / "tokens").write_text(f"pacs-bridge:{TOKEN}\nresearcher:{OTHER_TOKEN}\n")
+    (tmp / "tokens").write_text(f"pacs-bridge:{TOKEN}\nresearcher:{OTHER_TOKEN}\n"
+                                f"viewer:{LIMITED_TOKEN}:models=tiny:ops=predict\n"
+                                f"other-team:{FOREIGN_TOKEN}:models=lesion\n")
 
     logs, audit_lines = _Records(), _Records()
     root = logging.getLogger()
@@ -461,3 +465,28 @@ def test_serve_command_with_every_control_on(tmp_path: Path) -> None:
     assert [(r["caller"], r["code"]) for r in lines] == [("cli", "OK"), (None, "UNAUTHENTICATED")]
     log_text = "".join(stderr)
     assert "security: transport mutual TLS, tokens 1 callers" in log_text and TOKEN not in log_text
+
+
+def test_token_grants_limit_models_and_operations_and_are_audited(stack: Stack) -> None:
+    stub = stack.stub()
+    scan = pb.Scan(data=identifying_scan())
+    limited = (("authorization", f"Bearer {LIMITED_TOKEN}"),)
+    foreign = (("authorization", f"Bearer {FOREIGN_TOKEN}"),)
+    assert stub.Predict(pb.PredictRequest(model="tiny", scan=scan), metadata=limited, timeout=TIMEOUT).predicted_class
+    refusals = [
+        (lambda: stub.Attribute(pb.AttributeRequest(model="tiny", scan=scan, method="gradient"), metadata=limited,
+                                timeout=TIMEOUT), "may not attribute; its token allows: predict"),
+        (lambda: list(stub.Visualize(pb.VisualizeRequest(model="tiny", target="class:lesion", steps=1),
+                                     metadata=limited, timeout=TIMEOUT)), "may not visualize"),
+        (lambda: stub.Predict(pb.PredictRequest(model="tiny", scan=scan), metadata=foreign, timeout=TIMEOUT),
+         "may not use model 'tiny'; its token allows: lesion"),
+    ]
+    before = len(stack.audit.texts)
+    for call, words in refusals:
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert words in info.value.details()
+    audited = [json.loads(t) for t in stack.audit.texts[before:] if t.startswith("{\"")]
+    denied = [a for a in audited if a.get("event") == "rpc" and a["code"] == "PERMISSION_DENIED"]
+    assert sorted(a["caller"] for a in denied) == ["other-team", "viewer", "viewer"], audited

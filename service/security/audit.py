@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 AUDIT_LOGGER = "neuroexplain.audit"
 
@@ -41,6 +42,7 @@ class CallRecord:
     cert_subject: str | None = None
     model: str | None = None
     scan_digest: str | None = None
+    grant: Any = None  # the token's service.security.tokens.Grant (what it may use); not written to the line
 
     def line(self, code: str) -> str:
         when = dt.datetime.fromtimestamp(self.started, dt.UTC).isoformat(timespec="milliseconds")

@@ -132,10 +132,11 @@ class SecurityInterceptor(grpc.ServerInterceptor):
         record.cert_subject = client_subject(context.auth_context())
         if self.tokens is not None:
             token = _bearer_token(metadata, context)
-            name = self.tokens.authenticate(token)
-            if name is None:
+            grant = self.tokens.identify(token)
+            if grant is None:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
-            record.caller, record.auth = name, "token"
+                raise AssertionError("context.abort raises")  # for the type checker; abort never returns
+            record.caller, record.auth, record.grant = grant.name, "token", grant
         elif record.cert_subject is not None:
             record.caller, record.auth = record.cert_subject, "mtls"
         key = f"caller:{record.caller}" if record.caller is not None else f"peer:{_peer_host(record.peer)}"

@@ -36,10 +36,49 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
+OPERATIONS = ("predict", "attribute", "visualize")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a token's holder may use: ``None`` = everything (a plain ``name:token`` line)."""
+
+    name: str
+    models: frozenset[str] | None = None
+    ops: frozenset[str] | None = None
+
+    def refusal(self, model: str, op: str) -> str | None:
+        """Why this caller may not run ``op`` on ``model``, or None when it may."""
+        if self.ops is not None and op not in self.ops:
+            return f"caller '{self.name}' may not {op}; its token allows: {', '.join(sorted(self.ops))}"
+        if self.models is not None and model not in self.models:
+            return f"caller '{self.name}' may not use model '{model}'; its token allows: {', '.join(sorted(self.models))}"
+        return None
+
+
 @dataclass(frozen=True)
 class _Entry:
     name: str
     digest: bytes  # SHA-256 of the token; the token itself is not kept
+    grant: Grant | None = None
+
+
+def _grant(where: str, name: str, fields: list[str]) -> Grant | None:
+    """``models=a,b`` and ``ops=predict,attribute`` fields after the token."""
+    if not fields:
+        return None
+    values: dict[str, frozenset[str]] = {}
+    for field_ in fields:
+        key, _, listed = field_.partition("=")
+        items = frozenset(x.strip() for x in listed.split(",") if x.strip())
+        if key not in ("models", "ops") or key in values or not items:
+            raise SecurityConfigError(
+                f"{where}: after the token expected ':models=NAME,NAME' and/or ':ops=OP,OP' once each"
+            )
+        if key == "ops" and not items <= set(OPERATIONS):
+            raise SecurityConfigError(f"{where}: ops may be {', '.join(OPERATIONS)}")
+        values[key] = items
+    return Grant(name, values.get("models"), values.get("ops"))
 
 
 def _digest(token: str) -> bytes:
@@ -61,7 +100,10 @@ def parse_entries(items: Iterable[tuple[str, str]]) -> tuple[_Entry, ...]:
     entries: list[_Entry] = []
     seen: dict[bytes, str] = {}
     for where, raw in items:
-        name, sep, token = raw.partition(":")
+        name, sep, rest = raw.partition(":")
+        parts = rest.split(":")
+        fields = [p.strip() for p in parts[1:] if p.strip().startswith(("models=", "ops="))]
+        token = ":".join(parts[: len(parts) - len(fields)]) if fields else rest
         name, token = name.strip(), token.strip()
         if not sep:
             raise SecurityConfigError(f"{where}: expected 'name:token'")
@@ -79,7 +121,7 @@ def parse_entries(items: Iterable[tuple[str, str]]) -> tuple[_Entry, ...]:
         if digest in seen:
             raise SecurityConfigError(f"{where}: repeats the token of {seen[digest]}; every token must be unique")
         seen[digest] = where
-        entries.append(_Entry(name, digest))
+        entries.append(_Entry(name, digest, _grant(where, name, fields)))
     if not entries:
         raise SecurityConfigError("no tokens configured; expected at least one 'name:token'")
     return tuple(entries)
@@ -166,13 +208,20 @@ class TokenStore:
 
     def authenticate(self, token: str) -> str | None:
         """The name the token belongs to, or ``None``; every entry is compared, in constant time each."""
+        grant = self.identify(token)
+        return None if grant is None else grant.name
+
+    def identify(self, token: str) -> Grant | None:
+        """The token's holder and what it may use, or ``None``; every entry is compared, in constant time each."""
         self.reload_if_changed()
         presented = _digest(token)
-        match: str | None = None
+        match: _Entry | None = None
         for entry in self._entries:
             if hmac.compare_digest(entry.digest, presented) and match is None:
-                match = entry.name
-        return match
+                match = entry
+        if match is None:
+            return None
+        return match.grant or Grant(match.name)
 
 
 def _read_file(path: Path) -> tuple[_Entry, ...]:
