@@ -1,0 +1,83 @@
+"""A real Orthanc (Debian's ``Orthanc`` binary) on free loopback ports with its own config and temp storage."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc: its AE title, DICOM and HTTP ports."""
+
+    aet: str
+    dicom_port: int
+    http_port: int
+    proc: subprocess.Popen[bytes]
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: bytes | str) -> Any:
+        data = body.encode() if isinstance(body, str) else body
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read() or b"null")
+
+    def instances_tags(self) -> list[dict[str, Any]]:
+        return [self.get(f"/instances/{i}/simplified-tags") for i in self.get("/instances")]
+
+
+@contextmanager
+def orthanc(tmp: Path, modalities: Mapping[str, tuple[str, str, int]] | None = None,
+            aet: str = "ORTHANC") -> Iterator[Orthanc]:
+    """Start Orthanc; ``modalities`` = name -> (AE, host, port) it may send to."""
+    from conftest import require_binary  # a missing Orthanc skips, or fails under CI=true
+
+    binary = require_binary("Orthanc", "the PACS of the bridge tests")
+    dicom_port, http_port = free_port(), free_port()
+    (tmp / "storage").mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "neuroexplain-test", "StorageDirectory": str(tmp / "storage"), "IndexDirectory": str(tmp / "storage"),
+        "DicomAet": aet, "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowEcho": True, "Plugins": [], "HttpServerEnabled": True, "StorageCompression": False,
+        "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
+        "DicomScpTimeout": 30, "OverwriteInstances": True,
+    }
+    cfg = tmp / "orthanc.json"
+    cfg.write_text(json.dumps(config))
+    proc = subprocess.Popen([binary, str(cfg)], stdout=subprocess.DEVNULL, stderr=open(tmp / "orthanc.log", "wb"))
+    node = Orthanc(aet, dicom_port, http_port, proc)
+    try:
+        for _ in range(300):
+            try:
+                node.get("/system")
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError((tmp / "orthanc.log").read_text()[-2000:]) from None
+                time.sleep(0.1)
+        yield node
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
