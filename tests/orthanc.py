@@ -62,7 +62,7 @@ def orthanc(tmp: Path, modalities: Mapping[str, tuple[str, str, int]] | None = N
     }
     cfg = tmp / "orthanc.json"
     cfg.write_text(json.dumps(config))
-    proc = subprocess.Popen([binary, str(cfg)], stdout=subprocess.DEVNULL, stderr=open(tmp / "orthanc.log", "wb"))
+    proc = subprocess.Popen([binary, str(cfg)], stdout=subprocess.DEVNULL, stderr=open(tmp / "orthanc.log", "wb"))  # noqa: SIM115 (the child keeps it)
     node = Orthanc(aet, dicom_port, http_port, proc)
     try:
         for _ in range(300):

@@ -486,7 +486,7 @@ class Bridge:
         for uid in STORAGE_CLASSES:
             ae.add_supported_context(uid)
         for ctx in StoragePresentationContexts:  # every storage class is accepted; filters decide what is kept
-            if ctx.abstract_syntax not in STORAGE_CLASSES and len(ae.supported_contexts) < 120:
+            if ctx.abstract_syntax and ctx.abstract_syntax not in STORAGE_CLASSES and len(ae.supported_contexts) < 120:
                 ae.add_supported_context(ctx.abstract_syntax)
         ae.add_supported_context(Verification)
         if self.config.allow_ae:
