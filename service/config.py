@@ -64,7 +64,8 @@ class Settings:
         scan_store_entries / scan_store_bytes / scan_store_ttl_s: the store of recently received scans that
             ``Scan.digest`` refers to.
         grace_s: how long SIGTERM waits for in-flight calls to finish.
-        workers: gRPC handler threads.
+        workers: gRPC handler threads at least; the server runs ``grpc_threads`` (enough for every running and
+            queued computation plus cheap calls), so the queue limit is the core's, never grpc's.
         model_dirs: extra model folders (also ``NEUROEXPLAIN_MODEL_DIRS``, read by the library).
         device: torch device of the in-process backend.
         model_store: TorchServe backend: folder of ``.mar`` archives; every archive in it is served, and archives
@@ -139,6 +140,11 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def grpc_threads(self) -> int:
+        """Handler threads: each waiting caller holds one, so running + queued computations + 16 for cheap calls."""
+        return max(self.workers, self.max_concurrency + self.max_queue + 16)
 
     @property
     def grpc_options(self) -> list[tuple[str, int]]:

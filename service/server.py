@@ -154,10 +154,12 @@ def create_server(
     from concurrent.futures import ThreadPoolExecutor
 
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="grpc"),
+        ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc"),
         interceptors=interceptors,
         options=[*settings.grpc_options, ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=settings.workers,
+        # A last-resort guard only: the core's own limit (running + queued computations) must be reached first, so
+        # that refusals pass the interceptors (audited, counted, with the core's message).
+        maximum_concurrent_rpcs=2 * settings.grpc_threads,
     )
     pb_grpc.add_NeuroExplainServicer_to_server(NeuroExplainServicer(core), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

@@ -236,6 +236,28 @@ def test_full_server_answers_resource_exhausted(gated: GatedBackend, tmp_path: P
         running.stop()
 
 
+def test_the_queue_limit_is_the_cores_and_its_refusals_are_counted(gated: GatedBackend, tmp_path: Path) -> None:
+    # 1 running + 64 queued fit; the 66th distinct computation is refused by the core (not by grpc's thread cap),
+    # so the refusal carries the core's message and is counted.
+    running = start_gateway(gated, tmp_path, max_concurrency=1, max_queue=64, workers=8)
+    try:
+        gated.gate.clear()
+        waiting = [running.stub.Predict.future(pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(100 + i))),
+                                               timeout=120) for i in range(65)]
+        assert gated.entered.acquire(timeout=20)
+        running.wait_for(lambda: running.sample("neuroexplain_requests_in_flight", rpc="Predict") == 65, timeout=60)
+        with pytest.raises(grpc.RpcError) as exc:
+            running.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(99))), timeout=60)
+        assert _code(exc.value) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit of 1 running and 64 queued" in exc.value.details()
+        assert running.sample("neuroexplain_rejected_requests_total", operation="predict") == 1
+        gated.gate.set()
+        assert all(f.result(timeout=120).info.model == TINY for f in waiting)
+    finally:
+        gated.gate.set()
+        running.stop()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Errors: every code with its message
 
