@@ -32,23 +32,12 @@ DEFAULT_SERVER = "localhost:50051"
 MAX_MESSAGE_BYTES = 256 << 20
 TOKEN_ENV = "NEUROEXPLAIN_TOKEN"
 
-# gRPC status -> the project's exception class (the inverse of the gateway's table).
-_ERRORS: dict[grpc.StatusCode, type[errors.NeuroExplainError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInputError,
-    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.LimitExceededError,
-    grpc.StatusCode.UNAVAILABLE: errors.UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
-    grpc.StatusCode.CANCELLED: errors.CancelledError,
-    grpc.StatusCode.UNIMPLEMENTED: errors.UnimplementedError,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
-}
 _ALIGNMENTS = {"auto": pb.ALIGNMENT_AUTO, "mni": pb.ALIGNMENT_MNI, "center": pb.ALIGNMENT_CENTER}
 _NONFINITE = {"reject": pb.NON_FINITE_REJECT, "zero": pb.NON_FINITE_ZERO}
 
 
 class RemoteError(errors.NeuroExplainError):
-    """A status the project's tree has no class for (UNAUTHENTICATED, PERMISSION_DENIED, INTERNAL...)."""
+    """A status the project's tree has no class for (INTERNAL, UNKNOWN, DATA_LOSS...)."""
 
 
 def error_from_rpc(exc: grpc.RpcError, unavailable_hint: str = "") -> errors.NeuroExplainError:
@@ -60,25 +49,13 @@ def error_from_rpc(exc: grpc.RpcError, unavailable_hint: str = "") -> errors.Neu
     """
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else ""
-    cls = _ERRORS.get(code, RemoteError)
+    cls = errors.error_class(code.name) or RemoteError
     message = details or code.name.lower().replace("_", " ")
     if code is grpc.StatusCode.UNAVAILABLE:
         message = (message or "the server is not reachable") + unavailable_hint
     out = cls(message if cls is not RemoteError else f"{code.name}: {message}")
-    out.code = code.name  # type: ignore[attr-defined]
+    out.code = code.name  # type: ignore[misc]  # the instance keeps the exact status (RemoteError's varies)
     return out
-
-
-_CODES: tuple[tuple[type[errors.NeuroExplainError], str], ...] = (
-    (errors.InvalidInputError, "INVALID_ARGUMENT"),
-    (errors.NotFoundError, "NOT_FOUND"),
-    (errors.LimitExceededError, "RESOURCE_EXHAUSTED"),
-    (errors.UnavailableError, "UNAVAILABLE"),
-    (errors.DeadlineExceededError, "DEADLINE_EXCEEDED"),
-    (errors.CancelledError, "CANCELLED"),
-    (errors.UnimplementedError, "UNIMPLEMENTED"),
-    (errors.PermissionDeniedError, "PERMISSION_DENIED"),
-)
 
 
 def error_code(exc: BaseException) -> str:
@@ -86,7 +63,7 @@ def error_code(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     if isinstance(code, str):
         return code
-    return next((name for cls, name in _CODES if isinstance(exc, cls)), "INTERNAL")
+    return errors.status_name(exc) or "INTERNAL"
 
 
 def _scan_message(

@@ -194,3 +194,51 @@ def test_cli_without_a_server_says_how_to_get_one(capsys: pytest.CaptureFixture[
     assert main(["models", "--server", f"127.0.0.1:{_free_port()}"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "neuroexplain serve" in err and "use --local" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The one error table (neuroexplain.errors): each class names its status once; the client inverts it
+
+
+def test_every_error_class_names_a_grpc_status_and_the_client_inverts_the_same_table() -> None:
+    import grpc
+
+    from neuroexplain import errors
+    from neuroexplain.client import RemoteError, error_from_rpc
+
+    statuses = {code.name for code in grpc.StatusCode}
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.NeuroExplainError)]
+    assert len(classes) >= 17
+    for cls in classes:
+        assert cls.code in statuses, cls  # a real gRPC status name, spelled once in the class
+    for name in ("UNAUTHENTICATED", "PERMISSION_DENIED", "FAILED_PRECONDITION", "UNIMPLEMENTED",
+                 "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE"):
+        cls = errors.error_class(name)
+        assert cls is not None and cls.code == name
+    assert errors.error_class("RESOURCE_EXHAUSTED") is errors.LimitExceededError  # what callers already catch
+    assert errors.error_class("INVALID_ARGUMENT") is errors.InvalidInputError
+    assert errors.error_class("INTERNAL") is None
+    assert errors.status_name(MemoryError()) == "RESOURCE_EXHAUSTED"
+    assert errors.status_name(errors.OutOfMemoryError("cuda")) == "RESOURCE_EXHAUSTED"
+    assert errors.status_name(ValueError("x")) is None
+    assert error_code(MemoryError()) == "RESOURCE_EXHAUSTED" and error_code(ValueError()) == "INTERNAL"
+    refused = errors.InvalidOptionError("steps 0 is out of range; allowed 1..4096", field="options.steps")
+    assert refused.field == "options.steps" and str(refused).startswith("steps 0")
+    assert errors.InvalidOptionError("no field").field is None
+
+    class _Failed(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode) -> None:
+            self._code = code
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+        def details(self) -> str:
+            return "said the server"
+
+    for status in grpc.StatusCode:
+        if status is grpc.StatusCode.OK:
+            continue
+        out = error_from_rpc(_Failed(status))
+        expected = errors.error_class(status.name) or RemoteError
+        assert type(out) is expected and error_code(out) == status.name
