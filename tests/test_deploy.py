@@ -310,7 +310,7 @@ from conftest import require_binary
 
 BUILTIN_KINDS = {
     "Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
-    "PodDisruptionBudget", "NetworkPolicy",
+    "PodDisruptionBudget", "NetworkPolicy", "StatefulSet",  # StatefulSet: the PACS bridge (its spool volume)
 }
 RBAC_KINDS = {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
 SECRETS = {"neuroexplain-tls", "neuroexplain-tokens", "neuroexplain-redis"}
@@ -1008,7 +1008,7 @@ def test_readme_documents_make_serve_and_the_deployment() -> None:
 # --- the image's runtime-only install has every module the service imports -----------------------------------------
 
 
-def _runtime_distributions() -> set[str]:
+def _runtime_distributions(extra: str = "full") -> set[str]:
     """Canonical names of every distribution ``pip install ".[full]"`` installs (pyproject.toml, then installed
     metadata for the transitive requirements)."""
     import tomllib
@@ -1018,7 +1018,7 @@ def _runtime_distributions() -> set[str]:
     from packaging.utils import canonicalize_name
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    todo = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["full"]]
+    todo = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"][extra]]
     seen: set[str] = set()
     while todo:
         req = todo.pop()
@@ -1038,15 +1038,21 @@ def _runtime_distributions() -> set[str]:
     return seen
 
 
-def _third_party_imports() -> dict[str, set[str]]:
-    """Top-level module -> files importing it, for service/, handlers/, neuroexplain/ (imports guarded by
-    ``except ImportError`` are optional and left out)."""
+BRIDGE = ROOT / "neuroexplain" / "pacs"  # its own image: the light client + [pacs]
+
+
+def _third_party_imports(roots: tuple[Path, ...] = (ROOT / "neuroexplain", ROOT / "service", ROOT / "handlers"),
+                         *, bridge: bool = False) -> dict[str, set[str]]:
+    """Top-level module -> files importing it, under ``roots`` (the PACS bridge's package only when ``bridge``;
+    imports guarded by ``except ImportError`` are optional and left out)."""
     import ast
 
     first_party = {"neuroexplain", "service", "handlers"}
     found: dict[str, set[str]] = {}
-    for package in first_party:
-        for path in (ROOT / package).rglob("*.py"):
+    for root in roots:
+        for path in root.rglob("*.py"):
+            if (BRIDGE in path.parents) != bridge:
+                continue
             tree = ast.parse(path.read_text(), filename=str(path))
             optional: set[int] = set()
             for node in ast.walk(tree):
@@ -1087,6 +1093,22 @@ def test_runtime_install_provides_every_module_the_service_imports() -> None:
         if not dists & runtime:
             missing[module] = (sorted(dists) or ["not installed"], sorted(files)[:3])
     assert not missing, f"imported at run time but not installed by the full extra: {missing}"
+
+
+def test_bridge_install_provides_every_module_the_bridge_imports() -> None:
+    """The bridge image installs the base and ``pacs`` requirements only (no torch, no numpy)."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    runtime = _runtime_distributions("pacs")
+    assert not {"torch", "numpy"} & runtime
+    providers = packages_distributions()
+    imports = _third_party_imports((BRIDGE,), bridge=True)
+    assert {"pynetdicom", "pydicom"} <= set(imports)
+    missing = {m: sorted(f)[:3] for m, f in imports.items()
+               if not {str(canonicalize_name(d)) for d in providers.get(m, [])} & runtime}
+    assert not missing, f"imported by the bridge but not installed by base + [pacs]: {missing}"
 
 
 def test_the_configmap_opens_grpc_and_metrics_only_with_tls_and_tokens() -> None:
