@@ -13,7 +13,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,7 +53,8 @@ log = logging.getLogger("neuroexplain.service")
 
 R = TypeVar("R")
 
-_POLL_S = 0.05  # how often a waiting caller checks whether its client is still there
+_POLL_S = 0.05
+PROGRESS_RING = 64  # progress events a computation keeps for its callers  # how often a waiting caller checks whether its client is still there
 _ALIGNMENTS = ("auto", "mni", "center")
 _NONFINITE = ("reject", "zero")
 
@@ -169,13 +170,26 @@ class Flight(Generic[R]):
     cancelled: threading.Event = field(default_factory=threading.Event)
     result: R | None = None
     error: BaseException | None = None
-    progress: list[Progress] = field(default_factory=list)
+    # The latest PROGRESS_RING events only, and only the newest of them keeps its preview PNG: a long Visualize
+    # with previews must not grow the gateway's memory; a caller that falls behind skips to the oldest kept event.
+    progress: deque[Progress] = field(default_factory=lambda: deque(maxlen=PROGRESS_RING))
+    published: int = 0
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     def publish(self, event: Progress) -> None:
         with self.changed:
+            if event.preview_png:
+                for i, old in enumerate(self.progress):
+                    if old.preview_png:
+                        self.progress[i] = dataclasses.replace(old, preview_png=b"")
             self.progress.append(event)
+            self.published += 1
             self.changed.notify_all()
+
+    def events_after(self, seen: int) -> tuple[list[Progress], int]:
+        """Events published after the first ``seen`` (those still kept), and the new count seen. Call under ``changed``."""
+        first_kept = self.published - len(self.progress)
+        return list(self.progress)[max(seen - first_kept, 0):], self.published
 
     def finish(self, result: R | None, error: BaseException | None) -> None:
         with self.changed:
@@ -401,13 +415,12 @@ class Core:
             seen = 0
             while True:
                 with flight.changed:
-                    if not flight.done.is_set() and len(flight.progress) == seen:
+                    if not flight.done.is_set() and flight.published == seen:
                         flight.changed.wait(_POLL_S)
-                    events = flight.progress[seen:]
-                    seen += len(events)
+                    events, seen = flight.events_after(seen)
                 for ev in events:
                     yield flight.job_id, ev
-                if flight.done.is_set() and seen == len(flight.progress):
+                if flight.done.is_set() and seen == flight.published:
                     break
                 if not caller.is_active():
                     raise CancelledError("the call was cancelled by the client")

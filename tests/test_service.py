@@ -392,3 +392,18 @@ def test_request_threads_do_not_share_state(gateway: Running) -> None:
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         got = list(pool.map(call, range(4)))
     assert got == [list(e) for e in expected]
+
+
+def test_progress_history_is_a_bounded_ring_with_one_preview() -> None:
+    from service.backend import Progress
+    from service.core import PROGRESS_RING, Flight
+
+    flight: Flight[object] = Flight(key="k")
+    for step in range(1, 1001):
+        flight.publish(Progress(step=step, steps=1000, objective=float(step), preview_png=b"png" * 1000))
+    with flight.changed:
+        late, seen = flight.events_after(0)
+        caught_up, _ = flight.events_after(seen - 3)
+    assert len(late) == PROGRESS_RING and late[-1].step == 1000 and late[0].step == 1000 - PROGRESS_RING + 1
+    assert [e.step for e in caught_up] == [998, 999, 1000]
+    assert sum(bool(e.preview_png) for e in late) == 1 and late[-1].preview_png
