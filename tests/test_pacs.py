@@ -237,3 +237,19 @@ def test_parametric_map_lands_in_the_source_study(tmp_path: Path, gateway: int, 
         assert int(maps[0]["Rows"]) == 16 and int(maps[0]["NumberOfFrames"]) == 8
     finally:
         bridge.stop()
+
+
+def test_bridge_imports_without_torch_or_numpy() -> None:
+    """The bridge installs with the light client + [pacs]: importing it with torch and numpy blocked works."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('numpy', 'torch', 'service', 'nibabel'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import neuroexplain.cli.commands.pacs_bridge, neuroexplain.pacs.bridge\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('numpy', 'torch', 'grpc_tools')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
