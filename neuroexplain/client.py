@@ -255,14 +255,56 @@ def add_client_arguments(parser: Any) -> None:
     parser.add_argument("--cert", default=None, metavar="F", help="client certificate for mutual TLS (with --tls)")
     parser.add_argument("--key", default=None, metavar="F", help="key of --cert (with --tls)")
     parser.add_argument("--token", default=None, metavar="T", help=f"bearer token (default {TOKEN_ENV})")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow sending a token without TLS to a non-loopback server (it travels in clear text)")
+
+
+def is_loopback(target: str) -> bool:
+    """Whether a ``host:port`` target names this machine (localhost, 127.0.0.0/8, ::1, a unix socket).
+
+    Args:
+        target: a gRPC target such as ``localhost:50051``, ``[::1]:50051`` or ``unix:/path``.
+    """
+    import ipaddress
+
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
+    host = host.removeprefix("dns:///").strip("[]")
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token_transport(target: str, *, tls: bool, token: str | None, insecure: bool) -> None:
+    """Refuse to send a bearer token in clear text to another machine (issue 14's safe defaults).
+
+    Args:
+        target: the server address.
+        tls: whether the channel uses TLS.
+        token: the token that would be sent (``--token`` or ``NEUROEXPLAIN_TOKEN``), or None.
+        insecure: the user wrote ``--insecure``.
+
+    Raises:
+        InvalidOptionError: a token without TLS to a non-loopback address and no ``--insecure``.
+    """
+    if token and not tls and not insecure and not is_loopback(target):
+        raise errors.InvalidOptionError(
+            f"refusing to send a token without TLS to the non-loopback server {target}: add --tls (with --ca if "
+            "needed), or --insecure to send it in clear text anyway", field="--token")
 
 
 def client_from_args(args: Any) -> Client:
     """A :class:`Client` from the flags of :func:`add_client_arguments`."""
     if (args.ca or args.cert or args.key) and not args.tls:
         raise errors.InvalidOptionError("--ca, --cert and --key need --tls")
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    check_token_transport(args.server, tls=args.tls, token=token, insecure=getattr(args, "insecure", False))
     credentials = tls_credentials(args.ca, args.cert, args.key) if args.tls else None
-    return Client(args.server, timeout=args.timeout, credentials=credentials, token=args.token,
+    return Client(args.server, timeout=args.timeout, credentials=credentials, token=token,
                   unavailable_hint=cli_unavailable_hint(args.server))
 
 

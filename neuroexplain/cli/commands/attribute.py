@@ -40,15 +40,17 @@ def register(sub: Any) -> None:
     p.add_argument("--png", type=Path, metavar="P", help="also write an orthogonal-slice overlay PNG")
     p.add_argument("--summary", type=Path, metavar="S.json", help="also write the JSON summary")
     p.add_argument("--alignment", default="auto", choices=("auto", "mni", "center"), help="see README 'Scans'")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--local", action="store_true", help="run the library in this process")
-    where.add_argument("--server", metavar="H:P", help="server to ask (default localhost:50051)")
+    from neuroexplain.client import add_client_arguments
+
+    add_client_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from neuroexplain.cli.common import load_scan_arg
     from neuroexplain.cli.main import CliError
 
+    args.scan = load_scan_arg(args.scan)
     if args.method not in METHOD_NAMES:
         raise CliError(f"method {args.method!r} is unknown; expected one of {list(METHOD_NAMES)}")
     for path in (args.output, args.png, args.summary):
@@ -99,15 +101,11 @@ def _run_local(args: argparse.Namespace) -> int:
 
 def _run_remote(args: argparse.Namespace) -> int:
     """Ask a server (``--server``, default localhost:50051) and write the same files as ``--local``."""
-    from neuroexplain.attribution.options import parse_option_pairs
-    from neuroexplain.client import DEFAULT_SERVER, Client, cli_unavailable_hint, tls_credentials
+    from neuroexplain.cli.common import parse_key_values
+    from neuroexplain.client import client_from_args
 
-    options = parse_option_pairs(args.option)
-    credentials = (tls_credentials(getattr(args, "ca", None), getattr(args, "cert", None), getattr(args, "key", None))
-                   if getattr(args, "tls", False) else None)
-    server = args.server or DEFAULT_SERVER
-    with Client(server, credentials=credentials, token=getattr(args, "token", None),
-                unavailable_hint=cli_unavailable_hint(server)) as client:
+    options = parse_key_values(args.option)
+    with client_from_args(args) as client:
         result = client.attribute(Path(args.scan), model=args.model, method=args.method, target=args.target or "",
                                   options=options, png=args.png is not None, alignment=args.alignment)
     args.output.write_bytes(result.nifti)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from neuroexplain import RESEARCH_NOTICE
+from neuroexplain.cli.common import load_scan_arg
 from neuroexplain.errors import NeuroExplainError
 
 
@@ -37,7 +38,7 @@ def _local(args: argparse.Namespace) -> Iterator[tuple[str, Callable[[], dict[st
     model = load_model(args.model)
 
     def one(path: str) -> dict[str, Any]:
-        pred = predict(model, [read_scan(path)])[0]
+        pred = predict(model, [read_scan(load_scan_arg(path))])[0]
         return {
             "scan": path,
             "model": model.spec.name,
@@ -59,7 +60,7 @@ def _remote(args: argparse.Namespace) -> Iterator[tuple[str, Callable[[], dict[s
     with client_from_args(args) as client:
 
         def one(path: str) -> dict[str, Any]:
-            r = client.predict(path, model=args.model)
+            r = client.predict(load_scan_arg(path), model=args.model)
             return {
                 "scan": path,
                 "model": r.info.model,

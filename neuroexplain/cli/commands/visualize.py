@@ -34,9 +34,9 @@ def register(sub: Any) -> None:
     p.add_argument("--png", type=Path, help="also write a PNG preview (orthogonal slices + axial mosaic)")
     p.add_argument("--native-out", type=Path, help="with --start SCAN: the volume on the scan's own grid")
     p.add_argument("--curve", type=Path, help="also write the objective per step as JSON")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--local", action="store_true", help="run the library in this process")
-    where.add_argument("--server", metavar="H:P", help="server to ask (default localhost:50051)")
+    from neuroexplain.client import add_client_arguments
+
+    add_client_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -59,6 +59,10 @@ def _check_args(args: argparse.Namespace) -> None:
     from neuroexplain.cli.main import CliError
 
     start_is_scan = args.start not in ("noise", "template")
+    if start_is_scan and Path(args.start).is_dir():
+        from neuroexplain.cli.common import load_scan_arg
+
+        load_scan_arg(args.start)  # a directory (DICOM series) is refused there, with the same words
     if args.native_out is not None and not start_is_scan:
         raise CliError("--native-out needs --start SCAN (a scan file); noise and template starts live on the model grid")
     if start_is_scan and not Path(args.start).is_file():
@@ -80,11 +84,9 @@ def _run_remote(args: argparse.Namespace, options: dict[str, str]) -> int:
 
     from tqdm import tqdm
 
-    from neuroexplain.client import DEFAULT_SERVER, Client, cli_unavailable_hint, tls_credentials
+    from neuroexplain.client import client_from_args
 
     scan_start = args.start not in ("noise", "template")
-    credentials = (tls_credentials(getattr(args, "ca", None), getattr(args, "cert", None), getattr(args, "key", None))
-                   if getattr(args, "tls", False) else None)
     bar = tqdm(total=args.steps, desc="visualize", unit="step", disable=args.no_progress, file=sys.stderr,
                dynamic_ncols=True)
 
@@ -92,9 +94,7 @@ def _run_remote(args: argparse.Namespace, options: dict[str, str]) -> int:
         bar.update(p.step - bar.n)
         bar.set_postfix(objective=f"{p.objective:.4g}", refresh=False)
 
-    server = args.server or DEFAULT_SERVER
-    with Client(server, credentials=credentials, token=getattr(args, "token", None),
-                unavailable_hint=cli_unavailable_hint(server)) as client:
+    with client_from_args(args) as client:
         try:
             # Ctrl-C cancels the stream (Client.visualize), which stops the optimisation on the server
             _job_id, result = client.visualize(
