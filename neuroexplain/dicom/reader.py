@@ -30,7 +30,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as _pixel_array
-from pydicom.uid import UID
+from pydicom.uid import UID, JPEGExtended12Bit
 
 from neuroexplain.dicom.errors import (
     DicomError,
@@ -91,17 +91,22 @@ _SCAN_LIMITS = ScanLimits()
 _DICOM_LIMITS = DicomLimits()
 
 
-def series_digest(instances: Sequence[bytes]) -> str:
+def series_digest(instances: Sequence[bytes], series_uid: str | None = None) -> str:
     """SHA-256 digest of a series that does not depend on the order of its instances.
 
+    Computable before anything is decoded (a cache can look it up first). A chosen ``series_uid`` is hashed in, so
+    the same folder read for two different series gives two digests; the UID itself never appears.
+
     Args:
-        instances: the instances' bytes.
+        instances: the instances' bytes, as sent (or every DICOM file of a directory).
+        series_uid: the series chosen among them, if one was.
 
     Returns:
-        Hex digest of the sorted per-instance SHA-256 digests.
+        Hex digest of the sorted per-instance SHA-256 digests (and the chosen series UID).
     """
     parts = sorted(hashlib.sha256(bytes(raw)).digest() for raw in instances)
-    return hashlib.sha256(b"dicom-series\0" + b"".join(parts)).hexdigest()
+    chosen = b"" if series_uid is None else b"series\0" + series_uid.encode()
+    return hashlib.sha256(b"dicom-series\0" + b"".join(parts) + chosen).hexdigest()
 
 
 def is_dicom(raw: bytes) -> bool:
@@ -164,7 +169,7 @@ def read_series(
 
     Returns:
         A :class:`DicomScan`: float32 ``(columns, rows, slices)`` with rescale applied, RAS affine, the
-        order-independent :func:`series_digest`, ``format="dicom"``, and the geometry with source headers.
+        order-independent :func:`series_digest` of ``instances`` and ``series_uid``, ``format="dicom"``, and the geometry with source headers.
 
     Raises:
         LimitExceededError: a cap was exceeded (checked before decoding).
@@ -187,7 +192,7 @@ def read_series(
         total += len(raw)
     if total > limits.max_input_bytes:
         raise LimitExceededError(f"series has {total} bytes; the limit is {limits.max_input_bytes} bytes in total")
-    digest = series_digest(instances)
+    digest = series_digest(instances, series_uid)
 
     images: list[Dataset] = []
     not_dicom = not_image = 0
@@ -289,6 +294,12 @@ def _check_pixel_header(ds: Dataset, dicom_limits: DicomLimits, limits: ScanLimi
         raise TransferSyntaxError(
             f"transfer syntax {syntax.name if syntax.is_valid else 'missing'} has no installed decoder; accepted: "
             "uncompressed, RLE Lossless, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K"
+        )
+    if syntax == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
+        # Pillow and python-gdcm decode only 8-bit JPEG Extended; the one 12-bit decoder (pylibjpeg-libjpeg) is GPL.
+        raise TransferSyntaxError(
+            "12-bit JPEG Extended (lossy) has no installed decoder; accepted: uncompressed, RLE Lossless, JPEG "
+            "baseline, 8-bit JPEG extended, JPEG lossless, JPEG-LS, JPEG 2000, HTJ2K"
         )
     if not syntax.is_compressed:
         needed = rows * columns * n_frames * bits // 8

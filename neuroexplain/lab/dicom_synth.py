@@ -37,11 +37,12 @@ Orientation = Literal["axial", "coronal", "sagittal"]
 
 #: RAS axis codes each voxel axis (i = columns, j = rows, k = slices) points to, as DICOM viewers expect them:
 #: rows run left-to-right on screen towards patient Left (axial, coronal) or Posterior (sagittal), columns run
-#: top-to-bottom towards Posterior (axial) or Inferior (coronal, sagittal).
+#: top-to-bottom towards Posterior (axial) or Inferior (coronal, sagittal); slices run along the planes' normal
+#: (row x column direction): Superior, Posterior, Right.
 _AXCODES: dict[str, tuple[str, str, str]] = {
     "axial": ("L", "P", "S"),
     "coronal": ("L", "I", "P"),
-    "sagittal": ("P", "I", "L"),
+    "sagittal": ("P", "I", "R"),
 }
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
 
@@ -143,7 +144,7 @@ def write_series(
         reverse_slices: slices run against the plane's normal (a descending acquisition).
         rescale: ``(slope, intercept)``: stored values are ``round((value - intercept) / slope)`` and the header
             carries RescaleSlope/RescaleIntercept; ``None`` stores rounded values (CT always gets a rescale).
-        dtype: stored integer type, ``int16`` or ``uint16``.
+        dtype: stored integer type, ``int16``, ``uint16`` or ``uint8`` (8 bits: what JPEG baseline encodes).
         modality: ``MR`` or ``CT`` (single-frame only for CT).
         patient_name: PatientName to write (synthetic).
         patient_id: PatientID to write (synthetic).
@@ -158,8 +159,8 @@ def write_series(
         InvalidOptionError: an option is out of range.
     """
     stored_dtype = np.dtype(dtype)
-    if stored_dtype not in (np.dtype(np.int16), np.dtype(np.uint16)):
-        raise InvalidOptionError(f"dtype {stored_dtype} is not supported; expected int16 or uint16")
+    if stored_dtype not in (np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.uint8)):
+        raise InvalidOptionError(f"dtype {stored_dtype} is not supported; expected int16, uint16 or uint8")
     if modality not in ("MR", "CT") or (enhanced and modality != "MR"):
         raise InvalidOptionError("modality must be MR or CT, and enhanced series are MR only")
     volume = np.asarray(volume)
@@ -220,6 +221,7 @@ def write_series(
         rows=n_rows,
         cols=n_cols,
         signed=stored_dtype.kind == "i",
+        bits=8 * stored_dtype.itemsize,
     )
     paths: list[Path] = []
     if enhanced:
@@ -234,6 +236,9 @@ def write_series(
                 frame.PlanePositionSequence[0].ImagePositionPatient = position(k)
                 content = Dataset()
                 content.StackID = "1"
+                content.FrameReferenceDateTime = "20260101120000"
+                content.FrameAcquisitionDateTime = "20260101120000"
+                content.FrameAcquisitionDuration = 8.1
                 content.InStackPositionNumber = k + 1
                 content.TemporalPositionIndex = t + 1
                 content.DimensionIndexValues = [1, k + 1, t + 1]
@@ -301,6 +306,7 @@ def _common(
     rows: int,
     cols: int,
     signed: bool,
+    bits: int,
 ) -> Dataset:
     """Patient, study, series, frame of reference, equipment and image pixel attributes shared by every instance."""
     ds = Dataset()
@@ -337,9 +343,9 @@ def _common(
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = rows
     ds.Columns = cols
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
     ds.PixelRepresentation = 1 if signed else 0
     return ds
 
@@ -370,7 +376,27 @@ def _enhanced(
     ds.SOPClassUID = EnhancedMRImageStorage
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.InstanceNumber = 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    del ds.Laterality  # Enhanced MR: only for paired body parts (FrameLaterality says "U")
+    ds.DeviceSerialNumber = "0"
+    ds.AcquisitionContextSequence = Sequence([])
+    ds.PulseSequenceName = "SYNTH_GRE"
+    ds.MRAcquisitionType = "3D"
+    ds.EchoPulseSequence = "GRADIENT"
+    ds.MultiPlanarExcitation = "NO"
+    ds.PhaseContrast = "NO"
+    ds.TimeOfFlightContrast = "NO"
+    ds.SteadyStatePulseSequence = "NONE"
+    ds.EchoPlanarPulseSequence = "NO"
+    ds.SaturationRecovery = "NO"
+    ds.SpectrallySelectedSuppression = "NONE"
+    ds.OversamplingPhase = "NONE"
+    ds.GeometryOfKSpaceTraversal = "RECTILINEAR"
+    ds.SegmentedKSpaceTraversal = "SINGLE"
+    ds.RectilinearPhaseEncodeReordering = "LINEAR"
+    ds.NumberOfKSpaceTrajectories = 1
+    ds.CoverageOfKSpace = "FULL"
+    ds.SoftwareVersions = "neuroexplain"
     ds.NumberOfFrames = n_slices * n_vols
     ds.AcquisitionDateTime = ds.StudyDate + ds.StudyTime
     ds.AcquisitionDuration = 0.0
@@ -414,7 +440,7 @@ def _enhanced(
     transform.RescaleType = "US"
     shared.PixelValueTransformationSequence = Sequence([transform])
     frame_type = Dataset()
-    frame_type.FrameType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    frame_type.FrameType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
     frame_type.PixelPresentation = "MONOCHROME"
     frame_type.VolumetricProperties = "VOLUME"
     frame_type.VolumeBasedCalculationTechnique = "NONE"
@@ -431,5 +457,57 @@ def _enhanced(
     echo = Dataset()
     echo.EffectiveEchoTime = 3.7
     shared.MREchoSequence = Sequence([echo])
+    anatomy = Dataset()
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = "12738006", "SCT", "Brain"
+    anatomy.AnatomicRegionSequence = Sequence([region])
+    anatomy.FrameLaterality = "U"
+    shared.FrameAnatomySequence = Sequence([anatomy])
+    sar = Dataset()
+    sar.SpecificAbsorptionRateDefinition = "IEC_WHOLE_BODY"
+    sar.SpecificAbsorptionRateValue = 0.1
+    timing.SpecificAbsorptionRateSequence = Sequence([sar])
+    mode = Dataset()
+    mode.OperatingModeType = "STATIC FIELD"
+    mode.OperatingMode = "IEC_NORMAL"
+    timing.OperatingModeSequence = Sequence([mode])
+    modifier = Dataset()
+    modifier.InversionRecovery = "NO"
+    modifier.FlowCompensation = "NONE"
+    modifier.T2Preparation = "NO"
+    modifier.SpectrallySelectedExcitation = "NONE"
+    modifier.SpatialPresaturation = "NONE"
+    modifier.PartialFourier = "NO"
+    modifier.ParallelAcquisition = "NO"
+    shared.MRModifierSequence = Sequence([modifier])
+    imaging = Dataset()
+    imaging.PixelBandwidth = "200"
+    imaging.MagnetizationTransfer = "NONE"
+    imaging.BloodSignalNulling = "NO"
+    imaging.Tagging = "NONE"
+    imaging.TransmitterFrequency = 123.2
+    shared.MRImagingModifierSequence = Sequence([imaging])
+    receive = Dataset()
+    receive.ReceiveCoilName = "HEAD"
+    receive.ReceiveCoilManufacturerName = "neuroexplain"
+    receive.ReceiveCoilType = "VOLUME"
+    receive.QuadratureReceiveCoil = "NO"
+    shared.MRReceiveCoilSequence = Sequence([receive])
+    transmit = Dataset()
+    transmit.TransmitCoilName = "BODY"
+    transmit.TransmitCoilManufacturerName = "neuroexplain"
+    transmit.TransmitCoilType = "BODY"
+    shared.MRTransmitCoilSequence = Sequence([transmit])
+    averages = Dataset()
+    averages.NumberOfAverages = 1.0
+    shared.MRAveragesSequence = Sequence([averages])
+    fov = Dataset()
+    fov.InPlanePhaseEncodingDirection = "ROW"
+    fov.MRAcquisitionFrequencyEncodingSteps = int(ds.Columns)
+    fov.MRAcquisitionPhaseEncodingStepsInPlane = int(ds.Rows)
+    fov.PercentSampling = "100"
+    fov.PercentPhaseFieldOfView = "100"
+    fov.MRAcquisitionPhaseEncodingStepsOutOfPlane = n_slices
+    shared.MRFOVGeometrySequence = Sequence([fov])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     return ds
