@@ -1,12 +1,19 @@
-"""Predict: scan -> model space -> logits, probabilities by class name, predicted class."""
+"""Predict: scan -> model space -> logits, probabilities by class name, predicted class.
+
+Probabilities are ``softmax(logits / T)`` with the temperature ``T`` stored in the model's spec
+(:mod:`neuroexplain.calibration` fits it; 1.0 for a model never calibrated). Logits are returned as the model gave
+them. On request the penultimate activations (the input of the model's last ``nn.Linear``) come back too: the input
+check compares them with the training set's (:mod:`neuroexplain.inputcheck`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from neuroexplain.models.registry import LoadedModel
 from neuroexplain.template import anatomy
@@ -26,9 +33,19 @@ class ModelInput:
 
 @dataclass(frozen=True)
 class Prediction:
+    """One scan's answer.
+
+    Attributes:
+        logits: raw model outputs in class order.
+        probabilities: ``softmax(logits / spec.temperature)`` by class name.
+        predicted_class: the arg-max class (temperature never changes it).
+        features: penultimate activations when asked for (``with_features=True``), else empty.
+    """
+
     logits: tuple[float, ...]
     probabilities: dict[str, float]
     predicted_class: str
+    features: tuple[float, ...] = field(default=(), repr=False)
 
 
 def prepare(scan: Scan, model: LoadedModel, alignment: Alignment = Alignment.AUTO) -> ModelInput:
@@ -38,23 +55,57 @@ def prepare(scan: Scan, model: LoadedModel, alignment: Alignment = Alignment.AUT
     return ModelInput(array=normalise(placement.to_model(scan.data)), placement=placement)
 
 
-def predict_arrays(model: LoadedModel, arrays: Sequence[np.ndarray], batch_size: int = 4) -> list[Prediction]:
-    """Run the model on arrays already in model space (``grid.shape`` each), ``batch_size`` at a time."""
+def penultimate_layer(module: nn.Module) -> nn.Linear | None:
+    """The model's last ``nn.Linear`` (its input is what the feature check compares), or None if it has none."""
+    last = None
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last
+
+
+def predict_arrays(
+    model: LoadedModel, arrays: Sequence[np.ndarray], batch_size: int = 4, *, with_features: bool = False
+) -> list[Prediction]:
+    """Run the model on arrays already in model space (``grid.shape`` each), ``batch_size`` at a time.
+
+    Args:
+        model: the loaded model; its ``spec.temperature`` scales the probabilities.
+        arrays: normalised volumes on the model grid.
+        batch_size: scans per forward pass.
+        with_features: also return each scan's penultimate activations (a forward pre-hook on the last
+            ``nn.Linear``, removed afterwards; empty if the model has none).
+    """
+    temperature = model.spec.temperature
     out: list[Prediction] = []
-    with torch.inference_mode():
-        for start in range(0, len(arrays), batch_size):
-            batch = torch.from_numpy(np.stack(arrays[start : start + batch_size]))[:, None].to(model.device)
-            logits = model.module(batch).float().cpu()  # (B, n_classes)
-            probs = torch.softmax(logits, dim=1)
-            for lg, pr in zip(logits.tolist(), probs.tolist()):
-                best = int(np.argmax(lg))
-                out.append(
-                    Prediction(
-                        logits=tuple(lg),
-                        probabilities=dict(zip(model.spec.classes, pr)),
-                        predicted_class=model.spec.classes[best],
+    captured: list[torch.Tensor] = []
+    head = penultimate_layer(model.module) if with_features else None
+    handle = (
+        head.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].detach().float().cpu()))
+        if head is not None
+        else None
+    )
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(arrays), batch_size):
+                captured.clear()
+                batch = torch.from_numpy(np.stack(arrays[start : start + batch_size]))[:, None].to(model.device)
+                logits = model.module(batch).float().cpu()  # (B, n_classes)
+                probs = torch.softmax(logits / temperature, dim=1)
+                feats = captured[-1].reshape(len(logits), -1).tolist() if captured else [[]] * len(logits)
+                for lg, pr, ft in zip(logits.tolist(), probs.tolist(), feats):
+                    best = int(np.argmax(lg))
+                    out.append(
+                        Prediction(
+                            logits=tuple(lg),
+                            probabilities=dict(zip(model.spec.classes, pr)),
+                            predicted_class=model.spec.classes[best],
+                            features=tuple(ft),
+                        )
                     )
-                )
+    finally:
+        if handle is not None:
+            handle.remove()
     return out
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from neuroexplain.volumes import Grid
 
@@ -17,6 +21,43 @@ class LayerInfo:
     name: str
     channels: int
     shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureStatistics:
+    """Mean and precision (inverse shrunk covariance) of penultimate activations over training scans."""
+
+    mean: np.ndarray  # (F,)
+    precision: np.ndarray  # (F, F)
+    n: int
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean.astype(np.float64), precision=self.precision.astype(np.float64),
+                 n=np.array(self.n))
+        return buf.getvalue()
+
+    @classmethod
+    def load(cls, path: Path, sha256: str = "") -> FeatureStatistics:
+        from neuroexplain.errors import InvalidInputError
+
+        try:
+            raw = Path(path).read_bytes()
+        except OSError:
+            raise InvalidInputError(f"feature statistics file {Path(path).name} named by the spec is missing") from None
+        if sha256 and hashlib.sha256(raw).hexdigest() != sha256:
+            raise InvalidInputError(f"feature statistics file {Path(path).name} does not match the spec's digest; "
+                                    "recalibrate the model or fix spec.json")
+        try:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                mean, precision, n = np.asarray(z["mean"]), np.asarray(z["precision"]), int(z["n"])
+        except (OSError, ValueError, KeyError):
+            raise InvalidInputError(f"feature statistics file {Path(path).name} is not a readable .npz with "
+                                    "mean, precision and n") from None
+        if mean.ndim != 1 or precision.shape != (mean.size, mean.size):
+            raise InvalidInputError(f"feature statistics have mean {mean.shape} and precision {precision.shape}; "
+                                    "expected (F,) and (F, F)")
+        return cls(mean=mean, precision=precision, n=n)
 
 
 @dataclass(frozen=True)
@@ -36,6 +77,12 @@ class ModelSpec:
         weights_sha256: digest of the weights file; loading refuses a mismatch.
         training: provenance (command, seeds, sample counts, epochs, duration, library versions).
         metrics: held-out metrics (accuracy, n, seeds).
+        temperature: probabilities are ``softmax(logits / temperature)`` (1.0: never calibrated).
+        input_check: the input check's calibration (per-check centres and scales, the threshold, seed ranges, the
+            statistics file's name and digest); empty for a model never calibrated (the check then uses defaults).
+        evaluation: one sentence on where accuracy and calibration were measured (synthetic data, which seeds).
+        feature_statistics: training-set statistics of the penultimate activations, read from the file that
+            ``input_check["statistics"]`` names beside ``spec.json``; not part of ``to_dict`` (its digest is).
     """
 
     name: str
@@ -50,9 +97,14 @@ class ModelSpec:
     weights_sha256: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    input_check: dict[str, Any] = field(default_factory=dict)
+    evaluation: str = ""
+    feature_statistics: FeatureStatistics | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("feature_statistics", None)
         d["grid"] = self.grid.to_dict()
         d["classes"] = list(self.classes)
         d["layers"] = [{"name": l.name, "channels": l.channels, "shape": list(l.shape)} for l in self.layers]
@@ -73,6 +125,9 @@ class ModelSpec:
             weights_sha256=d.get("weights_sha256", ""),
             training=dict(d.get("training", {})),
             metrics=dict(d.get("metrics", {})),
+            temperature=float(d.get("temperature", 1.0)),
+            input_check=dict(d.get("input_check", {})),
+            evaluation=str(d.get("evaluation", "")),
         )
 
     def save(self, path: Path) -> None:
@@ -80,7 +135,13 @@ class ModelSpec:
 
     @classmethod
     def load(cls, path: Path) -> ModelSpec:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read ``spec.json`` and, if its input check names one, the feature-statistics file beside it."""
+        spec = cls.from_dict(json.loads(Path(path).read_text()))
+        name = spec.input_check.get("statistics")
+        if not name:
+            return spec
+        stats = FeatureStatistics.load(Path(path).parent / str(name), spec.input_check.get("statistics_sha256", ""))
+        return replace(spec, feature_statistics=stats)
 
     def layer(self, name: str) -> LayerInfo:
         from neuroexplain.errors import NotFoundError
