@@ -7,6 +7,7 @@ Series are written by ``neuroexplain.lab.dicom_synth`` from known volumes; compr
 from __future__ import annotations
 
 import io
+import logging
 import random
 import subprocess
 import tracemalloc
@@ -457,3 +458,17 @@ def test_huge_declared_image_refused_before_allocating(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 20 * (1 << 20)
+
+
+def test_pydicom_logs_carry_no_patient_data(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    series = _write(tmp_path)
+    pydicom.config.debug(True, default_handler=False)  # pydicom now logs every element it reads, values included
+    try:
+        with caplog.at_level(logging.DEBUG):
+            read_series(_bytes(series))
+            logging.getLogger("pydicom").warning("value %s is odd", PATIENT)
+            logging.getLogger("pydicom.pixels.decoders.base").error("failed on %s", PATIENT_ID)
+    finally:
+        pydicom.config.debug(False, default_handler=False)
+    assert PATIENT not in caplog.text and PATIENT_ID not in caplog.text and series.series_uid not in caplog.text
+    assert "record withheld" in caplog.text  # the records still say that something happened

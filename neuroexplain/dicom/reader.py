@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,11 +40,9 @@ from neuroexplain.dicom.errors import (
     TransferSyntaxError,
 )
 from neuroexplain.dicom.geometry import FrameHeader, SeriesGeometry, frame_headers, series_geometry
+from neuroexplain.dicom.privacy import quiet_pydicom
 from neuroexplain.errors import LimitExceededError, ScanFormatError
 from neuroexplain.volumes import NonFinite, Scan, ScanLimits, _check_affine, _check_finite
-
-# pydicom logs element values (names, UIDs) at DEBUG; keep its logger quiet whatever the root level.
-logging.getLogger("pydicom").setLevel(logging.WARNING)
 
 MiB = 1 << 20
 
@@ -178,6 +175,7 @@ def read_series(
         PixelDataError, TransferSyntaxError: pixel data missing, broken or not decodable here.
         ScanDataError: NaN/Inf (with ``nonfinite=REJECT``) or an all-zero volume.
     """
+    quiet_pydicom()
     if len(instances) > dicom_limits.max_instances:
         raise LimitExceededError(
             f"series has {len(instances)} instances; the limit is {dicom_limits.max_instances} instances"
