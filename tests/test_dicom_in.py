@@ -30,6 +30,7 @@ from neuroexplain.dicom import (
     SeriesNotFoundError,
     SeveralSeriesError,
     TransferSyntaxError,
+    read_any,
     read_series,
     read_series_dir,
     series_digest,
@@ -41,8 +42,8 @@ from neuroexplain.errors import (
     ScanDataError,
     ScanGeometryError,
 )
-from neuroexplain.lab.dicom_synth import SyntheticSeries, write_series
-from neuroexplain.volumes import ScanLimits
+from neuroexplain.lab.dicom_synth import SyntheticSeries, write_sample_series, write_series
+from neuroexplain.volumes import ScanLimits, nifti_bytes
 
 PATIENT = "DOE^JANE"
 PATIENT_ID = "PID-77123"
@@ -472,3 +473,32 @@ def test_pydicom_logs_carry_no_patient_data(tmp_path: Path, caplog: pytest.LogCa
         pydicom.config.debug(False, default_handler=False)
     assert PATIENT not in caplog.text and PATIENT_ID not in caplog.text and series.series_uid not in caplog.text
     assert "record withheld" in caplog.text  # the records still say that something happened
+
+
+def test_read_any_dispatches_on_the_input(tmp_path: Path) -> None:
+    single = _write(tmp_path, "single")
+    enhanced = _write(tmp_path, "enhanced", enhanced=True)
+    folder = single.paths[0].parent
+    np.testing.assert_array_equal(read_any(folder).data, single.data)
+    np.testing.assert_array_equal(read_any(str(folder)).data, single.data)
+    np.testing.assert_array_equal(read_any(_bytes(single)).data, single.data)
+    one_file = read_any(enhanced.paths[0].read_bytes())  # one Enhanced MR instance sent as plain scan bytes
+    assert isinstance(one_file, DicomScan)
+    np.testing.assert_array_equal(one_file.data, enhanced.data)
+    nifti = tmp_path / "scan.nii.gz"
+    nifti.write_bytes(nifti_bytes(single.data, single.affine))
+    scan = read_any(nifti)
+    assert scan.format == "nifti1" and not isinstance(scan, DicomScan)
+    np.testing.assert_allclose(scan.data, single.data)
+    with pytest.raises(InvalidOptionError, match="DICOM input only"):
+        read_any(nifti, series_uid=single.series_uid)
+
+
+def test_sample_series_keeps_intensities(tmp_path: Path) -> None:
+    image = _phantom(high=3.7, noise=0.1)  # float intensities on an arbitrary scale, as lab.synthetic makes them
+    series = write_sample_series(image, _AFFINE, tmp_path / "s", seed=5, orientation=None)  # voxel order kept
+    scan = read_series(_bytes(series))
+    assert np.max(np.abs(scan.data - image)) <= 0.5 * 3.7 / 30000 * 1.001
+    again = write_sample_series(image, _AFFINE, tmp_path / "t", seed=5, orientation=None)
+    other = write_sample_series(image, _AFFINE, tmp_path / "u", seed=6, orientation=None)
+    assert again.series_uid == series.series_uid != other.series_uid  # deterministic per seed

@@ -14,7 +14,15 @@ from neuroexplain.dicom.errors import (
     TransferSyntaxError,
 )
 from neuroexplain.dicom.geometry import FrameHeader, SeriesGeometry, frame_headers, series_geometry
-from neuroexplain.dicom.reader import DicomLimits, DicomScan, is_dicom, read_series, read_series_dir, series_digest
+from neuroexplain.dicom.reader import (
+    DicomLimits,
+    DicomScan,
+    is_dicom,
+    read_any,
+    read_series,
+    read_series_dir,
+    series_digest,
+)
 
 __all__ = [
     "DicomError",
@@ -30,6 +38,7 @@ __all__ = [
     "TransferSyntaxError",
     "frame_headers",
     "is_dicom",
+    "read_any",
     "read_series",
     "read_series_dir",
     "series_digest",

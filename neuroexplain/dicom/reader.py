@@ -41,8 +41,8 @@ from neuroexplain.dicom.errors import (
 )
 from neuroexplain.dicom.geometry import FrameHeader, SeriesGeometry, frame_headers, series_geometry
 from neuroexplain.dicom.privacy import quiet_pydicom
-from neuroexplain.errors import LimitExceededError, ScanFormatError
-from neuroexplain.volumes import NonFinite, Scan, ScanLimits, _check_affine, _check_finite
+from neuroexplain.errors import InvalidOptionError, LimitExceededError, ScanFormatError
+from neuroexplain.volumes import NonFinite, Scan, ScanLimits, _check_affine, _check_finite, read_scan
 
 MiB = 1 << 20
 
@@ -388,3 +388,46 @@ def read_series_dir(
         limits=limits,
         dicom_limits=dicom_limits,
     )
+
+
+def read_any(
+    source: bytes | str | Path | Sequence[bytes],
+    *,
+    series_uid: str | None = None,
+    volume_index: int | None = None,
+    nonfinite: NonFinite = NonFinite.REJECT,
+    limits: ScanLimits = _SCAN_LIMITS,
+    dicom_limits: DicomLimits = _DICOM_LIMITS,
+) -> Scan:
+    """Any scan a hospital has: NIfTI/MGH bytes or file, a DICOM directory, or a list of DICOM instances.
+
+    The one entry point for the CLI (``SCAN`` may be a file or a directory) and for the serving path (``Scan.data``
+    -> bytes, ``Scan.dicom.instances`` -> a list).
+
+    Args:
+        source: file bytes or path (NIfTI-1/2, MGH/MGZ, detected from content), a directory holding one DICOM
+            series, or the instances of a series as a list of bytes.
+        series_uid: for DICOM, which series to read when several are present (``--series UID``).
+        volume_index: which volume of a 4D NIfTI or multi-volume series.
+        nonfinite: what to do with NaN/Inf voxels.
+        limits: size caps (shared by every format).
+        dicom_limits: DICOM-only caps.
+
+    Returns:
+        A :class:`~neuroexplain.volumes.Scan` (a :class:`DicomScan` for DICOM input).
+
+    Raises:
+        InvalidOptionError: ``series_uid`` given for a NIfTI/MGH scan; otherwise as the readers.
+    """
+    if isinstance(source, (list, tuple)):
+        return read_series(source, series_uid=series_uid, volume_index=volume_index, nonfinite=nonfinite,
+                           limits=limits, dicom_limits=dicom_limits)
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        return read_series_dir(source, series_uid, volume_index=volume_index, nonfinite=nonfinite, limits=limits,
+                               dicom_limits=dicom_limits)
+    if series_uid is not None:
+        raise InvalidOptionError("series_uid (--series) applies to DICOM input only; this scan is a single file")
+    if isinstance(source, (bytes, bytearray, memoryview)) and is_dicom(bytes(source[:132])):
+        return read_series([bytes(source)], volume_index=volume_index, nonfinite=nonfinite, limits=limits,
+                           dicom_limits=dicom_limits)
+    return read_scan(source, volume_index=volume_index, nonfinite=nonfinite, limits=limits)  # type: ignore[arg-type]

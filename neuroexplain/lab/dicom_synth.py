@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -511,3 +511,34 @@ def _enhanced(
     shared.MRFOVGeometrySequence = Sequence([fov])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     return ds
+
+
+def write_sample_series(
+    image: np.ndarray,
+    affine: np.ndarray,
+    out_dir: str | Path,
+    *,
+    seed: int,
+    **kwargs: Any,
+) -> SyntheticSeries:
+    """Write a synthetic sample (float image, e.g. ``lab.synthetic.make_sample(...).image``) as an MR series.
+
+    The float intensities are stored as int16 with a RescaleSlope that maps the image's maximum to 30000, so the
+    series carries them to within half a slope step. The ground-truth mask needs no DICOM: it stays NIfTI on the
+    sample's own affine, which overlays the series in world coordinates (``synth --format dicom`` writes both).
+
+    Args:
+        image: ``(X, Y, Z)`` float intensities (non-negative).
+        affine: voxel -> world (RAS) for ``image``.
+        out_dir: folder for the series' files.
+        seed: the sample's seed, mixed into the UIDs (one series per sample, the same on every machine).
+        **kwargs: passed to :func:`write_series` (``orientation``, ``enhanced``, ...).
+
+    Returns:
+        As :func:`write_series`.
+    """
+    peak = float(np.max(image)) if np.size(image) else 0.0
+    slope = peak / 30000.0 if peak > 0 else 1.0
+    kwargs.setdefault("rescale", (slope, 0.0))
+    kwargs.setdefault("uid_seed", f"neuroexplain-synthetic-{seed}")
+    return write_series(np.asarray(image, dtype=np.float32), affine, out_dir, **kwargs)
