@@ -7,7 +7,7 @@ plane, optionally tilts that plane by ``oblique_deg`` (only the affine changes),
 affine the written series stands for.
 
 Everything here is synthetic: the patient name and ID are placeholders, the UIDs are ``2.25.`` UIDs hashed from
-the voxel data and ``uid_seed`` (the same call writes the same UIDs on every machine). Research tooling only; the
+the voxel data, geometry and ``uid_seed`` (the same call writes the same UIDs on every machine). Research tooling only; the
 serving path never imports this module.
 """
 
@@ -28,7 +28,6 @@ from pydicom.uid import (
     EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    generate_uid,
 )
 
 from neuroexplain.errors import InvalidOptionError
@@ -92,6 +91,15 @@ def reorient(
     data = nib.orientations.apply_orientation(volume, transform)
     new_affine = affine @ nib.orientations.inv_ornt_aff(transform, volume.shape[:3])
     return np.ascontiguousarray(data), new_affine
+
+
+def hashed_uid(*parts: object) -> str:
+    """A deterministic ``2.25.`` UID: the first 128 bits of SHA-256 over the parts, as a decimal integer.
+
+    (pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` ignores the entropy and returns a random UUID.)
+    """
+    h = hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
+    return f"2.25.{int.from_bytes(h[:16], 'big')}"
 
 
 def _rotation_x(degrees: float, centre: np.ndarray) -> np.ndarray:
@@ -196,7 +204,7 @@ def write_series(
     digest = hashlib.sha256(stored.tobytes() + repr((affine.tolist(), uid_seed, enhanced)).encode()).hexdigest()
 
     def uid(*parts: object) -> str:
-        return str(generate_uid(prefix=None, entropy_srcs=[digest, *map(str, parts)]))
+        return hashed_uid(digest, *parts)
 
     study_uid, series_uid, frame_uid = uid("study"), uid("series", series_number), uid("frame-of-reference")
     out = Path(out_dir)
@@ -414,7 +422,7 @@ def _enhanced(
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
     ds.PresentationLUTShape = "IDENTITY"
-    dim_uid = str(generate_uid(prefix=None, entropy_srcs=[ds.SeriesInstanceUID, "dimensions"]))
+    dim_uid = hashed_uid(ds.SeriesInstanceUID, "dimensions")
     ds.DimensionOrganizationSequence = Sequence([Dataset()])
     ds.DimensionOrganizationSequence[0].DimensionOrganizationUID = dim_uid
     dims = []
