@@ -64,7 +64,7 @@ def _scans(count: int) -> list[bytes]:
 def _gateway(backend: Any) -> tuple[Any, Any]:
     from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
     from service.config import Settings
-    from service.server import create_server
+    from service.grpc.server import create_server
 
     settings = Settings(host="127.0.0.1", port=0, metrics_port=-1, health_port=-1, cache="none",
                         max_concurrency=16, max_queue=64)
@@ -87,7 +87,7 @@ def _rest_fn(backend: Any) -> Any:
     import requests
 
     from handlers import envelope as env
-    from service.backend import Operation, PredictRequest, ScanInput
+    from neuroexplain.serving.types import Operation, PredictRequest, ScanInput
 
     url = f"{backend.supervisor.endpoints.rest_inference}/predictions/{MODEL}"
     session = requests.Session()
@@ -137,7 +137,7 @@ def _gateway_parts(scans: list[bytes]) -> dict[str, float]:
     from handlers import envelope as env
     from neuroexplain._proto import neuroexplain_pb2 as pb
     from neuroexplain.volumes import ScanLimits, read_scan
-    from service.backend import Operation, PredictRequest, ScanInput
+    from neuroexplain.serving.types import Operation, PredictRequest, ScanInput
     from service.backends.torchserve_proto import load
 
     pb2, _ = load()
