@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neuroexplain.serving.types import ReadLimits
-
 from neuroexplain.errors import InvalidOptionError
+from neuroexplain.serving.types import ReadLimits
 
 MiB = 1 << 20
 

@@ -26,8 +26,8 @@ from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
 from neuroexplain.client import Client
 from neuroexplain.models.registry import describe_layers
 from neuroexplain.models.zoo import ScanCNN
-from neuroexplain.volumes import nifti_bytes
 from neuroexplain.serving.types import CallContext, Progress
+from neuroexplain.volumes import nifti_bytes
 from service.config import Settings
 from service.grpc.server import GatewayServer, create_server
 

@@ -55,21 +55,21 @@ class Frame:
     """One decoded frame: the JSON ``value``, its declared type name and the blobs it refers to."""
 
     kind: Kind
-    type: str
+    type_name: str
     value: Any
     blobs: dict[str, bytes]
 
     def load(self, cls: type[T]) -> T:
         """The frame's value as ``cls`` (which must be the type the sender declared)."""
-        if self.type and self.type != cls.__name__:
-            raise errors.InvalidInputError(f"expected a {cls.__name__} on the model-server wire; got {self.type}")
+        if self.type_name and self.type_name != cls.__name__:
+            raise errors.InvalidInputError(f"expected a {cls.__name__} on the model-server wire; got {self.type_name}")
         return load(cls, self.value, self.blobs)
 
     def typed(self) -> Any:
         """The frame's value as the serving type its header names."""
-        cls = _TYPES.get(self.type)
+        cls = _TYPES.get(self.type_name)
         if cls is None:
-            raise errors.InvalidInputError(f"unknown type {self.type!r} on the model-server wire")
+            raise errors.InvalidInputError(f"unknown type {self.type_name!r} on the model-server wire")
         return load(cls, self.value, self.blobs)
 
 
@@ -186,7 +186,7 @@ def decode(raw: bytes) -> Frame:
         raise errors.UnavailableError("the model worker sent a malformed answer") from None
     if offset != len(raw):
         raise errors.UnavailableError("the model worker sent an answer of inconsistent length")
-    return Frame(kind=kind, type=str(header.get("type", "")), value=header.get("value"), blobs=blobs)
+    return Frame(kind=kind, type_name=str(header.get("type", "")), value=header.get("value"), blobs=blobs)
 
 
 _ERROR_TYPES: dict[str, type[errors.NeuroExplainError]] = {
@@ -230,8 +230,8 @@ def decode_result(raw: bytes) -> Any:
             does not fit its type.
     """
     frame = decode(raw)  # an error frame is not a result: refused below, never raised as the stored error
-    if frame.kind is not Kind.RESULT or frame.type not in {t.__name__ for t in RESULT_TYPES.values()}:
-        raise errors.InvalidInputError(f"expected a result frame; got {frame.kind.value} {frame.type!r}")
+    if frame.kind is not Kind.RESULT or frame.type_name not in {t.__name__ for t in RESULT_TYPES.values()}:
+        raise errors.InvalidInputError(f"expected a result frame; got {frame.kind.value} {frame.type_name!r}")
     return frame.typed()
 
 
