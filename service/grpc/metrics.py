@@ -8,11 +8,11 @@ from typing import Any
 
 import grpc
 
-from service.grpc.wrap import Stream, Unary, wrap_handler
+from service.grpc.wrap import Stream, Unary, WrappingInterceptor, wrap_handler
 from service.metrics import RPCS, UNKNOWN, Metrics
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(WrappingInterceptor):
     """Counts RPCs by RPC, model and status code; times them; measures message sizes; tracks in-flight RPCs.
 
     Args:
@@ -31,13 +31,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return ""
         return name if name in self._known() else UNKNOWN
 
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method
         rpc = method.rsplit("/", 1)[-1]
         if not method.startswith("/neuroexplain.v1.") or rpc not in RPCS:
             return handler

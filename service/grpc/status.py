@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
 from neuroexplain import errors
-from service.grpc.wrap import Stream, Unary, wrap_handler
+from service.grpc.wrap import Stream, Unary, WrappingInterceptor, wrap_handler
 
 log = logging.getLogger("neuroexplain.service")
 
@@ -58,16 +58,11 @@ def _already_aborted(context: grpc.ServicerContext) -> bool:
     return context.code() not in (None, grpc.StatusCode.OK)
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
+class ErrorInterceptor(WrappingInterceptor):
     """Maps exceptions raised by handlers (and interceptors inside this one) through the one table."""
 
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method
 
         def unary(inner: Unary, _stream_in: bool) -> Unary:
             def behaviour(request: Any, context: grpc.ServicerContext) -> Any:

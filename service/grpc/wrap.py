@@ -39,3 +39,19 @@ def wrap_handler(
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream, False), des, ser)
     return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream, True), des, ser)
+
+
+class WrappingInterceptor(grpc.ServerInterceptor):
+    """A server interceptor that wraps every handler it sees: subclasses implement :meth:`wrap` (and may return the
+    handler unchanged, e.g. for exempt methods)."""
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        return None if handler is None else self.wrap(handler, handler_call_details)
+
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        """The handler to run instead of ``handler`` (usually :func:`wrap_handler` around it)."""
+        raise NotImplementedError

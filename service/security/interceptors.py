@@ -22,7 +22,7 @@ import grpc
 
 from neuroexplain.errors import LimitExceededError, UnauthenticatedError
 from service.grpc.status import status_code
-from service.grpc.wrap import Stream, Unary, wrap_handler
+from service.grpc.wrap import Stream, Unary, WrappingInterceptor, wrap_handler
 from service.security import audit
 from service.security.tls import client_subject
 from service.security.tokens import TokenStore
@@ -74,7 +74,7 @@ class CallerLimiter:
             return self._in_flight.get(caller, 0)
 
 
-class SecurityInterceptor(grpc.ServerInterceptor):
+class SecurityInterceptor(WrappingInterceptor):
     """Authenticates callers, caps their concurrent calls and writes the audit log.
 
     Args:
@@ -104,15 +104,11 @@ class SecurityInterceptor(grpc.ServerInterceptor):
         self.describe = describe
         self.status_of = status_of or status_code
 
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(EXEMPT_PREFIXES):
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method
+        if method.startswith(EXEMPT_PREFIXES):
             return handler
-        metadata = tuple(handler_call_details.invocation_metadata or ())
+        metadata = tuple(details.invocation_metadata or ())
         return wrap_handler(
             handler,
             unary=lambda inner, stream_in: self._wrap_unary(inner, method, metadata, stream_in=stream_in),
@@ -125,7 +121,7 @@ class SecurityInterceptor(grpc.ServerInterceptor):
         """Identify the caller and take a concurrency slot; returns the limiter key. Raises when refused."""
         record.cert_subject = client_subject(context.auth_context())
         if self.tokens is not None:
-            token = _bearer_token(metadata, context)
+            token = _bearer_token(metadata)
             grant = self.tokens.identify(token)
             if grant is None:
                 raise UnauthenticatedError("invalid bearer token")
@@ -216,7 +212,7 @@ class SecurityInterceptor(grpc.ServerInterceptor):
             self._finish(record, context, error)
 
 
-def _bearer_token(metadata: tuple[Any, ...], context: grpc.ServicerContext) -> str:
+def _bearer_token(metadata: tuple[Any, ...]) -> str:
     values = [m.value for m in metadata if m.key == "authorization"]
     if not values:
         raise UnauthenticatedError(
