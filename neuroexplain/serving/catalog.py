@@ -90,7 +90,7 @@ def model_info(spec: Mapping[str, Any], spec_sha256: str = "") -> ModelInfo:
         affine = [[float(v) for v in row] for row in spec["grid"]["affine"]]
         if len(affine) != 4 or any(len(row) != 4 for row in affine):
             raise ValueError("affine")
-        calibration = spec.get("calibration") or {}
+        check = spec.get("input_check") or {}
         metrics = spec.get("metrics") or {}
         accuracy = metrics.get("held_out_accuracy")
         return ModelInfo(
@@ -108,9 +108,9 @@ def model_info(spec: Mapping[str, Any], spec_sha256: str = "") -> ModelInfo:
             visualization_presets=visualization_presets(),
             held_out_accuracy=None if accuracy is None else float(accuracy),
             spec_sha256=spec_sha256,
-            evaluation=str(calibration.get("evaluation", metrics.get("evaluation", ""))),
-            temperature=float(calibration.get("temperature", 0.0) or 0.0),
-            has_feature_statistics=bool(calibration.get("feature_statistics")),
+            evaluation=str(spec.get("evaluation", "")),
+            temperature=float(spec.get("temperature", 1.0)),
+            has_feature_statistics=bool(check.get("statistics")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         name = spec.get("name", "?") if isinstance(spec, Mapping) else "?"

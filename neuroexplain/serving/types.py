@@ -112,8 +112,8 @@ class ModelInfo:
     held_out_accuracy: float | None = None
     spec_sha256: str = ""
     evaluation: str = ""  # how accuracy and calibration were measured (synthetic data, which seeds)
-    temperature: float = 0.0  # calibration temperature; 0 = not calibrated
-    has_feature_statistics: bool = False  # the spec holds what the input check compares against
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature); 1.0 = never calibrated
+    has_feature_statistics: bool = False  # the spec names the feature statistics the input check compares against
 
 
 # ---------------------------------------------------------------------------------------------------------------------
