@@ -5,8 +5,6 @@ Latency (cache off, p50/p95 over ``N`` requests, each on a distinct scan):
 - ``gateway_torchserve``: NeuroExplain.Predict through the gRPC gateway -> TorchServe gRPC -> custom handler;
 - ``stock_rest``: TorchServe's stock REST ``POST /predictions/lesion`` with the same handler and the same payload
   (what a client would do without the gateway) — the baseline;
-- ``gateway_torchserve_decoding_twice``: the first path as it was before the gateway stopped decoding scans that the
-  worker decodes anyway (``decodes_scans``), for the profile;
 - ``gateway_inprocess``: NeuroExplain.Predict through the gateway with the in-process backend.
 
 The TorchServe paths are measured interleaved (one call of each per scan, in rotating order), so a change of machine
@@ -64,7 +62,7 @@ def _scans(count: int) -> list[bytes]:
 def _gateway(backend: Any) -> tuple[Any, Any]:
     from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
     from service.config import Settings
-    from service.server import create_server
+    from service.grpc.server import create_server
 
     settings = Settings(host="127.0.0.1", port=0, metrics_port=-1, health_port=-1, cache="none",
                         max_concurrency=16, max_queue=64)
@@ -86,8 +84,8 @@ def _predict_fn(stub: Any) -> Any:
 def _rest_fn(backend: Any) -> Any:
     import requests
 
-    from handlers import envelope as env
-    from service.backend import Operation, PredictRequest, ScanInput
+    from neuroexplain.serving import codec as env
+    from neuroexplain.serving.types import Operation, PredictRequest, ScanInput
 
     url = f"{backend.supervisor.endpoints.rest_inference}/predictions/{MODEL}"
     session = requests.Session()
@@ -134,10 +132,10 @@ def _paired(raw: dict[str, list[float]], a: str, b: str) -> dict[str, float]:
 
 def _gateway_parts(scans: list[bytes]) -> dict[str, float]:
     """What the gateway does per Predict besides forwarding, timed alone (median ms over the scans)."""
-    from handlers import envelope as env
     from neuroexplain._proto import neuroexplain_pb2 as pb
+    from neuroexplain.serving import codec as env
+    from neuroexplain.serving.types import Operation, PredictRequest, ScanInput
     from neuroexplain.volumes import ScanLimits, read_scan
-    from service.backend import Operation, PredictRequest, ScanInput
     from service.backends.torchserve_proto import load
 
     pb2, _ = load()
@@ -158,7 +156,7 @@ def _gateway_parts(scans: list[bytes]) -> dict[str, float]:
         "parse_client_request": median_ms(lambda s: pb.PredictRequest.FromString(
             pb.PredictRequest(model=MODEL, scan=pb.Scan(data=s)).SerializeToString())),
         "sha256": median_ms(lambda s: hashlib.sha256(s).hexdigest()),
-        # Skipped for TorchServe since the worker validates with the same read_scan (backend.decodes_scans).
+        # Never done by the gateway: scans are decoded once, where the model runs (here: the worker).
         "decode_scan_skipped": median_ms(lambda s: read_scan(s, limits=ScanLimits())),
         "encode_for_torchserve": median_ms(forward),
     }
@@ -171,18 +169,6 @@ def _throughput(call: Any, scans: list[bytes], clients: int) -> float:
         t0 = time.perf_counter()
         list(pool.map(call, [scans[i % len(scans)] for i in range(total)]))
         return round(total / (time.perf_counter() - t0), 2)
-
-
-class _GatewayDecodesToo:
-    """The TorchServe backend as the gateway drove it before ``decodes_scans``: the core decodes every scan first."""
-
-    decodes_scans = False
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 def _torchserve_backend(store: Path, device: str) -> Any:
@@ -244,11 +230,11 @@ def run(device: str, card: str) -> None:
     import torch
 
     from handlers.archive import ArchiveConfig, build_archive
-    from neuroexplain.models.registry import _model_folders
+    from neuroexplain.models.registry import model_folders
     from service.backends.inprocess import InProcessBackend
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    folder = _model_folders(())[MODEL]
+    folder = model_folders(())[MODEL]
     scans = _scans(max(N, 2 * max(CLIENTS)) + 1)
     result: dict[str, Any] = {"model": MODEL, "device": device, "card": card, "cpus": os.cpu_count(),
                               "machine": platform.node(), "latency": {}, "throughput_rps": {}}  # fmt: skip
@@ -261,25 +247,19 @@ def run(device: str, card: str) -> None:
             backend = _torchserve_backend(store, device)
             result["worker_device"] = _worker_device(backend)
             gateway, stub = _gateway(backend)
-            decoding, decoding_stub = _gateway(_GatewayDecodesToo(backend))
             try:
                 predict = _predict_fn(stub)
                 if label == "unbatched":
-                    paths = {"gateway_torchserve": predict, "stock_rest": _rest_fn(backend),
-                             "gateway_torchserve_decoding_twice": _predict_fn(decoding_stub)}  # fmt: skip
+                    paths = {"gateway_torchserve": predict, "stock_rest": _rest_fn(backend)}
                     raw: dict[str, list[float]] = {}
                     result["latency"].update(_latency(paths, scans, raw))
                     result["paired"] = {
                         "gateway_torchserve_vs_stock_rest": _paired(raw, "gateway_torchserve", "stock_rest"),
-                        "decoding_twice_vs_gateway_torchserve": _paired(
-                            raw, "gateway_torchserve_decoding_twice", "gateway_torchserve"
-                        ),
                     }
                 result["throughput_rps"][label] = {str(c): _throughput(predict, scans, c) for c in CLIENTS}
             finally:
-                for server in (gateway, decoding):
-                    server.stop(None).wait()
-                    server.close()
+                gateway.stop(None).wait()
+                gateway.close()
                 backend.close()
     inprocess = InProcessBackend(device=device)
     inprocess.start()
@@ -294,9 +274,6 @@ def run(device: str, card: str) -> None:
         "gateway_torchserve_vs_stock_rest_p50": round(lat["gateway_torchserve"]["p50_ms"] / lat["stock_rest"]["p50_ms"], 3),
         "gateway_torchserve_vs_stock_rest_p95": round(lat["gateway_torchserve"]["p95_ms"] / lat["stock_rest"]["p95_ms"], 3),
         "gateway_torchserve_vs_inprocess_p50": round(lat["gateway_torchserve"]["p50_ms"] / lat["gateway_inprocess"]["p50_ms"], 3),
-        "decoding_twice_vs_stock_rest_p50": round(
-            lat["gateway_torchserve_decoding_twice"]["p50_ms"] / lat["stock_rest"]["p50_ms"], 3
-        ),
         "batched_vs_unbatched_at_16": round(
             result["throughput_rps"]["batched"]["16"] / result["throughput_rps"]["unbatched"]["16"], 3
         ),

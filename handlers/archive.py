@@ -12,6 +12,7 @@ ignores the sidecars (it loads ``*.mar``).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
@@ -27,7 +28,8 @@ from neuroexplain.errors import InvalidInputError, InvalidOptionError, NotFoundE
 HERE = Path(__file__).parent
 HANDLER_FILE = HERE / "neuroexplain_handler.py"
 METRICS_FILE = HERE / "metrics.yaml"
-_FINGERPRINTED = (HANDLER_FILE, HERE / "envelope.py", HERE / "tasks.py")
+SERVING_DIR = HERE.parent / "neuroexplain" / "serving"  # the contract the handler runs (codec, runner, types)
+_FINGERPRINTED = (HANDLER_FILE, *sorted(SERVING_DIR.glob("*.py")))
 
 
 @dataclass(frozen=True)
@@ -175,16 +177,22 @@ def build_archive(
     return out
 
 
-def ensure_bundled_archives(store: Path, config: ArchiveConfig | None = None) -> list[Path]:
+def ensure_bundled_archives(store: Path, config: ArchiveConfig | None = None,
+                            model_dirs: tuple[Path, ...] = ()) -> list[Path]:
     """Build (or rebuild when stale) one archive per model the registry finds; return every archive in the store.
 
     Archives the user put in the store themselves (no sidecar) are left alone.
+
+    Args:
+        store: the model store folder (created if missing).
+        config: TorchServe settings written into each archive.
+        model_dirs: model folders besides the bundled ones (the gateway's one model-directories setting).
     """
-    from neuroexplain.models.registry import _model_folders  # name -> folder, same search order as load_model
+    from neuroexplain.models.registry import model_folders  # name -> folder, same search order as load_model
 
     config = config or ArchiveConfig()
     store.mkdir(parents=True, exist_ok=True)
-    for name, folder in _model_folders(()).items():
+    for name, folder in model_folders(tuple(model_dirs)).items():
         spec_path, weights_path = folder / "spec.json", folder / "weights.pt"
         if not weights_path.is_file():
             continue
@@ -201,10 +209,31 @@ def ensure_bundled_archives(store: Path, config: ArchiveConfig | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m handlers.archive [STORE]`` (``make models``): build the registry's archives into STORE."""
-    args = sys.argv[1:] if argv is None else argv
-    store = Path(args[0] if args else "model_store")
-    for archive in ensure_bundled_archives(store):
+    """``python -m handlers.archive [STORE] [--model-dir D ...] [--workers N] [--batch-size N] [--batch-delay-ms N]
+    [--response-timeout-s S] [--startup-timeout-s S]`` (``make models``, and the gateway, which runs this as a
+    subprocess so that it never imports torch): build the registry's archives into STORE, print one path per line.
+
+    Errors are one line on stderr with exit code 2.
+    """
+    parser = argparse.ArgumentParser(prog="python -m handlers.archive")
+    parser.add_argument("store", nargs="?", default="model_store", type=Path)
+    parser.add_argument("--model-dir", action="append", default=[], type=Path, dest="model_dirs")
+    defaults = ArchiveConfig()
+    parser.add_argument("--workers", type=int, default=defaults.min_workers)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--batch-delay-ms", type=int, default=defaults.max_batch_delay_ms)
+    parser.add_argument("--response-timeout-s", type=int, default=defaults.response_timeout_s)
+    parser.add_argument("--startup-timeout-s", type=int, default=defaults.startup_timeout_s)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = ArchiveConfig(min_workers=args.workers, max_workers=args.workers, batch_size=args.batch_size,
+                               max_batch_delay_ms=args.batch_delay_ms, response_timeout_s=args.response_timeout_s,
+                               startup_timeout_s=args.startup_timeout_s)
+        archives = ensure_bundled_archives(args.store, config, tuple(args.model_dirs))
+    except (InvalidInputError, NotFoundError) as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    for archive in archives:
         print(archive)
     return 0
 

@@ -1,12 +1,13 @@
 """TorchServe custom handler: a thin adapter from TorchServe's request rows to the neuroexplain library.
 
-Requests dispatch on ``input["task"]`` (see :mod:`handlers.envelope` for the wire contract): ``predict`` (batched
+Requests dispatch on ``input["task"]`` (see :mod:`neuroexplain.serving.codec` for the wire contract): ``predict`` (batched
 when TorchServe batches), ``attribute`` and ``visualize`` (which streams one progress envelope per step through
 ``send_intermediate_predict_response`` and checks the gateway's cancel flag every step).
 
 The handler object holds only what ``initialize`` sets (device, model, cancel directory): nothing per request, so
-one worker can be reused for any sequence of requests. Errors are answered per request as error envelopes, so one
-bad scan in a batch does not fail its neighbours.
+one worker can be reused for any sequence of requests. The library calls are :class:`neuroexplain.serving.runner.Runner`'s,
+exactly the in-process backend's; each scan is decoded once, here, with the limits the gateway sent. Errors are
+answered per request as error frames, so one bad scan in a batch does not fail its neighbours.
 
 Cancellation: TorchServe never tells a busy worker that its client left (pytorch/serve#2814). The gateway raises a
 flag — a file named after the job id in the directory given by ``NEUROEXPLAIN_CANCEL_DIR`` (inherited from the
@@ -30,18 +31,11 @@ from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import envelope as env
-from handlers.tasks import CancelWatch, ModelRunner
 from neuroexplain import errors
-from service.backend import (
-    AttributeRequest,
-    CallContext,
-    Operation,
-    PredictRequest,
-    PredictResult,
-    Progress,
-    VisualizeRequest,
-)
+from neuroexplain.serving import codec as env
+from neuroexplain.serving.cancel import CancelWatch
+from neuroexplain.serving.runner import Runner
+from neuroexplain.serving.types import CallContext, Operation, Progress
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +44,6 @@ REQUESTS_METRIC = "NeuroExplainHandlerRequests"
 SECONDS_METRIC = "NeuroExplainHandlerSeconds"
 CANCELS_METRIC = "NeuroExplainCancels"
 AFTER_FLAG_LABELS = 10  # AfterFlag label values: "0" .. "9", then "10+" (bounded)
-REQUEST_TYPES = {Operation.PREDICT: PredictRequest, Operation.ATTRIBUTE: AttributeRequest,
-                 Operation.VISUALIZE: VisualizeRequest}  # fmt: skip
 
 
 class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
@@ -67,7 +59,7 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
         self.device = self._choose_device(properties.get("gpu_id"))
         self.model = self._load(Path(properties["model_dir"]), context.manifest)
         self._warm_up()
-        self.runner = ModelRunner(self.model)
+        self.runner = Runner({self.model.spec.name: self.model})
         cancel_dir = os.environ.get(CANCEL_DIR_ENV)
         self.cancel_dir = Path(cancel_dir) if cancel_dir else None
         self.initialized = True
@@ -109,7 +101,7 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
         parsed: dict[int, tuple[Operation, Any, str | None]] = {}
         for idx, row in enumerate(data):
             try:
-                parsed[idx] = env.decode_request(row, REQUEST_TYPES)
+                parsed[idx] = env.decode_request(row)
             except errors.NeuroExplainError as exc:
                 answers[idx] = env.encode_error(exc)
         predicts = [i for i, (task, _r, _j) in parsed.items() if task is Operation.PREDICT]
@@ -124,7 +116,7 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
             ctx = self._call_context(job_id, idx, context, watch)
             run = self.runner.attribute if task is Operation.ATTRIBUTE else self.runner.visualize
             try:
-                answers[idx] = self._guarded(lambda: env.encode(env.Kind.RESULT, run(request, ctx)))  # noqa: B023
+                answers[idx] = self._guarded(lambda: env.encode_result(run(request, ctx)))  # noqa: B023
             finally:
                 watch.lower()
             self._report_cancel(context, task, job_id, watch)
@@ -135,50 +127,20 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
     def _guarded(fn: Any) -> bytes:
         try:
             return bytes(fn())
-        except errors.NeuroExplainError as exc:
+        except errors.NeuroExplainError as exc:  # out-of-memory included: the runner's memory_guard converts it
             return env.encode_error(exc)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return env.encode_error(errors.LimitExceededError("the model worker ran out of GPU memory; retry later"))
         except Exception as exc:  # an unexpected bug: logged here (the worker log), answered as a generic error
             log.exception("handler failed")
             return env.encode_error(exc)
 
     def _predict_batch(self, requests: list[Any]) -> list[bytes]:
         """Decode and place each scan, then one forward pass over all valid ones (TorchServe batching)."""
-        from neuroexplain.predict import predict_arrays, prepare
-        from neuroexplain.volumes import Alignment, NonFinite, read_scan
-
-        out: list[bytes | None] = [None] * len(requests)
-        arrays, slots = [], []
-        for i, request in enumerate(requests):
-            try:
-                if request.model != self.model.spec.name:
-                    raise errors.NotFoundError(f"model {request.model!r} is not served by this worker")
-                scan = read_scan(request.scan.data, volume_index=request.scan.volume_index,
-                                 nonfinite=NonFinite(request.scan.nonfinite))
-                arrays.append(prepare(scan, self.model, Alignment(request.scan.alignment)).array)
-                slots.append(i)
-            except errors.NeuroExplainError as exc:
-                out[i] = env.encode_error(exc)
-            except ValueError:  # an enum value the gateway would have refused
-                out[i] = env.encode_error(errors.InvalidOptionError("alignment or nonfinite has an unknown value"))
-        if arrays:
-            spec = self.model.spec
-            batch = b""
-            try:
-                predictions = predict_arrays(self.model, arrays, batch_size=len(arrays))
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                batch = env.encode_error(errors.LimitExceededError("the model worker ran out of GPU memory"))
-                predictions = []
-            for i, p in zip(slots, predictions):
-                out[i] = env.encode(env.Kind.RESULT, PredictResult(
-                    model=spec.name, model_version=spec.version, logits=tuple(p.logits),
-                    probabilities=dict(p.probabilities), predicted_class=p.predicted_class,
-                ))  # fmt: skip
-            out = [o if o is not None else batch for o in out]
-        return [o if o else env.encode_error(RuntimeError()) for o in out]
+        try:
+            outcomes = self.runner.predict_batch(requests)
+        except Exception:  # an unexpected bug: logged in the worker log, every row answered as a generic error
+            log.exception("predict batch failed")
+            return [env.encode_error(RuntimeError()) for _ in requests]
+        return [env.encode_error(o) if isinstance(o, BaseException) else env.encode_result(o) for o in outcomes]
 
     def _call_context(self, job_id: str | None, idx: int, context: Context, watch: CancelWatch) -> CallContext:
         request_ids = {idx: context.request_ids[idx]} if getattr(context, "request_ids", None) else {}

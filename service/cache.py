@@ -1,11 +1,11 @@
 """Result cache: content-addressed keys, a disk LRU (default) or Redis, and a safe value encoding.
 
-Keys are SHA-256 digests of a canonical JSON document holding the package version, the model's name, version and
-weights digest, the operation, the canonical options and the scan digest (see :func:`cache_key`): no patient data,
+Keys are SHA-256 digests of a canonical JSON document holding the package version, the model's name, version,
+weights digest and spec digest, the operation, the canonical options and the scan digest (see :func:`cache_key`): no patient data,
 and an upgrade or new weights never serve a stale result.
 
-Values are encoded without pickle (a shared Redis must never be able to run code in the gateway): a JSON document
-plus the raw byte fields (see :func:`encode` / :func:`decode`).
+Values are the serving contract's result frames (:mod:`neuroexplain.serving.codec`, the codec the TorchServe worker
+answers in): JSON plus the raw byte fields, never pickle (a shared Redis must never be able to run code here).
 
 A cache never fails a request: every backend error is raised as :class:`CacheError`, which the core counts and
 ignores.
@@ -13,26 +13,18 @@ ignores.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import struct
 import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
 
-from neuroexplain import __version__
-from service.backend import AttributeResult, Cluster, Operation, PredictResult, VisualizeResult
-
-_MAGIC = b"NXC1"
-_RESULT_TYPES: dict[str, type] = {
-    "predict": PredictResult,
-    "attribute": AttributeResult,
-    "visualize": VisualizeResult,
-}
+from neuroexplain import __version__, errors
+from neuroexplain.serving import codec
+from neuroexplain.serving.types import Operation, Result
 
 
 class CacheError(Exception):
@@ -51,20 +43,21 @@ class ResultCache(Protocol):
 
 def cache_key(
     *, operation: Operation, model: str, model_version: str, weights_sha256: str, scan: dict[str, Any] | None,
-    options: dict[str, Any],
+    options: dict[str, Any], spec_sha256: str = "",
 ) -> str:
     """Hex SHA-256 of the canonical description of a computation.
 
     Args:
         operation: predict, attribute or visualize.
-        model / model_version / weights_sha256: which model exactly.
+        model / model_version / weights_sha256 / spec_sha256: which model exactly (a recalibrated spec with the same
+            weights is another model: its input check and probabilities may differ).
         scan: the scan digest and reading options, or None (Visualize without a scan).
         options: the request's options, canonical (defaults filled in by the caller where known; sorted here).
     """
     doc = {
         "package": __version__,
         "operation": operation.value,
-        "model": [model, model_version, weights_sha256],
+        "model": [model, model_version, weights_sha256, spec_sha256],
         "scan": scan,
         "options": options,
     }
@@ -72,54 +65,19 @@ def cache_key(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Value encoding
+# Value encoding: the serving contract's one codec (the same frames the TorchServe worker answers)
 
 
-def encode(result: PredictResult | AttributeResult | VisualizeResult) -> bytes:
-    """Encode a result: magic, JSON length, JSON (fields, with byte fields replaced by lengths), then the bytes."""
-    kind = next(k for k, t in _RESULT_TYPES.items() if isinstance(result, t))
-    fields: dict[str, Any] = {}
-    blobs: list[bytes] = []
-    for f in dataclasses.fields(result):
-        value = getattr(result, f.name)
-        if isinstance(value, bytes):
-            fields[f.name] = {"$bytes": len(value)}
-            blobs.append(value)
-        elif f.name == "clusters":
-            fields[f.name] = [dataclasses.asdict(c) for c in value]
-        else:
-            fields[f.name] = value
-    head = json.dumps({"kind": kind, "fields": fields}).encode()
-    return b"".join([_MAGIC, struct.pack("<I", len(head)), head, *blobs])
+def encode(result: Result) -> bytes:
+    """A result as the cache stores it (:func:`neuroexplain.serving.codec.encode_result`)."""
+    return codec.encode_result(result)
 
 
-def decode(raw: bytes) -> PredictResult | AttributeResult | VisualizeResult:
+def decode(raw: bytes) -> Result:
     """Inverse of :func:`encode`; raises :class:`CacheError` on anything malformed."""
     try:
-        if raw[:4] != _MAGIC:
-            raise ValueError("bad magic")
-        (n,) = struct.unpack("<I", raw[4:8])
-        doc = json.loads(raw[8 : 8 + n])
-        cls = _RESULT_TYPES[doc["kind"]]
-        offset = 8 + n
-        values: dict[str, Any] = {}
-        for name, value in doc["fields"].items():
-            if isinstance(value, dict) and "$bytes" in value:
-                size = int(value["$bytes"])
-                values[name] = raw[offset : offset + size]
-                if len(values[name]) != size:
-                    raise ValueError("truncated")
-                offset += size
-            elif name == "clusters":
-                values[name] = tuple(
-                    Cluster(**{**c, "peak_mm": tuple(c["peak_mm"]), "center_mm": tuple(c["center_mm"])}) for c in value
-                )
-            elif isinstance(value, list):
-                values[name] = tuple(value)
-            else:
-                values[name] = value
-        return cls(**values)  # type: ignore[no-any-return]
-    except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as exc:
+        return codec.decode_result(raw)  # type: ignore[no-any-return]
+    except errors.NeuroExplainError as exc:
         raise CacheError(f"cached value is malformed ({type(exc).__name__})") from None
 
 

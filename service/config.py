@@ -1,7 +1,7 @@
 """The one settings object of the gateway, built once from flags and ``NEUROEXPLAIN_*`` environment variables.
 
 Precedence: command-line flag > environment variable > default. Nothing reads argv or the environment at import
-time; :func:`settings_from_env` and ``neuroexplain serve`` build a :class:`Settings` and pass it down.
+time; :func:`build_settings` (called by ``neuroexplain serve``) builds a :class:`Settings` and it is passed down.
 
 Other parts of the service add their fields here (security: TLS and tokens; TorchServe: engine options) with a
 default, an environment variable in :data:`ENV`, and a flag in ``neuroexplain/cli/commands/serve.py``.
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroexplain.errors import InvalidOptionError
+from neuroexplain.serving.types import ReadLimits
 
 MiB = 1 << 20
 
@@ -66,12 +67,18 @@ class Settings:
         grace_s: how long SIGTERM waits for in-flight calls to finish.
         workers: gRPC handler threads at least; the server runs ``grpc_threads`` (enough for every running and
             queued computation plus cheap calls), so the queue limit is the core's, never grpc's.
-        model_dirs: extra model folders (also ``NEUROEXPLAIN_MODEL_DIRS``, read by the library).
+        model_dirs: model folders besides the bundled ones (``NEUROEXPLAIN_MODEL_DIRS``, the same variable the
+            library's registry reads): what both backends serve and what archives are built from.
         device: torch device of the in-process backend.
         model_store: TorchServe backend: folder of ``.mar`` archives; every archive in it is served, and archives
             of the bundled (and ``NEUROEXPLAIN_MODEL_DIRS``) models missing there are built at start.
         torchserve_startup_timeout_s: TorchServe backend: how long TorchServe and every model's first worker may
-            take to become ready (at start and after each restart).
+            take to become ready (at start and after each restart); also each archive's ``startupTimeout``.
+        torchserve_workers: TorchServe backend: worker processes per model (each holds one copy of the model).
+        torchserve_batch_size / torchserve_batch_delay_ms: TorchServe batching of Predict requests.
+        torchserve_response_timeout_s: a request running longer gets its worker restarted (covers a Visualize).
+        max_decompressed_bytes / max_voxels / max_header_bytes: caps on one scan, applied where it is decoded (the
+            worker gets them with each request); ``max_message_bytes`` caps its compressed size.
         tls_cert / tls_key: PEM certificate chain and key of the main port (TLS); reloaded when the files change.
         tls_client_ca: PEM CA bundle; set, every client must present a certificate it signed (mutual TLS).
         tokens_file: ``name:token`` lines; every call needs ``authorization: Bearer <token>`` (reloaded on change).
@@ -107,6 +114,13 @@ class Settings:
     device: str = "cpu"
     model_store: Path = Path("model_store")
     torchserve_startup_timeout_s: float = 300.0
+    torchserve_workers: int = 1
+    torchserve_batch_size: int = 1
+    torchserve_batch_delay_ms: int = 20
+    torchserve_response_timeout_s: int = 1800
+    max_decompressed_bytes: int = 1 << 30
+    max_voxels: int = 64 * MiB
+    max_header_bytes: int = 16 * MiB
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -122,9 +136,13 @@ class Settings:
             value = getattr(self, name)
             if not -1 <= value <= 65535:
                 raise InvalidOptionError(f"{name} is {value}; allowed: 0..65535 (0 = any free port, -1 = off)")
-        for name in ("max_message_bytes", "max_concurrency", "workers", "scan_store_entries", "max_visualize_steps"):
+        for name in ("max_message_bytes", "max_concurrency", "workers", "scan_store_entries", "max_visualize_steps",
+                     "torchserve_workers", "torchserve_batch_size", "torchserve_response_timeout_s",
+                     "max_decompressed_bytes", "max_voxels", "max_header_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidOptionError(f"{name} is {getattr(self, name)}; allowed: >= 1")
+        if self.torchserve_batch_delay_ms < 0:
+            raise InvalidOptionError(f"torchserve_batch_delay_ms is {self.torchserve_batch_delay_ms}; allowed: >= 0")
         if self.max_queue < 0:
             raise InvalidOptionError(f"max_queue is {self.max_queue}; allowed: >= 0")
         if not is_loopback(self.host) and not self.insecure and not (self.tls_cert and (self.tokens_file or self.tokens)):
@@ -138,8 +156,11 @@ class Settings:
                 "cache must be 'disk', 'none' or a redis://[:password@]host:port/db URL; got a value of another form"
             )
 
-    def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+    @property
+    def read_limits(self) -> ReadLimits:
+        """The caps every scan is decoded with, in whichever process decodes it."""
+        return ReadLimits(max_input_bytes=self.max_message_bytes, max_decompressed_bytes=self.max_decompressed_bytes,
+                          max_voxels=self.max_voxels, max_header_bytes=self.max_header_bytes)
 
     @property
     def grpc_threads(self) -> int:
@@ -158,7 +179,6 @@ class Settings:
 # field name -> environment variable. Values are parsed with the field's type.
 ENV: dict[str, str] = {f.name: "NEUROEXPLAIN_" + f.name.upper() for f in dataclasses.fields(Settings)}
 ENV["cache"] = "NEUROEXPLAIN_CACHE"
-ENV["model_dirs"] = "NEUROEXPLAIN_GATEWAY_MODEL_DIRS"  # NEUROEXPLAIN_MODEL_DIRS is read by the library itself
 
 
 def _parse(name: str, raw: str, default: Any) -> Any:
@@ -209,6 +229,3 @@ def build_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[
             values[name] = value
     return Settings(**values)
 
-
-def settings_from_env() -> Settings:
-    return build_settings()

@@ -26,15 +26,18 @@ from neuroexplain.errors import (
     LimitExceededError,
     NotFoundError,
     UnavailableError,
+    UnimplementedError,
+    status_name,
 )
-from service import cache as cache_mod
-from service.backend import (
+from neuroexplain.serving.types import (
+    Alignment,
     AttributeRequest,
     AttributeResult,
-    Backend,
     CallContext,
+    DicomObject,
     MethodInfo,
     ModelInfo,
+    NonFinite,
     Operation,
     PredictRequest,
     PredictResult,
@@ -45,18 +48,17 @@ from service.backend import (
     VisualizeResult,
     new_job_id,
 )
+from service import cache as cache_mod
+from service.backend import Backend
 from service.config import Settings
-from service.errors import status_for
 from service.metrics import Metrics
 
 log = logging.getLogger("neuroexplain.service")
 
 R = TypeVar("R")
 
-_POLL_S = 0.05
-PROGRESS_RING = 64  # progress events a computation keeps for its callers  # how often a waiting caller checks whether its client is still there
-_ALIGNMENTS = ("auto", "mni", "center")
-_NONFINITE = ("reject", "zero")
+_POLL_S = 0.05  # how often a waiting caller checks whether its client is still there
+PROGRESS_RING = 64  # progress events a computation keeps for its callers
 
 
 @dataclass(frozen=True)
@@ -78,17 +80,39 @@ class Caller:
 
 @dataclass(frozen=True)
 class ScanRef:
-    """A scan as a request names it: bytes, or the digest of bytes received earlier."""
+    """A scan as a request names it: file bytes, a DICOM series' instances, or the digest of either received earlier."""
 
     data: bytes | None = None
     digest: str | None = None
+    instances: tuple[bytes, ...] | None = None
+    series_uid: str = ""
     volume_index: int | None = None
-    alignment: str = "auto"
-    nonfinite: str = "reject"
+    alignment: Alignment = Alignment.AUTO
+    nonfinite: NonFinite = NonFinite.REJECT
 
 
 def _store_key(owner: str, digest: str) -> str:
     return f"{owner}\0{digest}"
+
+
+def series_digest(instances: tuple[bytes, ...]) -> str:
+    """Digest of a DICOM series that does not depend on the order of its instances: SHA-256 over the sorted
+    SHA-256 digests of the instances."""
+    parts = sorted(hashlib.sha256(i).digest() for i in instances)
+    return hashlib.sha256(b"nx-dicom-series\0" + b"".join(parts)).hexdigest()
+
+
+def refuse_unbuilt_dicom_results(request: PredictRequest | AttributeRequest) -> None:
+    """UNIMPLEMENTED switches of the gateway-side DICOM results (remove each as its feature is wired)."""
+    if request.return_dicom:
+        raise UnimplementedError("return_dicom (DICOM result objects) is not available on this server yet; use "
+                                 "the NIfTI map and the summary in the response")
+    if request.deidentify:
+        raise UnimplementedError("deidentify (de-identified DICOM results) is not available on this server yet; "
+                                 "use return_dicom unset")
+    if isinstance(request, AttributeRequest) and request.dicom_extras:
+        raise UnimplementedError("dicom_extras (Segmentation and Secondary Capture results) is not available on "
+                                 "this server yet; use no dicom_extras")
 
 
 def canonical_options(described: MethodInfo | None, given: Mapping[str, str], what: str) -> dict[str, str]:
@@ -109,6 +133,18 @@ def canonical_options(described: MethodInfo | None, given: Mapping[str, str], wh
 # Scan store
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """A stored scan: file bytes, or a DICOM series' instances."""
+
+    data: bytes
+    instances: tuple[bytes, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + sum(len(i) for i in self.instances)
+
+
 class ScanStore:
     """Recently received scans by owner and digest: bounded in entries and bytes, each kept at most ``ttl_s``.
 
@@ -118,23 +154,24 @@ class ScanStore:
 
     def __init__(self, max_entries: int, max_bytes: int, ttl_s: float, metrics: Metrics | None = None) -> None:
         self.max_entries, self.max_bytes, self.ttl_s = max_entries, max_bytes, ttl_s
-        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[float, _Stored]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._metrics = metrics
 
-    def put(self, digest: str, data: bytes) -> None:
-        if len(data) > self.max_bytes:
+    def put(self, digest: str, data: bytes, instances: tuple[bytes, ...] = ()) -> None:
+        stored = _Stored(data, instances)
+        if stored.size > self.max_bytes:
             return
         with self._lock:
             old = self._items.pop(digest, None)
             if old is not None:
-                self._bytes -= len(old[1])
-            self._items[digest] = (time.monotonic() + self.ttl_s, data)
-            self._bytes += len(data)
+                self._bytes -= old[1].size
+            self._items[digest] = (time.monotonic() + self.ttl_s, stored)
+            self._bytes += stored.size
             self._trim()
 
-    def get(self, digest: str) -> bytes | None:
+    def get(self, digest: str) -> _Stored | None:
         with self._lock:
             self._trim()
             item = self._items.get(digest)
@@ -146,10 +183,10 @@ class ScanStore:
     def _trim(self) -> None:
         now = time.monotonic()
         for digest in [d for d, (expires, _) in self._items.items() if expires <= now]:
-            self._bytes -= len(self._items.pop(digest)[1])
+            self._bytes -= self._items.pop(digest)[1].size
         while self._items and (len(self._items) > self.max_entries or self._bytes > self.max_bytes):
-            _digest, (_expires, data) = self._items.popitem(last=False)  # least recently used
-            self._bytes -= len(data)
+            _digest, (_expires, stored) = self._items.popitem(last=False)  # least recently used
+            self._bytes -= stored.size
         if self._metrics is not None:
             self._metrics.scan_store_bytes.set(self._bytes)
             self._metrics.scan_store_entries.set(len(self._items))
@@ -260,22 +297,25 @@ class Core:
 
     def remember_scan(self, owner: str, scan: ScanInput) -> None:
         """Keep a scan that validated (its request succeeded) for later digest references by the same ``owner``."""
-        self.scans.put(_store_key(owner, scan.digest), scan.data)
+        self.scans.put(_store_key(owner, scan.digest), scan.data, scan.instances)
 
     def resolve_scan(self, ref: ScanRef, owner: str) -> ScanInput:
         """Bytes and digest of a scan sent inline, or by a digest ``owner`` sent earlier (see :meth:`remember_scan`).
 
-        Another caller's digest is NOT_FOUND with the same message as an unknown one, so a digest reveals nothing.
+        The digest is computed here, once; the scan is decoded only where the model runs, with the limits of
+        ``settings`` (carried by the returned :class:`ScanInput`). Another caller's digest is NOT_FOUND with the same
+        message as an unknown one, so a digest reveals nothing.
         """
-        if ref.alignment not in _ALIGNMENTS:
-            raise InvalidOptionError(f"alignment {ref.alignment!r} is unknown; allowed: {list(_ALIGNMENTS)}")
-        if ref.nonfinite not in _NONFINITE:
-            raise InvalidOptionError(f"non_finite {ref.nonfinite!r} is unknown; allowed: {list(_NONFINITE)}")
+        instances: tuple[bytes, ...] = ()
         if ref.data is not None:
             if not ref.data:
                 raise InvalidOptionError("scan.data is empty; send the bytes of a NIfTI-1/-2 or MGH/MGZ file")
             digest = hashlib.sha256(ref.data).hexdigest()
             data = ref.data
+        elif ref.instances is not None:
+            if not ref.instances:
+                raise InvalidOptionError("scan.dicom has no instances; send every instance of one DICOM series")
+            digest, data, instances = series_digest(ref.instances), b"", tuple(ref.instances)
         elif ref.digest:
             digest = ref.digest.lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -286,30 +326,34 @@ class Core:
                     f"scan {digest[:12]}… is not held by this server (scans are kept for "
                     f"{self.settings.scan_store_ttl_s} s, at most {self.settings.scan_store_entries}); send its bytes"
                 )
-            data = stored
+            data, instances = stored.data, stored.instances
         else:
-            raise InvalidOptionError("scan is missing; set scan.data (file bytes) or scan.digest")
-        return ScanInput(data=data, digest=digest, volume_index=ref.volume_index, alignment=ref.alignment,
-                         nonfinite=ref.nonfinite)
+            raise InvalidOptionError("scan is missing; set scan.data (file bytes), scan.dicom or scan.digest")
+        return ScanInput(data=data, digest=digest, instances=instances, series_uid=ref.series_uid,
+                         volume_index=ref.volume_index, alignment=ref.alignment, nonfinite=ref.nonfinite,
+                         limits=self.settings.read_limits)
 
-    def _decoded(self, scan: ScanInput) -> ScanInput:
-        """Validate (decode) a scan."""
-        from neuroexplain.volumes import NonFinite, ScanLimits, read_scan
+    def dicom_objects(self, request: PredictRequest | AttributeRequest,
+                      result: PredictResult | AttributeResult) -> tuple[DicomObject, ...]:
+        """Seam: the gateway-side DICOM results of one response (torch-free, built after the result from the
+        request's series — for a request by digest, from the caller-bound scan store — and never cached).
 
-        limits = ScanLimits(max_input_bytes=self.settings.max_message_bytes)
-        decoded = read_scan(scan.data, volume_index=scan.volume_index, nonfinite=NonFinite(scan.nonfinite),
-                            limits=limits)
-        return dataclasses.replace(scan, decoded=decoded)
+        Returns ``()`` unless ``request.return_dicom``; until the builder is wired, such requests are refused by
+        :func:`refuse_unbuilt_dicom_results` before anything is computed.
+        """
+        return ()
 
     # -- operations ----------------------------------------------------------------------------------------------
 
     def predict(self, request: PredictRequest, caller: Caller) -> tuple[PredictResult, bool]:
+        refuse_unbuilt_dicom_results(request)
         info = self.model(request.model)
         key = self._key(Operation.PREDICT, info, request.scan, {})
         return self._run(Operation.PREDICT, info, key, caller, request.scan,
                          lambda scan, ctx: self.backend.predict(dataclasses.replace(request, scan=scan), ctx))
 
     def attribute(self, request: AttributeRequest, caller: Caller) -> tuple[AttributeResult, bool]:
+        refuse_unbuilt_dicom_results(request)
         info = self.model(request.model)
         if not request.method:
             names = [m.name for m in info.attribution_methods]
@@ -363,7 +407,8 @@ class Core:
     def _key(self, op: Operation, info: ModelInfo, scan: ScanInput | None, options: dict[str, Any]) -> str:
         scan_doc = None if scan is None else {"digest": scan.digest, **scan.options_key()}
         return cache_mod.cache_key(operation=op, model=info.name, model_version=info.version,
-                                   weights_sha256=info.weights_sha256, scan=scan_doc, options=options)
+                                   weights_sha256=info.weights_sha256, spec_sha256=info.spec_sha256, scan=scan_doc,
+                                   options=options)
 
     def _cache_get(self, op: Operation, key: str) -> Any | None:
         try:
@@ -472,16 +517,13 @@ class Core:
             try:
                 if flight.cancelled.is_set():
                     raise CancelledError("every caller went away before the computation started")
-                # A backend that decodes scans itself (TorchServe: the handler runs the same read_scan) gets the bytes.
-                remote = getattr(self.backend, "decodes_scans", False)
-                resolved = None if scan is None else scan if remote else self._decoded(scan)
-                result = compute(resolved, ctx)
+                result = compute(scan, ctx)  # the backend decodes where the model runs
                 self.metrics.backend_duration.labels(op.value, info.name).observe(time.perf_counter() - start)
                 self._cache_put(op, key, result)
             except BaseException as exc:  # handed to every waiter, which re-raises it on its own thread
                 error = exc
-                mapped = status_for(exc)
-                self.metrics.backend_errors.labels(op.value, mapped[0].name if mapped else "INTERNAL").inc()
+                mapped = status_name(exc)
+                self.metrics.backend_errors.labels(op.value, mapped or "INTERNAL").inc()
                 if mapped is None:
                     log.error("%s computation failed", op.value, exc_info=exc)
             finally:

@@ -4,17 +4,13 @@ Names carry the ``neuroexplain_`` prefix and a unit suffix; labels are few and b
 ``model`` (served model names, anything else becomes ``unknown``), ``operation`` (predict, attribute, visualize),
 ``code`` (gRPC status code names). Never request ids, digests or anything from a scan.
 
-The TorchServe backend re-exports TorchServe's own metrics by registering a custom collector on the same registry
-(``Metrics.registry``), so one scrape of ``/metrics`` sees both.
+Backends declare extra collectors (``Backend.collectors()``: the TorchServe backend re-exports TorchServe's own
+metrics) and the server factory registers them on the same registry, so one scrape of ``/metrics`` sees both. The
+interceptor that records per-RPC metrics is ``service.grpc.metrics.MetricsInterceptor`` (this module knows no gRPC).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from typing import Any
-
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Seconds-to-minutes work: Predict takes tenths of a second, Visualize minutes; the last finite bucket is 10 minutes.
@@ -94,88 +90,3 @@ class Metrics:
         self.scan_store_entries = Gauge(
             "neuroexplain_scan_store_entries", "Scans held for digest references.", registry=r
         )
-
-
-class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts RPCs by RPC, model and status code; times them; measures message sizes; tracks in-flight RPCs.
-
-    Args:
-        metrics: where to record.
-        known_models: returns the served model names; any other name is recorded as ``unknown`` so a caller cannot
-            grow the label set.
-    """
-
-    def __init__(self, metrics: Metrics, known_models: Callable[[], frozenset[str]]) -> None:
-        self._m = metrics
-        self._known = known_models
-
-    def _model(self, request: Any) -> str:
-        name = getattr(request, "model", None) or getattr(request, "name", None) or ""
-        if not name:
-            return ""
-        return name if name in self._known() else UNKNOWN
-
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        rpc = method.rsplit("/", 1)[-1]
-        if not method.startswith("/neuroexplain.v1.") or rpc not in RPCS:
-            return handler
-        m = self._m
-
-        def finish(context: grpc.ServicerContext, model: str, start: float, failed: bool) -> None:
-            code = context.code()
-            if code is None:
-                if not context.is_active():
-                    code = grpc.StatusCode.CANCELLED  # the client went away (or its deadline passed)
-                else:
-                    code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
-            m.requests.labels(rpc, model, code.name).inc()
-            m.request_duration.labels(rpc, model).observe(time.perf_counter() - start)
-            m.in_flight.labels(rpc).dec()
-
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                start = time.perf_counter()
-                model = self._model(request)
-                m.in_flight.labels(rpc).inc()
-                m.request_bytes.labels(rpc).observe(request.ByteSize())
-                failed = True
-                try:
-                    response = inner(request, context)
-                    m.response_bytes.labels(rpc).observe(response.ByteSize())
-                    failed = False
-                    return response
-                finally:
-                    finish(context, model, start, failed)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start = time.perf_counter()
-                model = self._model(request)
-                m.in_flight.labels(rpc).inc()
-                m.request_bytes.labels(rpc).observe(request.ByteSize())
-                failed = True
-                try:
-                    for response in inner_stream(request, context):
-                        m.response_bytes.labels(rpc).observe(response.ByteSize())
-                        yield response
-                    failed = False
-                finally:
-                    finish(context, model, start, failed)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler

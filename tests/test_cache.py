@@ -23,7 +23,8 @@ from test_service_support import (  # noqa: F401  (fixtures)
 )
 
 from neuroexplain._proto import neuroexplain_pb2 as pb
-from service.backend import AttributeResult, Cluster, Operation, PredictResult, VisualizeResult
+from neuroexplain.serving import codec
+from neuroexplain.serving.types import AttributeResult, Cluster, Operation, PredictResult, Progress, VisualizeResult
 from service.cache import CacheError, DiskCache, RedisCache, cache_key, decode, encode
 
 KEY_ARGS = {"operation": Operation.ATTRIBUTE, "model": "lesion", "model_version": "1.0.0", "weights_sha256": "a" * 64,
@@ -38,6 +39,7 @@ def test_keys_change_with_everything_that_changes_the_result(monkeypatch: pytest
         {**KEY_ARGS, "operation": Operation.PREDICT},
         {**KEY_ARGS, "model_version": "1.0.1"},
         {**KEY_ARGS, "weights_sha256": "c" * 64},
+        {**KEY_ARGS, "spec_sha256": "e" * 64},  # a recalibrated spec with the same weights
         {**KEY_ARGS, "scan": {**KEY_ARGS["scan"], "digest": "d" * 64}},  # type: ignore[dict-item]
         {**KEY_ARGS, "scan": {**KEY_ARGS["scan"], "alignment": "mni"}},  # type: ignore[dict-item]
         {**KEY_ARGS, "options": {"method": "gradient", "options": {"x": "1"}}},
@@ -61,10 +63,12 @@ def test_keys_change_with_everything_that_changes_the_result(monkeypatch: pytest
 def test_values_round_trip_without_pickle(result: object) -> None:
     raw = encode(result)  # type: ignore[arg-type]
     assert decode(raw) == result
-    assert b"pickle" not in raw and raw[:4] == b"NXC1"
+    assert b"pickle" not in raw and raw[:4] == codec.MAGIC  # the serving contract's one codec
 
 
-@pytest.mark.parametrize("raw", [b"", b"NXC1", b"XXXX\x00\x00\x00\x00", encode(VisualizeResult("m", "1", b"abc"))[:-1]])
+@pytest.mark.parametrize("raw", [b"", b"NXE1", b"XXXX\x00\x00\x00\x00", encode(VisualizeResult("m", "1", b"abc"))[:-1],
+                                 codec.encode(codec.Kind.PROGRESS, Progress(1, 2, 0.5)),
+                                 codec.encode_error(ValueError("not a result"))])
 def test_malformed_values_are_cache_errors(raw: bytes) -> None:
     with pytest.raises(CacheError):
         decode(raw)

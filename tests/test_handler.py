@@ -20,18 +20,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from torchserve_models import model_dirs, scan, scan_input  # noqa: F401  (fixtures)
 
-from handlers import envelope as env
 from neuroexplain import errors
 from neuroexplain.attribution.options import Method
-from service.backend import (
+from neuroexplain.serving import codec as env
+from neuroexplain.serving.cancel import raise_flag
+from neuroexplain.serving.types import (
+    Alignment,
     AttributeRequest,
     AttributeResult,
     CallContext,
     Cluster,
+    InputCheck,
+    NonFinite,
     Operation,
     PredictRequest,
     PredictResult,
     Progress,
+    Registration,
     ScanInput,
     StartKind,
     VisualizeRequest,
@@ -75,9 +80,16 @@ def handler(models: Path) -> Any:
 
 
 def test_every_domain_type_round_trips() -> None:
-    scan = ScanInput(data=b"\x00scan", digest="d" * 64, volume_index=2, alignment="mni", nonfinite="zero")
+    scan = ScanInput(data=b"\x00scan", digest="d" * 64, volume_index=2, alignment=Alignment.MNI,
+                     nonfinite=NonFinite.ZERO)
+    series = ScanInput(data=b"", digest="e" * 64, instances=(b"\x00one", b"two"), series_uid="1.2.3")
     values = [
         PredictRequest("m", scan),
+        PredictRequest("m", series, return_dicom=True, deidentify=True),
+        AttributeRequest("m", series, method="gradient", return_dicom=True, dicom_extras=("seg", "sc")),
+        PredictResult("m", "1.0.0", (0.5,), {"a": 1.0}, "a", alignment=Alignment.REGISTER,
+                      input_check=InputCheck(False, 3.5, 2.0, "far from the training data", ("intensity",)),
+                      registration=Registration(0.8, 1.5, tuple(float(i) for i in range(16)))),
         AttributeRequest("m", scan, method="gradient", target="lesion", options={"n_steps": "8"}, png=True),
         VisualizeRequest("m", "neuron:conv2:1:2:3:4", steps=7, seed=3, start=StartKind.SCAN, scan=scan,
                          options={"lr": "0.1"}, preview_every=2),
@@ -91,15 +103,20 @@ def test_every_domain_type_round_trips() -> None:
     for value in values:
         answer = env.decode(env.encode(env.Kind.RESULT, value))
         assert env.load(type(value), answer.value, answer.blobs) == value
-    task, back, job = env.decode_request(env.encode_request(Operation.VISUALIZE, values[2], job_id="job_1"),
-                                         {Operation.VISUALIZE: VisualizeRequest})
-    assert (task, back, job) == (Operation.VISUALIZE, values[2], "job_1")
+    task, back, job = env.decode_request(env.encode_request(Operation.VISUALIZE, values[5], job_id="job_1"))
+    assert (task, back, job) == (Operation.VISUALIZE, values[5], "job_1")
+    # The cache stores the same frames: a result round-trips through encode_result/decode_result by its own type.
+    for value in values:
+        if type(value).__name__.endswith("Result"):
+            assert env.decode_result(env.encode_result(value)) == value
 
 
 def test_scan_bytes_travel_outside_the_json() -> None:
     fields = env.encode_request(Operation.PREDICT, PredictRequest("m", _scan(b"\xff\xfe raw")))
-    assert fields["blob-scan.data"] == b"\xff\xfe raw"
-    assert b"raw" not in fields["request"]
+    frame = env.decode(fields["request"])
+    assert frame.blobs["scan.data"] == b"\xff\xfe raw"
+    assert fields["request"].endswith(b"\xff\xfe raw")  # after the JSON header, raw
+    assert b"raw" not in fields["request"][: -len(b"\xff\xfe raw")]
 
 
 @pytest.mark.parametrize(
@@ -109,15 +126,20 @@ def test_scan_bytes_travel_outside_the_json() -> None:
         ({"task": b"explode", "request": b"{}"}, errors.InvalidOptionError),
         ({"task": b"predict", "request": b"{not json"}, errors.InvalidInputError),
         ({"task": b"predict"}, errors.InvalidInputError),
-        ({"task": b"predict", "request": json.dumps({"model": "m", "scan": {"data": "x", "digest": "d"},
-                                                     "extra": 1}).encode()}, errors.InvalidInputError),
-        ({"task": bytearray(b"predict"), "request": json.dumps({"model": "m", "scan": {"data": "x", "digest": "d"}}),
-          "job_id": b"../../etc/passwd"}, errors.InvalidOptionError),
+        ({"task": b"predict", "request": json.dumps({"model": "m", "scan": {"data": "x", "digest": "d"}}).encode()},
+         errors.InvalidInputError),  # JSON is not a frame
+        ({"task": b"predict", "request": env.encode(env.Kind.REQUEST, {"model": "m", "scan": {"data": "x", "digest": "d"},
+                                                                       "extra": 1})}, errors.InvalidInputError),
+        ({"task": b"predict", "request": env.encode(env.Kind.RESULT, {"model": "m"})}, errors.InvalidInputError),
+        ({"task": b"predict", "request": env.encode(env.Kind.REQUEST, {"model": "m", "scan": {
+            "data": "x", "digest": "d", "alignment": "sideways"}})}, errors.InvalidInputError),
+        ({"task": bytearray(b"predict"), "request": env.encode(env.Kind.REQUEST, {"model": "m", "scan": {
+            "data": "x", "digest": "d"}}), "job_id": b"../../etc/passwd"}, errors.InvalidOptionError),
     ],
 )
 def test_malformed_requests_are_refused(row: dict[str, Any], error: type[Exception]) -> None:
     with pytest.raises(error):
-        env.decode_request(row, {Operation.PREDICT: PredictRequest})
+        env.decode_request(row)
 
 
 def test_job_ids_are_restricted_on_the_sending_side_too() -> None:
@@ -247,7 +269,7 @@ def test_visualize_streams_progress_and_stops_on_the_cancel_flag(
         answer = env.decode(messages[0])
         sent.append(env.load(Progress, answer.value, answer.blobs))
         if len(sent) == 2:  # the gateway raises the flag after the second step
-            env.raise_flag(cancel_dir / "job-7", time.time())
+            raise_flag(cancel_dir / "job-7", time.time())
 
     monkeypatch.setattr(module, "send_intermediate_predict_response", fake_send)
     request = VisualizeRequest("tinyles", "class:lesion", preset="robust", steps=50)
@@ -281,7 +303,7 @@ def _count_passes(handler: Any, raise_flag_at: int | None, flag: Path) -> tuple[
     def pre_hook(_module: Any, _inputs: Any) -> None:
         passes[0] += 1
         if passes[0] == raise_flag_at:
-            env.raise_flag(flag, time.time())
+            raise_flag(flag, time.time())
 
     return passes, handler.model.module.register_forward_pre_hook(pre_hook)
 
@@ -321,7 +343,7 @@ def test_every_attribution_method_honours_a_raised_flag(
     # library polls the flag before the first, so a raised flag stops every method before any attribution pass.
     import time
 
-    env.raise_flag(cancel_dir / "job-m", time.time())
+    raise_flag(cancel_dir / "job-m", time.time())
     passes, hook = _count_passes(handler, None, cancel_dir / "job-m")
     try:
         [answer] = handler.handle(
@@ -420,3 +442,35 @@ def test_the_cuda_benchmark_refuses_to_run_without_cuda() -> None:
     assert done.returncode == 2
     assert "bench torchserve --device cuda:" in done.stderr and ("CPU build" in done.stderr or "no CUDA" in done.stderr)
     assert done.stdout == ""  # nothing measured, nothing saved
+
+
+def test_the_gateway_builds_archives_in_a_subprocess_with_the_settings_options(models: Path, tmp_path: Path) -> None:
+    """The TorchServe backend never imports handlers or torch: it runs ``python -m handlers.archive`` with the
+    Settings' workers, batch size, batch delay and timeouts, and the one model-directories setting."""
+    from service.backends.torchserve import archive_command, build_archives
+    from service.config import Settings
+
+    only = tmp_path / "dirs"
+    only.mkdir()
+    (only / "tinyles").symlink_to(models / "tinyles")
+    settings = Settings(model_dirs=(only,), torchserve_workers=2, torchserve_batch_size=3,
+                        torchserve_batch_delay_ms=7, torchserve_response_timeout_s=99, torchserve_startup_timeout_s=44)
+    store = tmp_path / "store"
+    assert archive_command(settings, store)[1:4] == ["-m", "handlers.archive", str(store)]
+    build_archives(settings, store)
+    with zipfile.ZipFile(store / "tinyles.mar") as z:
+        config = yaml.safe_load(z.read("model-config.yaml"))
+    assert config == {"minWorkers": 2, "maxWorkers": 2, "batchSize": 3, "maxBatchDelay": 7, "responseTimeout": 99,
+                      "startupTimeout": 44}
+    with pytest.raises(errors.InvalidInputError, match="building the model archives failed: .*batch_size"):
+        build_archives(_BadBatch(settings), store)
+
+
+class _BadBatch:
+    """Settings whose archive options the archiver refuses (batch size 0), to see the one-line reason come back."""
+
+    def __init__(self, settings: Any) -> None:
+        self._settings = settings
+
+    def __getattr__(self, name: str) -> Any:
+        return 0 if name == "torchserve_batch_size" else getattr(self._settings, name)

@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from test_security_pki import Issued, issue, make_ca
 
+from service.grpc.status import ErrorInterceptor
 from service.security import audit
 from service.security.errors import SecurityConfigError
 from service.security.health import create_health_server
@@ -102,7 +103,9 @@ class _Server:
         self.health = health.HealthServicer()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(READINESS, health_pb2.HealthCheckResponse.SERVING)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[self.interceptor])
+        # Refusals are raised as the error tree's classes: the error interceptor outside maps them (one table).
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                                  interceptors=[ErrorInterceptor(), self.interceptor])
         self.server.add_generic_rpc_handlers((self.echo.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if credentials is None:

@@ -32,9 +32,9 @@ from neuroexplain._proto import neuroexplain_pb2 as pb
 from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
 from service.backends.inprocess import InProcessBackend
 from service.config import BackendKind, Settings
-from service.errors import status_for
+from service.grpc.server import SERVICE_NAME, create_server
+from service.grpc.status import status_for
 from service.security.setup import build_security, start_health_port
-from service.server import SERVICE_NAME, create_server
 
 TIMEOUT = 60
 OTHER_TOKEN = "b" * 40

@@ -24,7 +24,7 @@ from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
 from neuroexplain.errors import InvalidOptionError
 from service.backends.inprocess import InProcessBackend
 from service.config import BackendKind, Settings
-from service.server import create_server
+from service.grpc.server import create_server
 
 PASSWORD = "redis-pw-7f3a9c2e41d0"
 TIMEOUT = 60

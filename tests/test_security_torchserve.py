@@ -17,7 +17,7 @@ from test_security_gateway import PATIENT, _Records, assert_no_patient, expand, 
 from torchserve_models import tiny_scan_cnn
 
 from neuroexplain import errors
-from service.backend import AttributeRequest, CallContext, PredictRequest, ScanInput
+from neuroexplain.serving.types import AttributeRequest, CallContext, PredictRequest, ScanInput
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
 

@@ -39,7 +39,7 @@ from neuroexplain.models import load_model
 from neuroexplain.predict import predict
 from neuroexplain.volumes import read_scan
 from service.backends.inprocess import InProcessBackend
-from service.server import SERVICE_NAME
+from service.grpc.server import SERVICE_NAME
 
 SCAN = make_scan(0)
 
@@ -395,7 +395,7 @@ def test_request_threads_do_not_share_state(gateway: Running) -> None:
 
 
 def test_progress_history_is_a_bounded_ring_with_one_preview() -> None:
-    from service.backend import Progress
+    from neuroexplain.serving.types import Progress
     from service.core import PROGRESS_RING, Flight
 
     flight: Flight[object] = Flight(key="k")

@@ -26,10 +26,10 @@ from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
 from neuroexplain.client import Client
 from neuroexplain.models.registry import describe_layers
 from neuroexplain.models.zoo import ScanCNN
+from neuroexplain.serving.types import CallContext, Progress
 from neuroexplain.volumes import nifti_bytes
-from service.backend import CallContext, Progress
 from service.config import Settings
-from service.server import GatewayServer, create_server
+from service.grpc.server import GatewayServer, create_server
 
 TINY = "tiny"
 TINY_GRID = (18, 22, 18)  # 4 mm voxels over the MNI box
@@ -123,7 +123,6 @@ class GatedBackend:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.decodes_scans = getattr(inner, "decodes_scans", False)  # TorchServe: the worker validates scans
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Semaphore(0)
@@ -143,6 +142,9 @@ class GatedBackend:
 
     def models(self) -> list[Any]:
         return list(self.inner.models())
+
+    def collectors(self) -> list[Any]:
+        return []  # the wrapped backend's collectors are not re-registered per gateway
 
     def _enter(self) -> None:
         self.entered.release()

@@ -32,7 +32,7 @@ from torchserve_models import (  # noqa: F401  (fixtures)
 )
 
 from neuroexplain import errors
-from service.backend import (
+from neuroexplain.serving.types import (
     AttributeRequest,
     CallContext,
     PredictRequest,
@@ -174,7 +174,8 @@ def test_metrics_are_re_exported_into_the_gateway_registry(backend: Any, scan: b
 
     backend.predict(PredictRequest("tinyles", _scan(scan)), CallContext())
     registry = CollectorRegistry()
-    backend.register_metrics(registry)
+    for collector in backend.collectors():
+        registry.register(collector)
     deadline = time.monotonic() + 20  # the frontend parses the worker's metric log lines asynchronously
     while True:
         samples = [s for family in registry.collect() for s in family.samples]
@@ -325,3 +326,52 @@ def test_two_instances_side_by_side(backend: Any, store: Path, scan: bytes) -> N
     assert not _group_alive(group), "the second TorchServe left processes behind"
     assert not second.supervisor.work_dir.exists()
     assert backend.predict(PredictRequest("tinyles", _scan(scan)), CallContext()).model == "tinyles"
+
+
+_GATEWAY_SCRIPT = """
+import json, sys
+from pathlib import Path
+import grpc
+from neuroexplain._proto import neuroexplain_pb2 as pb, neuroexplain_pb2_grpc as pb_grpc
+from service.backends.torchserve import TorchServeBackend
+from service.config import Settings
+from service.grpc.server import create_server
+
+store, scan = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes()
+settings = Settings(model_store=store, port=0, metrics_port=-1, health_port=-1, cache="none",
+                    torchserve_startup_timeout_s=240.0)
+backend = TorchServeBackend(settings, build_archives=False)
+backend.start()
+gateway, port = create_server(settings, backend)
+gateway.start()
+try:
+    stub = pb_grpc.NeuroExplainStub(grpc.insecure_channel(f"localhost:{port}"))
+    answer = stub.Predict(pb.PredictRequest(model="tinyles", scan=pb.Scan(data=scan)), timeout=120)
+    info = stub.GetModel(pb.GetModelRequest(name="tinyles"), timeout=30)
+    maps = Path("/proc/self/maps").read_text()
+    print(json.dumps({"predicted": answer.predicted_class, "methods": len(info.attribution_methods),
+                      "spec_sha256": info.spec_sha256,
+                      "torch": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "captum")),
+                      "libtorch": [line.split()[-1] for line in maps.splitlines() if "libtorch" in line][:3]}))
+finally:
+    gateway.stop(None)
+    backend.close()
+"""
+
+
+def test_the_gateway_process_never_loads_torch(store: Path, scan: bytes, tmp_path: Path) -> None:
+    """With the TorchServe backend, a gateway that served a Predict and a GetModel has neither torch nor captum
+    imported, and no libtorch mapped (``/proc/self/maps``): model info comes from the archives' spec.json and the
+    option tables, computations from the workers."""
+    import json
+    import subprocess
+
+    (tmp_path / "scan.nii.gz").write_bytes(scan)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _GATEWAY_SCRIPT, str(store), str(tmp_path / "scan.nii.gz")],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["predicted"] in ("healthy", "lesion") and report["methods"] > 0 and len(report["spec_sha256"]) == 64
+    assert report["torch"] == [] and report["libtorch"] == []

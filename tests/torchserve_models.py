@@ -15,8 +15,8 @@ import torch
 from neuroexplain.models.registry import describe_layers
 from neuroexplain.models.spec import LayerInfo, ModelSpec
 from neuroexplain.models.zoo import ScanCNN
+from neuroexplain.serving.types import ScanInput
 from neuroexplain.volumes import Grid, nifti_bytes
-from service.backend import ScanInput
 
 # An 8 mm grid over the bundled models' MNI box: the template resamples onto it, so alignment works as in production.
 GRID = Grid((20, 24, 20), np.array([[8.0, 0, 0, -80], [0, 8.0, 0, -112], [0, 0, 8.0, -72], [0, 0, 0, 1]]))
@@ -116,7 +116,8 @@ def cancel_reports(backend: Any, model: str, task: str) -> dict[str, float]:
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry()
-    backend.register_metrics(registry)
+    for collector in backend.collectors():
+        registry.register(collector)
     return {
         s.labels["AfterFlag"]: s.value
         for family in registry.collect()

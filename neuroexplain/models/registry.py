@@ -14,12 +14,14 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from neuroexplain.errors import InvalidInputError, NotFoundError
 from neuroexplain.models.spec import ModelSpec
+
+if TYPE_CHECKING:  # torch is imported where a model is loaded, so listing specs needs no torch
+    import torch
+    from torch import nn
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 MODEL_DIRS_ENV = "NEUROEXPLAIN_MODEL_DIRS"
@@ -44,7 +46,8 @@ def search_dirs(model_dirs: tuple[Path, ...] = ()) -> tuple[Path, ...]:
     return (BUNDLED_DIR, *model_dirs, *env)
 
 
-def _model_folders(model_dirs: tuple[Path, ...]) -> dict[str, Path]:
+def model_folders(model_dirs: tuple[Path, ...] = ()) -> dict[str, Path]:
+    """Folder of every model found, by name (the first folder holding a name wins; bundled first)."""
     found: dict[str, Path] = {}
     for parent in search_dirs(model_dirs):
         if not parent.is_dir():
@@ -56,12 +59,12 @@ def _model_folders(model_dirs: tuple[Path, ...]) -> dict[str, Path]:
 
 def list_specs(model_dirs: tuple[Path, ...] = ()) -> list[ModelSpec]:
     """Specs of every model found, bundled first."""
-    return [ModelSpec.load(folder / "spec.json") for folder in _model_folders(model_dirs).values()]
+    return [ModelSpec.load(folder / "spec.json") for folder in model_folders(model_dirs).values()]
 
 
 def load_model(name: str, *, device: str = "cpu", model_dirs: tuple[Path, ...] = ()) -> LoadedModel:
     """Load a model by name (cached per process: specs and weights are immutable for a version)."""
-    folders = _model_folders(model_dirs)
+    folders = model_folders(model_dirs)
     if name not in folders:
         raise NotFoundError(f"model {name!r} not found; available models: {sorted(folders)}")
     folder = folders[name]
@@ -77,6 +80,8 @@ def load_from_files(
 
 @functools.lru_cache(maxsize=16)
 def _load_cached(spec_path: str, weights_path: str, model_file: str | None, device: str) -> LoadedModel:
+    import torch
+
     spec = ModelSpec.load(Path(spec_path))
     raw = Path(weights_path).read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
@@ -117,6 +122,8 @@ def _architecture(reference: str, folder: Path, model_file: str | None) -> type[
 
 def describe_layers(module: nn.Module, grid_shape: tuple[int, int, int], names: list[str]) -> list[tuple[str, int, tuple[int, int, int]]]:
     """Channels and spatial shape of each named layer's output, found with one forward pass on zeros."""
+    import torch
+
     shapes: dict[str, tuple[int, ...]] = {}
     modules = dict(module.named_modules())
     handles = [

@@ -4,7 +4,11 @@ The gateway talks to its own supervised TorchServe over loopback gRPC (client ge
 installed torchserve package, see :mod:`service.backends.torchserve_proto`):
 
 - Predict and Attribute: unary ``Predictions``; Visualize: ``StreamPredictions`` (one progress envelope per step,
-  then the result). Requests and results are the gateway's own domain types (:mod:`handlers.envelope`).
+  then the result). Requests and results are the serving types, in the one codec (:mod:`neuroexplain.serving.codec`).
+- Archives: missing or stale archives of the registry's models are built by ``python -m handlers.archive`` run as a
+  subprocess (it loads torch to validate each model; this process never does), with the archive options of
+  ``Settings`` (workers, batch size, batch delay, timeouts). Model info comes from each archive's ``spec.json``
+  (:mod:`neuroexplain.serving.catalog`).
 - Deadlines travel as the gRPC timeout. Cancellation: a Predict is abandoned at once (milliseconds of work); an
   Attribute or Visualize raises the job's cancel flag (a file in the supervisor's cancel directory, which the handler
   checks before every model pass / optimisation step) and waits for the worker to stop, so the worker is free again
@@ -14,26 +18,31 @@ installed torchserve package, see :mod:`service.backends.torchserve_proto`):
   ``UnavailableError``; INTERNAL while the model has no ready worker -> ``UnavailableError``; INTERNAL while it has
   one -> ``LimitExceededError`` (TorchServe answers INTERNAL when the model's job queue is full).
 - ``/metrics``: :class:`TorchServeCollector` re-exports TorchServe's Prometheus metrics (from its loopback metrics
-  port) into the gateway's registry — call :meth:`TorchServeBackend.register_metrics` with it.
+  port) into the gateway's registry — declared by :meth:`TorchServeBackend.collectors`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client.registry import Collector
 
-from handlers import envelope as env
 from neuroexplain import errors
-from service.backend import (
+from neuroexplain.serving import codec as env
+from neuroexplain.serving.cancel import raise_flag
+from neuroexplain.serving.catalog import model_info_from_bytes
+from neuroexplain.serving.types import (
     AttributeRequest,
     AttributeResult,
     CallContext,
@@ -45,7 +54,7 @@ from service.backend import (
     VisualizeRequest,
     VisualizeResult,
 )
-from service.backends.torchserve_supervisor import EngineOptions, TorchServeSupervisor
+from service.backends.torchserve_supervisor import PROJECT_ROOT, EngineOptions, TorchServeSupervisor
 
 log = logging.getLogger("neuroexplain.service")
 
@@ -57,12 +66,10 @@ class TorchServeBackend:
     """The :class:`service.backend.Backend` that runs models in a supervised TorchServe.
 
     Args:
-        settings: the gateway's ``Settings`` (model store, message size, startup timeout).
+        settings: the gateway's ``Settings`` (model store and directories, message size, timeouts, archive options).
         engine: override the TorchServe options (tests); default built from ``settings``.
         build_archives: build missing or stale archives of the registry's models into the store at start.
     """
-
-    decodes_scans = True  # the handler validates every scan with read_scan; the gateway need not decode it first
 
     def __init__(self, settings: Any, *, engine: EngineOptions | None = None, build_archives: bool = True) -> None:
         self.settings = settings
@@ -86,17 +93,13 @@ class TorchServeBackend:
 
     def start(self) -> None:
         """Build missing archives, start TorchServe and wait until every model has a ready worker."""
-        from service.backends.inprocess import model_info
-
         store = self.engine.model_store
         if self.build_archives:
-            from handlers.archive import ensure_bundled_archives
-
-            ensure_bundled_archives(store)
+            build_archives(self.settings, store)
         archives = sorted(store.glob("*.mar")) if store.is_dir() else []
         if not archives:
             raise errors.UnavailableError(f"no model archives (.mar) in the model store {store}")
-        self._infos = [model_info(spec) for spec in (archive_spec(a) for a in archives)]
+        self._infos = [archive_info(a) for a in archives]
         self.supervisor.start()
 
     def close(self) -> None:
@@ -112,20 +115,20 @@ class TorchServeBackend:
     def models(self) -> list[ModelInfo]:
         return list(self._infos)
 
-    def register_metrics(self, registry: Any) -> None:
-        """Re-export TorchServe's metrics on the gateway's Prometheus ``registry``."""
-        registry.register(TorchServeCollector(self.supervisor))
+    def collectors(self) -> Sequence[Collector]:
+        """TorchServe's own metrics, re-exported on the gateway's ``/metrics``."""
+        return (TorchServeCollector(self.supervisor),)
 
     # -- operations --------------------------------------------------------------------------------------------------
 
     def predict(self, request: PredictRequest, ctx: CallContext) -> PredictResult:
         # A batched forward pass takes milliseconds: a cancelled Predict is abandoned at once, without a flag.
         answer = self._unary(Operation.PREDICT, request.model, request, ctx, flagged=False)
-        return env.load(PredictResult, answer.value, answer.blobs)
+        return answer.load(PredictResult)
 
     def attribute(self, request: AttributeRequest, ctx: CallContext) -> AttributeResult:
         answer = self._unary(Operation.ATTRIBUTE, request.model, request, ctx, flagged=True)
-        return env.load(AttributeResult, answer.value, answer.blobs)
+        return answer.load(AttributeResult)
 
     def visualize(self, request: VisualizeRequest, ctx: CallContext) -> VisualizeResult:
         self._check_model(request.model)
@@ -155,12 +158,12 @@ class TorchServeBackend:
                 answer = env.decode(message.prediction)
                 if answer.kind is env.Kind.PROGRESS:
                     # Also after a cancel: the steps the worker still ran are observable (tests, logs).
-                    ctx.on_progress(env.load(Progress, answer.value, answer.blobs))
+                    ctx.on_progress(answer.load(Progress))
                     continue
                 flag.answered = True
                 if flag.reason is not None:
                     raise flag.reason
-                result = env.load(VisualizeResult, env.raise_if_error(answer).value, answer.blobs)
+                result = env.raise_if_error(answer).load(VisualizeResult)
         finally:
             stop.set()
             watcher.join()
@@ -196,7 +199,7 @@ class TorchServeBackend:
         if model not in served:
             raise errors.NotFoundError(f"model {model!r} is not served here; served models: {served}")
 
-    def _unary(self, task: Operation, model: str, request: Any, ctx: CallContext, *, flagged: bool) -> env.Envelope:
+    def _unary(self, task: Operation, model: str, request: Any, ctx: CallContext, *, flagged: bool) -> env.Frame:
         """One Predictions call. ``flagged``: send a job id and, on cancel or deadline, raise the worker's cancel flag
         and wait (CANCEL_GRACE_S at most) for the worker to stop, so it is free again when this returns."""
         self._check_model(model)
@@ -280,7 +283,7 @@ def _responses(call: Any, backend: TorchServeBackend, model: str, flag: _Flag) -
 
 
 class _Flag:
-    """The gateway's side of one job's cancel flag (:func:`handlers.envelope.raise_flag`).
+    """The gateway's side of one job's cancel flag (:func:`neuroexplain.serving.cancel.raise_flag`).
 
     Raised once, when every caller has gone or the deadline passed. Lowered when the call ends only if the worker
     answered; otherwise the worker may still be running, and it removes the flag itself once it has seen it.
@@ -303,7 +306,7 @@ class _Flag:
         if self.reason is None:
             self.reason = reason
             with contextlib.suppress(OSError):  # TorchServe restarting: its worker is gone anyway
-                env.raise_flag(self.path, time.time())
+                raise_flag(self.path, time.time())
 
     def lower(self) -> None:
         if self.reason is None or self.answered:
@@ -326,15 +329,40 @@ def _remaining(ctx: CallContext) -> float | None:
     return left
 
 
-def archive_spec(archive: Path) -> Any:
-    """The ``ModelSpec`` inside a ``.mar`` (what its workers serve)."""
-    from neuroexplain.models import ModelSpec
-
+def archive_info(archive: Path) -> ModelInfo:
+    """The :class:`ModelInfo` of the ``spec.json`` inside a ``.mar`` (what its workers serve)."""
     try:
         with zipfile.ZipFile(archive) as z:
-            return ModelSpec.from_dict(json.loads(z.read("spec.json")))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            raw = z.read("spec.json")
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
         raise errors.InvalidInputError(f"{archive.name} is not a neuroexplain model archive ({type(exc).__name__})") from None
+    return model_info_from_bytes(raw)
+
+
+def archive_command(settings: Any, store: Path) -> list[str]:
+    """The ``python -m handlers.archive`` command line that builds the store's archives with the Settings' options."""
+    cmd = [sys.executable, "-m", "handlers.archive", str(store),
+           "--workers", str(settings.torchserve_workers), "--batch-size", str(settings.torchserve_batch_size),
+           "--batch-delay-ms", str(settings.torchserve_batch_delay_ms),
+           "--response-timeout-s", str(settings.torchserve_response_timeout_s),
+           "--startup-timeout-s", str(int(settings.torchserve_startup_timeout_s))]
+    for folder in settings.model_dirs:
+        cmd += ["--model-dir", str(folder)]
+    return cmd
+
+
+def build_archives(settings: Any, store: Path) -> None:
+    """Build missing or stale archives in a subprocess (torch is loaded there, never in the gateway).
+
+    Raises:
+        InvalidInputError: a model does not package (the subprocess' one-line reason).
+    """
+    pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    done = subprocess.run(archive_command(settings, store), capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": pythonpath})
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["no output"]
+        raise errors.InvalidInputError(f"building the model archives failed: {lines[-1][:500]}")
 
 
 class TorchServeCollector:

@@ -2,8 +2,9 @@
 
 Order inside a call: the audit record starts, the caller is identified (bearer token, else the verified client
 certificate's subject), the caller's concurrency slot is taken, the service runs, the slot is released and one audit
-line is written with the final status. The gateway installs it inside its metrics and error interceptors, so
-refusals are counted like any other status; ``status_of`` (the gateway's error table) lets the audit line show the
+line is written with the final status. Refusals are raised as the error tree's ``UnauthenticatedError`` and
+``LimitExceededError``: the gateway installs this interceptor inside its metrics and error interceptors, so the one
+error table maps them like any other status; ``status_of`` (that table, by default) lets the audit line show the
 code the caller gets for an exception that the error interceptor maps only after this one has finished.
 
 Health checks (``grpc.health.v1``) are exempt from all three: they reveal nothing but serving status, kubelet must
@@ -19,6 +20,9 @@ from typing import Any
 
 import grpc
 
+from neuroexplain.errors import LimitExceededError, UnauthenticatedError
+from service.grpc.status import status_code
+from service.grpc.wrap import Stream, Unary, WrappingInterceptor, wrap_handler
 from service.security import audit
 from service.security.tls import client_subject
 from service.security.tokens import TokenStore
@@ -70,7 +74,7 @@ class CallerLimiter:
             return self._in_flight.get(caller, 0)
 
 
-class SecurityInterceptor(grpc.ServerInterceptor):
+class SecurityInterceptor(WrappingInterceptor):
     """Authenticates callers, caps their concurrent calls and writes the audit log.
 
     Args:
@@ -82,7 +86,7 @@ class SecurityInterceptor(grpc.ServerInterceptor):
         describe: reads ``(model, scan_digest)`` from a request message, for services that do not call
             :func:`service.security.audit.annotate`.
         status_of: the status code an exception raised by the service will be mapped to (``None``: unmapped, which
-            the error interceptor turns into INTERNAL).
+            the error interceptor turns into INTERNAL); default: the one error table.
     """
 
     def __init__(
@@ -98,51 +102,35 @@ class SecurityInterceptor(grpc.ServerInterceptor):
         self.audit_log = audit_log
         self.limiter = CallerLimiter(max_calls_per_caller)
         self.describe = describe
-        self.status_of = status_of
+        self.status_of = status_of or status_code
 
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(EXEMPT_PREFIXES):
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method
+        if method.startswith(EXEMPT_PREFIXES):
             return handler
-        metadata = tuple(handler_call_details.invocation_metadata or ())
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, metadata, stream_in=False),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method, metadata, stream_in=True),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, metadata, stream_in=False),
-                handler.request_deserializer, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, method, metadata, stream_in=True),
-            handler.request_deserializer, handler.response_serializer)
+        metadata = tuple(details.invocation_metadata or ())
+        return wrap_handler(
+            handler,
+            unary=lambda inner, stream_in: self._wrap_unary(inner, method, metadata, stream_in=stream_in),
+            stream=lambda inner, stream_in: self._wrap_stream(inner, method, metadata, stream_in=stream_in),
+        )
 
     # -- the steps --------------------------------------------------------------------------------------------------
 
     def _admit(self, record: audit.CallRecord, metadata: tuple[Any, ...], context: grpc.ServicerContext) -> str:
-        """Identify the caller and take a concurrency slot; returns the limiter key. Aborts the call when refused."""
+        """Identify the caller and take a concurrency slot; returns the limiter key. Raises when refused."""
         record.cert_subject = client_subject(context.auth_context())
         if self.tokens is not None:
-            token = _bearer_token(metadata, context)
+            token = _bearer_token(metadata)
             grant = self.tokens.identify(token)
             if grant is None:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
-                raise AssertionError("context.abort raises")  # for the type checker; abort never returns
+                raise UnauthenticatedError("invalid bearer token")
             record.caller, record.auth, record.grant = grant.name, "token", grant
         elif record.cert_subject is not None:
             record.caller, record.auth = record.cert_subject, "mtls"
         key = f"caller:{record.caller}" if record.caller is not None else f"peer:{_peer_host(record.peer)}"
         if not self.limiter.try_acquire(key):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise LimitExceededError(
                 f"this caller already has {self.limiter.limit} calls in flight, the per-caller limit "
                 "(--max-calls-per-caller); retry when one of them has finished",
             )
@@ -169,8 +157,7 @@ class SecurityInterceptor(grpc.ServerInterceptor):
 
     # -- wrappers per call shape ------------------------------------------------------------------------------------
 
-    def _wrap_unary(self, inner: Callable[..., Any], method: str, metadata: tuple[Any, ...], *, stream_in: bool
-                    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def _wrap_unary(self, inner: Unary, method: str, metadata: tuple[Any, ...], *, stream_in: bool) -> Unary:
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
             record = audit.CallRecord(rpc=method, peer=context.peer())
             error: BaseException | None = None
@@ -194,8 +181,7 @@ class SecurityInterceptor(grpc.ServerInterceptor):
 
         return behavior
 
-    def _wrap_stream(self, inner: Callable[..., Iterator[Any]], method: str, metadata: tuple[Any, ...], *,
-                     stream_in: bool) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+    def _wrap_stream(self, inner: Stream, method: str, metadata: tuple[Any, ...], *, stream_in: bool) -> Stream:
         def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             return self._stream(inner, request, context, method, metadata, stream_in)
 
@@ -226,21 +212,20 @@ class SecurityInterceptor(grpc.ServerInterceptor):
             self._finish(record, context, error)
 
 
-def _bearer_token(metadata: tuple[Any, ...], context: grpc.ServicerContext) -> str:
+def _bearer_token(metadata: tuple[Any, ...]) -> str:
     values = [m.value for m in metadata if m.key == "authorization"]
     if not values:
-        context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
+        raise UnauthenticatedError(
             "missing bearer token; send the metadata 'authorization: Bearer <token>' (client: --token or "
             "NEUROEXPLAIN_TOKEN)",
         )
     if len(values) > 1:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "more than one authorization header; send exactly one")
+        raise UnauthenticatedError("more than one authorization header; send exactly one")
     value = values[0] if isinstance(values[0], str) else ""
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        context.abort(
-            grpc.StatusCode.UNAUTHENTICATED, "the authorization header must be 'Bearer <token>'; other schemes are "
+        raise UnauthenticatedError(
+            "the authorization header must be 'Bearer <token>'; other schemes are "
             "not accepted"
         )
     return token.strip()

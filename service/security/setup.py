@@ -92,7 +92,7 @@ def build_security(
     Args:
         settings: the gateway's ``Settings``.
         audit_logger: send audit lines to this logger instead of the ``audit_log`` target (tests).
-        status_of: the service's exception -> status code table (``service.errors``).
+        status_of: the service's exception -> status code table (``service.grpc.status``).
 
     Raises:
         SecurityConfigError: a certificate, key or token source cannot be used, or the settings contradict.

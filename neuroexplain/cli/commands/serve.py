@@ -90,6 +90,6 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from service.config import build_settings
-    from service.server import serve
+    from service.grpc.server import serve
 
     return serve(build_settings(overrides(args)))

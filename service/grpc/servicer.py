@@ -1,6 +1,6 @@
 """The gRPC servicer: wire -> domain, one core call, domain -> wire. Nothing else happens here.
 
-Errors are raised (``neuroexplain.errors``) and mapped to status codes by ``service.errors.ErrorInterceptor``.
+Errors are raised (``neuroexplain.errors``) and mapped to status codes by ``service.grpc.status.ErrorInterceptor``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import grpc
 from neuroexplain._proto import neuroexplain_pb2 as pb
 from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
 from neuroexplain.errors import InvalidOptionError, PermissionDeniedError
-from service import convert
-from service.backend import NOTICE, AttributeRequest, PredictRequest, Progress, ScanInput, VisualizeRequest
+from neuroexplain.serving.types import NOTICE, AttributeRequest, PredictRequest, Progress, ScanInput, VisualizeRequest
 from service.core import Caller, Core, ScanRef
+from service.grpc import convert
 from service.security import audit
 
 
@@ -46,8 +46,6 @@ def _resolve(core: Core, ref: ScanRef, context: grpc.ServicerContext) -> ScanInp
 
 def _annotate(model: str, digest: str | None) -> None:
     """Tell the audit log which model and scan digest a call used (never the scan itself)."""
-    from service.security import audit
-
     audit.annotate(model=model, scan_digest=digest)
 
 
@@ -79,20 +77,22 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         _require(request.model, "model")
         _authorize(request.model, "predict")
-        model, ref = convert.predict_request(request)
-        scan = _resolve(self.core, ref, context)
-        result, cached = self.core.predict(PredictRequest(model=model, scan=scan), caller(context))
+        fields = convert.predict_fields(request)
+        scan = _resolve(self.core, convert.scan_ref(request.scan), context)
+        domain = PredictRequest(scan=scan, **fields)  # type: ignore[arg-type]
+        result, cached = self.core.predict(domain, caller(context))
         self.core.remember_scan(owner(context), scan)  # only scans that validated are kept
-        return convert.predict_response(result, cached, scan.digest)
+        return convert.predict_response(result, cached, scan.digest, self.core.dicom_objects(domain, result))
 
     def Attribute(self, request: pb.AttributeRequest, context: grpc.ServicerContext) -> pb.AttributeResponse:
         _require(request.model, "model")
         _authorize(request.model, "attribute")
         fields = convert.attribute_fields(request)
         scan = _resolve(self.core, convert.scan_ref(request.scan), context)
-        result, cached = self.core.attribute(AttributeRequest(scan=scan, **fields), caller(context))  # type: ignore[arg-type]
+        domain = AttributeRequest(scan=scan, **fields)  # type: ignore[arg-type]
+        result, cached = self.core.attribute(domain, caller(context))
         self.core.remember_scan(owner(context), scan)
-        return convert.attribute_response(result, cached, scan.digest)
+        return convert.attribute_response(result, cached, scan.digest, self.core.dicom_objects(domain, result))
 
     def Visualize(self, request: pb.VisualizeRequest, context: grpc.ServicerContext) -> Iterator[pb.VisualizeEvent]:
         _require(request.model, "model")

@@ -7,8 +7,8 @@ on SIGTERM/SIGINT stops accepting, drains in-flight calls and exits.
 Hooks for the other parts of the service:
     * security: pass ``credentials`` (TLS/mTLS) and ``extra_interceptors`` (tokens, audit) to :func:`create_server`;
       register ``GatewayServer.health`` on the plaintext health-only port;
-    * TorchServe: register a collector on ``GatewayServer.metrics.registry`` (or pass ``registry``) to re-export
-      TorchServe's metrics on the same ``/metrics``.
+    * backends declare their Prometheus collectors (``Backend.collectors()``, e.g. TorchServe's re-export); they
+      are registered on the same registry as the gateway's metrics, so one ``/metrics`` shows both.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from service.backend import Backend
 from service.cache import CacheError, ResultCache, open_cache
 from service.config import BackendKind, Settings
 from service.core import Core
-from service.errors import ErrorInterceptor
-from service.metrics import Metrics, MetricsInterceptor
-from service.servicer import NeuroExplainServicer
+from service.grpc.metrics import MetricsInterceptor
+from service.grpc.servicer import NeuroExplainServicer
+from service.grpc.status import ErrorInterceptor, status_code
+from service.metrics import Metrics
 
 log = logging.getLogger("neuroexplain.service")
 
@@ -133,9 +134,8 @@ def create_server(
         The server and the bound port (useful with ``settings.port == 0``).
     """
     metrics = Metrics(registry)
-    register_backend_metrics = getattr(backend, "register_metrics", None)  # TorchServe: re-export its metrics
-    if register_backend_metrics is not None:
-        register_backend_metrics(metrics.registry)
+    for collector in backend.collectors():  # TorchServe: its own metrics, re-exported
+        metrics.registry.register(collector)
     if cache is None:
         try:
             cache = open_cache(settings.cache, settings.cache_dir, settings.cache_max_bytes, settings.cache_ttl_s,
@@ -178,8 +178,8 @@ def create_server(
 
 def redis_password(settings: Settings) -> str | None:
     """The Redis password from ``redis_password`` or the first line of ``redis_password_file`` (never logged)."""
-    password = getattr(settings, "redis_password", None)
-    path = getattr(settings, "redis_password_file", None)
+    password = settings.redis_password
+    path = settings.redis_password_file
     if not password and path:
         try:
             password = Path(path).read_text().splitlines()[0].strip()
@@ -199,12 +199,13 @@ def make_backend(settings: Settings) -> Backend:
 
         return InProcessBackend(model_dirs=settings.model_dirs, device=settings.device)
     try:
-        from service.backends.torchserve import TorchServeBackend  # type: ignore[import-not-found,unused-ignore]
+        from service.backends.torchserve import TorchServeBackend
     except ImportError:
         raise UnavailableError(
-            "the TorchServe backend is not available in this build; use --backend inprocess"
+            "the TorchServe backend is not available in this build (torchserve is not installed); use --backend "
+            "inprocess"
         ) from None
-    return TorchServeBackend(settings)  # type: ignore[no-any-return,unused-ignore]
+    return TorchServeBackend(settings)
 
 
 def serve(
@@ -219,11 +220,10 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    from service.errors import status_for
     from service.security.setup import build_security, start_health_port
 
     # Certificates, keys and tokens are checked before anything slow starts: a bad file fails at once.
-    security = build_security(settings, status_of=lambda exc: (status_for(exc) or (None,))[0])
+    security = build_security(settings, status_of=status_code)
     log.info(security.describe())
     from service.config import is_loopback
 

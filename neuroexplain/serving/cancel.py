@@ -1,34 +1,43 @@
-"""Attribution and feature visualization as the handler runs them (exactly the in-process backend's code), and the
-cancel-flag watch of one job.
+"""Cancel flags: how the gateway stops a busy TorchServe worker whose callers have all gone.
 
-The worker wraps its one loaded model in :class:`ModelRunner`, an :class:`~service.backends.inprocess.InProcessBackend`
-whose model table is that model, so both backends run the same library calls and build the same domain results —
-a response does not depend on which backend computed it. Kept apart from the handler module because TorchServe's
-loader requires the handler module to define exactly one class.
+TorchServe never tells a busy worker that its client left (pytorch/serve#2814), so the gateway raises a flag — a
+file named after the job id in the cancel directory both sides share — holding the wall-clock time it was raised
+(:func:`raise_flag`). The worker polls it (:class:`CancelWatch`) before every step (visualize) or model pass
+(attribute), reads that time (:func:`flag_raised_at`) to report how many units ran after it, and removes the flag
+when the job ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
-from typing import Any
-
-from handlers.envelope import flag_raised_at
-from service.backends.inprocess import InProcessBackend
 
 
-class ModelRunner(InProcessBackend):
-    """The in-process backend serving one already-loaded model (the worker's).
+def raise_flag(flag: Path, at: float) -> None:
+    """Raise a job's cancel flag, holding ``at`` (``time.time()``); written aside and renamed, so a reader never sees a
+    half-written file."""
+    aside = flag.with_name(f".{flag.name}.raising")
+    aside.write_text(f"{at:.6f}")
+    os.replace(aside, flag)
 
-    Args:
-        model: the worker's ``LoadedModel``.
+
+def flag_raised_at(flag: Path) -> float | None:
+    """When a flag was raised (``time.time()``), or None while it is not raised.
+
+    The later of the time the gateway wrote and the file's change time (set by the rename that made it visible,
+    coarse: a clock tick): a gateway thread descheduled between the two does not count as time the flag was up.
     """
-
-    def __init__(self, model: Any) -> None:
-        super().__init__(device=str(model.device))
-        self._models = {model.spec.name: model}
-        self._ready.set()
+    try:
+        text = flag.read_text()
+        changed = flag.stat().st_ctime
+    except OSError:
+        return None
+    try:
+        return max(float(text), changed)
+    except ValueError:  # a flag from an older gateway (an empty file)
+        return changed
 
 
 class CancelWatch:
