@@ -502,3 +502,24 @@ def test_sample_series_keeps_intensities(tmp_path: Path) -> None:
     again = write_sample_series(image, _AFFINE, tmp_path / "t", seed=5, orientation=None)
     other = write_sample_series(image, _AFFINE, tmp_path / "u", seed=6, orientation=None)
     assert again.series_uid == series.series_uid != other.series_uid  # deterministic per seed
+
+
+def test_prediction_equals_that_of_the_source_nifti(tmp_path: Path) -> None:
+    from neuroexplain.lab.synthetic import Task, make_sample
+    from neuroexplain.models import load_model
+    from neuroexplain.predict import predict
+    from neuroexplain.template import MNI_2MM
+    from neuroexplain.volumes import read_scan
+
+    sample = make_sample(Task.LESION, 1_000_003, positive=True)
+    model = load_model("lesion")
+    source = read_scan(nifti_bytes(sample.image, MNI_2MM.affine))
+    series = write_sample_series(sample.image, MNI_2MM.affine, tmp_path / "s", seed=3, orientation="sagittal",
+                                 oblique_deg=0.0, reverse_slices=True)
+    scan = read_series(_bytes(series))
+    _assert_same_world(scan.data, scan.affine, series.data, series.affine)
+    a, b = predict(model, [source, scan])
+    assert a.predicted_class == b.predicted_class
+    for name, p in a.probabilities.items():
+        assert abs(b.probabilities[name] - p) < 1e-3
+    np.testing.assert_allclose(b.logits, a.logits, atol=1e-2)

@@ -250,8 +250,10 @@ def read_series(
             raise PixelDataError(
                 f"a frame decoded to shape {pixels.shape}; its header declares {(geometry.rows, geometry.columns)}"
             )
-        np.multiply(pixels, frame.slope, out=out[k], casting="unsafe")
-        out[k] += np.float32(frame.intercept)
+        if frame.slope == 1.0 and frame.intercept == 0.0:
+            out[k] = pixels
+        else:  # in float64, then rounded once: the value nibabel and dcm2niix's scl_slope/scl_inter give
+            out[k] = pixels * frame.slope + frame.intercept
     data = geometry.to_volume(out)
     _check_affine(geometry.affine)
     data = _check_finite(data, nonfinite)

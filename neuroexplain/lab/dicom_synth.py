@@ -187,6 +187,7 @@ def write_series(
     if modality == "CT" and rescale is None:
         rescale = (1.0, -1024.0)
     slope, intercept = rescale if rescale is not None else (1.0, 0.0)
+    slope, intercept = float(_ds(slope)), float(_ds(intercept))  # what a reader gets back from the header
     info = np.iinfo(stored_dtype)
     stored = np.clip(np.rint((volume.astype(np.float64) - intercept) / slope), info.min, info.max).astype(stored_dtype)
     represented = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
