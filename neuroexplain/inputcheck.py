@@ -21,6 +21,7 @@ The calibration lives in the spec (``spec.input_check``); a model without one ge
 
 from __future__ import annotations
 
+import enum
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from neuroexplain.errors import FailedPreconditionError, InvalidOptionError
 from neuroexplain.models.registry import LoadedModel
 from neuroexplain.models.spec import FeatureStatistics
 from neuroexplain.predict import ModelInput, Prediction, predict_arrays
@@ -90,10 +92,42 @@ class InputCheck:
     reason: str
     checks: tuple[CheckResult, ...]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The ``predict --json`` shape (``checks`` as name -> calibrated score)."""
-        return {"in_distribution": self.in_distribution, "score": self.score, "threshold": self.threshold,
-                "reason": self.reason, "checks": {c.name: c.z for c in self.checks}}
+    def to_dict(self, *, detail: bool = False) -> dict[str, Any]:
+        """The ``predict --json`` shape; ``detail`` adds ``checks`` (name -> calibrated score)."""
+        d: dict[str, Any] = {"in_distribution": self.in_distribution, "score": self.score,
+                             "threshold": self.threshold, "reason": self.reason}
+        if detail:
+            d["checks"] = {c.name: c.z for c in self.checks}
+        return d
+
+
+class InputCheckMode(enum.Enum):
+    """What serving does with a scan the check flags (``serve --input-check``)."""
+
+    WARN = "warn"  # answer, with the check in the result (default)
+    REJECT = "reject"  # FAILED_PRECONDITION with the reason
+
+    @classmethod
+    def parse(cls, value: str) -> InputCheckMode:
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidOptionError(f"input check mode {value!r} is unknown; expected one of "
+                                     f"{[m.value for m in cls]}", field="input_check") from None
+
+
+def enforce(check: InputCheck, mode: InputCheckMode) -> None:
+    """Raise :class:`FailedPreconditionError` for a flagged scan in ``REJECT`` mode; otherwise do nothing.
+
+    The message carries the reason, the score and the threshold (never patient data: the reason is built from
+    check names and fractions only).
+    """
+    if mode is InputCheckMode.REJECT and not check.in_distribution:
+        raise FailedPreconditionError(
+            f"input check: the scan is unlike the model's training data: {check.reason} (score {check.score:.2f} "
+            f"above threshold {check.threshold:.2f}); send a skull-stripped T1 scan in the model's space, or ask "
+            "for a server running with --input-check warn"
+        )
 
 
 @dataclass(frozen=True)
@@ -102,6 +136,7 @@ class _Masks:
     near: np.ndarray  # bool, brain dilated by _DILATE_MM
     template: np.ndarray  # float64 template intensities inside ``near``, centred
     template_norm: float
+    brain_in_near: np.ndarray  # bool over the voxels of ``near``
 
 
 @functools.lru_cache(maxsize=4)
@@ -111,7 +146,7 @@ def _masks(grid: Grid) -> _Masks:
     near = ndimage.binary_dilation(a.brain, iterations=iterations)
     t = a.t1[near].astype(np.float64)
     t -= t.mean()
-    return _Masks(a.brain, near, t, float(np.sqrt((t**2).sum())))
+    return _Masks(a.brain, near, t, float(np.sqrt((t**2).sum())), a.brain[near])
 
 
 def image_scores(array: np.ndarray, grid: Grid, reference_quantiles: np.ndarray | None = None) -> dict[str, float]:
@@ -129,16 +164,18 @@ def image_scores(array: np.ndarray, grid: Grid, reference_quantiles: np.ndarray 
     m = _masks(grid)
     x = np.asarray(array, dtype=np.float32)
     total = float(np.clip(x, 0, None).sum())
-    inside = x[m.brain]
-    coverage = float((inside > _SIGNAL).mean())
-    outside = 1.0 - float(np.clip(x[m.near], 0, None).sum()) / total if total > 0 else 1.0
-    v = x[m.near].astype(np.float64)
+    near = x[m.near]  # each mask indexes the full array once; the brain is a subset of ``near``
+    inside = near[m.brain_in_near]
+    coverage = float(np.count_nonzero(inside > _SIGNAL)) / inside.size
+    outside = 1.0 - float(np.clip(near, 0, None).sum()) / total if total > 0 else 1.0
+    v = near.astype(np.float64)
     v -= v.mean()
-    denom = float(np.sqrt((v**2).sum())) * m.template_norm
+    # Elementwise products, not ``@``: a BLAS dot of 300k numbers costs 40x more on a busy machine (thread spin-up).
+    denom = float(np.sqrt((v * v).sum())) * m.template_norm
     corr = float((v * m.template).sum() / denom) if denom > 0 else 0.0
     ref = np.asarray(reference_quantiles if reference_quantiles is not None and len(reference_quantiles)
                      else template_quantiles(grid), dtype=np.float64)
-    q = np.quantile(inside[::3], _QUANTILES)
+    q = _quantiles(inside[::3])
     contrast = float(np.abs(q - ref).mean())
     return {"coverage": 1.0 - coverage, "outside": max(0.0, outside), "template": 1.0 - corr, "contrast": contrast,
             "corr": corr}
@@ -216,4 +253,15 @@ def check_input(model: LoadedModel, prepared: ModelInput, prediction: Prediction
 
 def brain_quantiles(array: np.ndarray, grid: Grid) -> np.ndarray:
     """The brain-intensity quantiles of one normalised model-space volume (averaged into the contrast reference)."""
-    return np.quantile(np.asarray(array)[_masks(grid).brain][::3], _QUANTILES)
+    m = _masks(grid)
+    return _quantiles(np.asarray(array, dtype=np.float32)[m.near][m.brain_in_near][::3])
+
+
+def _quantiles(values: np.ndarray) -> np.ndarray:
+    """``np.quantile(values, _QUANTILES)`` (linear interpolation) from one sort: 15x faster than np.quantile's
+    partitions for 25 levels."""
+    s = np.sort(values).astype(np.float64)
+    pos = _QUANTILES * (len(s) - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)

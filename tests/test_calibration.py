@@ -75,25 +75,26 @@ def test_predict_applies_the_spec_temperature_and_keeps_the_class(tiny_arrays: l
         assert list(y.probabilities.values()) == pytest.approx(list(expected), rel=1e-5)
 
 
-def test_spec_round_trips_calibration_and_checks_the_statistics_digest(tmp_path: Path) -> None:
-    import hashlib
-
+def test_spec_round_trips_calibration_and_refuses_broken_statistics(tmp_path: Path) -> None:
     spec = load_model("lesion").spec
-    stats = FeatureStatistics(mean=np.arange(3.0), precision=np.eye(3), n=7)
-    raw = stats.to_bytes()
-    (tmp_path / "stats.npz").write_bytes(raw)
-    new = replace(spec, temperature=1.7, evaluation="synthetic only",
-                  input_check={"statistics": "stats.npz", "statistics_sha256": hashlib.sha256(raw).hexdigest()})
+    stats = FeatureStatistics(mean=np.arange(3.0), precision=np.eye(3) * 2, n=7)
+    new = replace(spec, temperature=1.7, evaluation="synthetic only", feature_statistics=stats,
+                  input_check={"threshold": 2.0})
     new.save(tmp_path / "spec.json")
-    assert "feature_statistics" not in json.loads((tmp_path / "spec.json").read_text())
+    d = json.loads((tmp_path / "spec.json").read_text())
+    assert d["feature_statistics"]["precision"][1] == [0.0, 2.0, 0.0]
     back = ModelSpec.load(tmp_path / "spec.json")
-    assert back.temperature == 1.7 and back.evaluation == "synthetic only"
+    assert back.temperature == 1.7 and back.evaluation == "synthetic only" and back.input_check == {"threshold": 2.0}
     assert back.feature_statistics is not None and back.feature_statistics.n == 7
-    (tmp_path / "stats.npz").write_bytes(raw + b"x")
-    with pytest.raises(InvalidInputError, match="digest"):
+    assert np.array_equal(back.feature_statistics.precision, stats.precision)
+    assert back.sha256() == new.sha256()
+    d["feature_statistics"]["precision"] = [[1.0, 0.0]]
+    (tmp_path / "spec.json").write_text(json.dumps(d))
+    with pytest.raises(InvalidInputError, match="expected"):
         ModelSpec.load(tmp_path / "spec.json")
-    (tmp_path / "stats.npz").unlink()
-    with pytest.raises(InvalidInputError, match="missing"):
+    d["feature_statistics"] = {"mean": [1.0]}
+    (tmp_path / "spec.json").write_text(json.dumps(d))
+    with pytest.raises(InvalidInputError, match="needs n, mean"):
         ModelSpec.load(tmp_path / "spec.json")
 
 

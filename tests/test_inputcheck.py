@@ -14,6 +14,7 @@ from neuroexplain.lab.ood import OodCase, cases
 from neuroexplain.lab.synthetic import HELD_OUT_SEED_START, Task, make_sample
 from neuroexplain.models import load_model
 from neuroexplain.models.registry import LoadedModel
+from neuroexplain.models.zoo import ScanCNN
 from neuroexplain.predict import penultimate_layer, predict_arrays, prepare
 from neuroexplain.template import MNI_2MM
 from neuroexplain.volumes import Alignment, Scan
@@ -96,6 +97,7 @@ def test_features_are_the_input_of_the_last_linear_layer(lesion: LoadedModel) ->
     x = prepare(_scan(make_sample(Task.LESION, HELD_OUT_SEED_START + 1).image), lesion).array
     p = predict_arrays(lesion, [x], with_features=True)[0]
     m = lesion.module
+    assert isinstance(m, ScanCNN)
     with torch.inference_mode():
         t = torch.from_numpy(x)[None, None]
         t = m.pool3(m.conv3(m.pool2(m.conv2(m.pool1(m.conv1(t))))))
@@ -118,3 +120,35 @@ def test_check_says_mni_misregistration_but_center_alignment_fixes_a_shift(lesio
     assert not ic.check_input(lesion, prepare(c.scan, lesion, Alignment.MNI)).in_distribution
     # The same scan with its centre of mass aligned (a pure translation) is in distribution again.
     assert ic.check_input(lesion, prepare(c.scan, lesion, Alignment.CENTER)).in_distribution
+
+
+def test_reject_mode_answers_failed_precondition_with_the_reason(lesion: LoadedModel, ood: dict[str, OodCase]) -> None:
+    from neuroexplain.errors import FailedPreconditionError, InvalidOptionError
+
+    c = ood["inverted"]
+    flagged = ic.check_input(lesion, prepare(c.scan, lesion, c.alignment))
+    ic.enforce(flagged, ic.InputCheckMode.WARN)  # warn answers
+    with pytest.raises(FailedPreconditionError, match="contrast unlike T1") as err:
+        ic.enforce(flagged, ic.InputCheckMode.parse("reject"))
+    assert err.value.code == "FAILED_PRECONDITION"
+    ok = ic.check_input(lesion, prepare(_scan(make_sample(Task.LESION, HELD_OUT_SEED_START).image), lesion))
+    ic.enforce(ok, ic.InputCheckMode.REJECT)
+    with pytest.raises(InvalidOptionError, match="warn"):
+        ic.InputCheckMode.parse("strict")
+    assert set(ok.to_dict()) == {"in_distribution", "score", "threshold", "reason"}
+    assert set(ok.to_dict(detail=True)["checks"]) == set(ic.CHECKS)
+
+
+def test_spec_digest_changes_with_the_calibration(lesion: LoadedModel) -> None:
+    spec = lesion.spec
+    assert spec.sha256() == replace(spec).sha256()
+    assert replace(spec, temperature=spec.temperature + 0.1).sha256() != spec.sha256()
+    assert replace(spec, input_check={**spec.input_check, "threshold": 0.0}).sha256() != spec.sha256()
+
+
+def test_evaluate_input_check_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from neuroexplain.cli.main import main
+
+    assert main(["evaluate-input-check", "--model", "lesion", "--n", "5"]) == 1
+    assert "--n 5 is out of range" in capsys.readouterr().err
+    assert main(["evaluate-input-check", "--model", "mine"]) == 1

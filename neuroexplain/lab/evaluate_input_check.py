@@ -159,12 +159,10 @@ def ood_rows(model: LoadedModel, task: Task) -> list[dict[str, Any]]:
     return rows
 
 
-def calibrated_model(model: LoadedModel, report: dict[str, Any], statistics_name: str,
-                     statistics_sha256: str) -> LoadedModel:
+def calibrated_model(model: LoadedModel, report: dict[str, Any]) -> LoadedModel:
     """The model with its new spec (temperature, input check, statistics) without touching the weights."""
     spec = replace(model.spec, temperature=report["temperature"], feature_statistics=report["stats"],
-                   input_check={**report["calib"], "statistics": statistics_name,
-                                "statistics_sha256": statistics_sha256})
+                   input_check=dict(report["calib"]))
     return LoadedModel(spec=spec, module=model.module, device=model.device)
 
 
@@ -197,15 +195,6 @@ def reliability_figure(path: Path, report: dict[str, Any], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_statistics(folder: Path, stats: FeatureStatistics, name: str = "feature_statistics.npz") -> str:
-    """Write the statistics file beside a spec; returns its SHA-256."""
-    import hashlib
-
-    raw = stats.to_bytes()
-    (folder / name).write_bytes(raw)
-    return hashlib.sha256(raw).hexdigest()
 
 
 def to_json(report: dict[str, Any]) -> dict[str, Any]:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,32 +30,23 @@ class FeatureStatistics:
     precision: np.ndarray  # (F, F)
     n: int
 
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(buf, mean=self.mean.astype(np.float64), precision=self.precision.astype(np.float64),
-                 n=np.array(self.n))
-        return buf.getvalue()
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "mean": self.mean.tolist(), "precision": self.precision.tolist()}
 
     @classmethod
-    def load(cls, path: Path, sha256: str = "") -> FeatureStatistics:
+    def from_dict(cls, d: dict[str, Any]) -> FeatureStatistics:
         from neuroexplain.errors import InvalidInputError
 
         try:
-            raw = Path(path).read_bytes()
-        except OSError:
-            raise InvalidInputError(f"feature statistics file {Path(path).name} named by the spec is missing") from None
-        if sha256 and hashlib.sha256(raw).hexdigest() != sha256:
-            raise InvalidInputError(f"feature statistics file {Path(path).name} does not match the spec's digest; "
-                                    "recalibrate the model or fix spec.json")
-        try:
-            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-                mean, precision, n = np.asarray(z["mean"]), np.asarray(z["precision"]), int(z["n"])
-        except (OSError, ValueError, KeyError):
-            raise InvalidInputError(f"feature statistics file {Path(path).name} is not a readable .npz with "
-                                    "mean, precision and n") from None
-        if mean.ndim != 1 or precision.shape != (mean.size, mean.size):
-            raise InvalidInputError(f"feature statistics have mean {mean.shape} and precision {precision.shape}; "
-                                    "expected (F,) and (F, F)")
+            mean = np.asarray(d["mean"], dtype=np.float64)
+            precision = np.asarray(d["precision"], dtype=np.float64)
+            n = int(d["n"])
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInputError("spec.json feature_statistics needs n, mean (F numbers) and precision "
+                                    "(F x F numbers)") from None
+        if mean.ndim != 1 or precision.shape != (mean.size, mean.size) or not np.isfinite(precision).all():
+            raise InvalidInputError(f"spec.json feature_statistics have mean {mean.shape} and precision "
+                                    f"{precision.shape}; expected (F,) and (F, F), finite")
         return cls(mean=mean, precision=precision, n=n)
 
 
@@ -81,8 +71,8 @@ class ModelSpec:
         input_check: the input check's calibration (per-check centres and scales, the threshold, seed ranges, the
             statistics file's name and digest); empty for a model never calibrated (the check then uses defaults).
         evaluation: one sentence on where accuracy and calibration were measured (synthetic data, which seeds).
-        feature_statistics: training-set statistics of the penultimate activations, read from the file that
-            ``input_check["statistics"]`` names beside ``spec.json``; not part of ``to_dict`` (its digest is).
+        feature_statistics: training-set statistics of the penultimate activations (the input check's feature
+            check); None for a model without them.
     """
 
     name: str
@@ -105,6 +95,8 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("feature_statistics", None)
+        if self.feature_statistics is not None:
+            d["feature_statistics"] = self.feature_statistics.to_dict()
         d["grid"] = self.grid.to_dict()
         d["classes"] = list(self.classes)
         d["layers"] = [{"name": l.name, "channels": l.channels, "shape": list(l.shape)} for l in self.layers]
@@ -128,20 +120,30 @@ class ModelSpec:
             temperature=float(d.get("temperature", 1.0)),
             input_check=dict(d.get("input_check", {})),
             evaluation=str(d.get("evaluation", "")),
+            feature_statistics=FeatureStatistics.from_dict(d["feature_statistics"]) if d.get("feature_statistics")
+            else None,
         )
 
+    def sha256(self) -> str:
+        """Digest of the spec's canonical JSON (the feature statistics enter through their digest in
+        ``input_check``): what cache keys carry, so a recalibrated model never serves stale answers."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write ``spec.json``: indented, with each row of the feature statistics on one line."""
+        d = self.to_dict()
+        stats = d.pop("feature_statistics", None)
+        text = json.dumps(d, indent=2)
+        if stats is not None:
+            rows = ",\n      ".join(json.dumps(r) for r in stats["precision"])
+            block = (f',\n  "feature_statistics": {{\n    "n": {stats["n"]},\n    "mean": {json.dumps(stats["mean"])},'
+                     f'\n    "precision": [\n      {rows}\n    ]\n  }}\n}}')
+            text = text[: text.rindex("}")].rstrip() + block
+        path.write_text(text + "\n")
 
     @classmethod
     def load(cls, path: Path) -> ModelSpec:
-        """Read ``spec.json`` and, if its input check names one, the feature-statistics file beside it."""
-        spec = cls.from_dict(json.loads(Path(path).read_text()))
-        name = spec.input_check.get("statistics")
-        if not name:
-            return spec
-        stats = FeatureStatistics.load(Path(path).parent / str(name), spec.input_check.get("statistics_sha256", ""))
-        return replace(spec, feature_statistics=stats)
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def layer(self, name: str) -> LayerInfo:
         from neuroexplain.errors import NotFoundError

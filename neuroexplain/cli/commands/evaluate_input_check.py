@@ -4,7 +4,8 @@ Fits the feature statistics, the input check's threshold and the temperature on 
 (:data:`neuroexplain.lab.evaluate_input_check.SEED_RANGES`), measures pass rates, ECE and NLL on the test range and
 the independently built shifted set, runs every out-of-distribution case, and writes
 ``docs/input-check-<model>.{md,json}`` and ``docs/calibration-<model>.png``. With ``--write-spec`` it also writes the
-model's new ``spec.json`` (version 1.1.0) and ``feature_statistics.npz`` into the model's folder (weights untouched).
+model's new ``spec.json`` (version 1.1.0: temperature, input-check calibration, feature statistics, seed ranges)
+into the model's folder (weights untouched).
 Per-scan records are cached (``--cache-dir``), so an interrupted run resumes; an empty cache reproduces the figures.
 """
 
@@ -27,7 +28,7 @@ def register(sub: Any) -> None:
     p.add_argument("--docs", type=Path, default=Path("docs"), help="output folder (default docs/)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"record cache (default {DEFAULT_CACHE})")
     p.add_argument("--write-spec", action="store_true",
-                   help=f"write spec.json (version {CALIBRATED_VERSION}) and feature_statistics.npz beside the weights")
+                   help=f"write the model's spec.json (version {CALIBRATED_VERSION}) beside its weights")
     p.set_defaults(func=run)
 
 
@@ -53,10 +54,7 @@ def run(args: argparse.Namespace) -> int:
           f"cache {cache}", flush=True)
     report = ev.evaluate(model, task, cache, args.n, log=lambda s: print(s, flush=True))
     folder = BUNDLED_DIR / model.spec.name
-    stats_name = "feature_statistics.npz"
-    digest = ev.write_statistics(folder, report["stats"]) if args.write_spec else \
-        __import__("hashlib").sha256(report["stats"].to_bytes()).hexdigest()
-    checked = ev.calibrated_model(model, report, stats_name, digest)
+    checked = ev.calibrated_model(model, report)
     rows = ev.ood_rows(checked, task)
     ranges = ev.SEED_RANGES
     evaluation = (
@@ -78,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                        input_check={**checked.spec.input_check, "seed_ranges": {k: list(v) for k, v in ranges.items()},
                                     "alpha": ev.ALPHA, "false_alarm_target": ev.FALSE_ALARM_TARGET})
         spec.save(folder / "spec.json")
-        print(f"wrote {folder}/spec.json (version {CALIBRATED_VERSION}) and {stats_name}")
+        print(f"wrote {folder}/spec.json (version {CALIBRATED_VERSION}, with its feature statistics)")
     args.docs.mkdir(parents=True, exist_ok=True)
     name = model.spec.name
     ev.reliability_figure(args.docs / f"calibration-{name}.png", report,
