@@ -125,7 +125,8 @@ def canonical_options(described: MethodInfo | None, given: Mapping[str, str], wh
     defaults = {o.name: o.default for o in described.options}
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise InvalidOptionError(f"{what} has no option {unknown[0]!r}; its options: {sorted(defaults) or 'none'}")
+        raise InvalidOptionError(f"{what} has no option {unknown[0]!r}; its options: {sorted(defaults) or 'none'}",
+                                 field=f"options.{unknown[0]}")
     return {name: str(given.get(name, default)).strip() for name, default in sorted(defaults.items())}
 
 
@@ -328,7 +329,8 @@ class Core:
                 )
             data, instances = stored.data, stored.instances
         else:
-            raise InvalidOptionError("scan is missing; set scan.data (file bytes), scan.dicom or scan.digest")
+            raise InvalidOptionError("scan is missing; set scan.data (file bytes), scan.dicom or scan.digest",
+                                     field="scan")
         return ScanInput(data=data, digest=digest, instances=instances, series_uid=ref.series_uid,
                          volume_index=ref.volume_index, alignment=ref.alignment, nonfinite=ref.nonfinite,
                          limits=self.settings.read_limits)
@@ -357,12 +359,14 @@ class Core:
         info = self.model(request.model)
         if not request.method:
             names = [m.name for m in info.attribution_methods]
-            raise InvalidOptionError(f"method is missing; allowed: {names}")
+            raise InvalidOptionError(f"method is missing; allowed: {names}", field="method")
         known = {m.name for m in info.attribution_methods}
         if known and request.method not in known:
-            raise InvalidOptionError(f"attribution method {request.method!r} is unknown; allowed: {sorted(known)}")
+            raise InvalidOptionError(f"attribution method {request.method!r} is unknown; allowed: {sorted(known)}",
+                                     field="method")
         if request.target and request.target not in info.classes:
-            raise InvalidOptionError(f"target class {request.target!r} is unknown; classes: {list(info.classes)}")
+            raise InvalidOptionError(f"target class {request.target!r} is unknown; classes: {list(info.classes)}",
+                                     field="target")
         method = next((m for m in info.attribution_methods if m.name == request.method), None)
         options = {"method": request.method, "target": request.target, "png": request.png,
                    "options": canonical_options(method, request.options, f"method {request.method!r}")}
@@ -383,7 +387,7 @@ class Core:
             raise InvalidOptionError(f"a scan was sent but start is {request.start.value!r}; set start to 'scan'")
         known = {p.name for p in info.visualization_presets}
         if known and request.preset not in known:
-            raise InvalidOptionError(f"preset {request.preset!r} is unknown; allowed: {sorted(known)}")
+            raise InvalidOptionError(f"preset {request.preset!r} is unknown; allowed: {sorted(known)}", field="preset")
         preset = next((p for p in info.visualization_presets if p.name == request.preset), None)
         options = {"target": request.target, "preset": request.preset, "steps": request.steps, "seed": request.seed,
                    "start": request.start.value,

@@ -307,6 +307,35 @@ def test_errors_map_to_codes_with_helpful_messages(gateway: Running, request_: A
     assert words in exc.value.details()
 
 
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.AttributeRequest(model=TINY, scan=pb.Scan(data=SCAN), method="gradient", options={"bogus": "1"}),
+         "options.bogus"),
+        (pb.AttributeRequest(model=TINY, scan=pb.Scan(data=SCAN), method="magic"), "method"),
+        (pb.AttributeRequest(model=TINY, scan=pb.Scan(data=SCAN), method="gradient", target="tumour"), "target"),
+        (pb.PredictRequest(model=TINY), "scan"),
+        (pb.PredictRequest(scan=pb.Scan(data=SCAN)), "model"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_refusals_name_the_wrong_field_in_a_bad_request_detail(gateway: Running, request_: Any, field: str) -> None:
+    """google.rpc.Status details (grpcio-status): a program reads which field was wrong without parsing text."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    rpc = {pb.PredictRequest: gateway.stub.Predict, pb.AttributeRequest: gateway.stub.Attribute}[type(request_)]
+    with pytest.raises(grpc.RpcError) as exc:
+        rpc(request_)
+    status = rpc_status.from_call(exc.value)
+    assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    [detail] = status.details
+    bad = error_details_pb2.BadRequest()
+    assert detail.Unpack(bad)
+    assert [v.field for v in bad.field_violations] == [field]
+    assert bad.field_violations[0].description == exc.value.details()
+
+
 def test_backend_down_is_unavailable_and_not_ready(gateway: Running, gated: GatedBackend) -> None:
     health = health_pb2_grpc.HealthStub(gateway.channel)
     check = health_pb2.HealthCheckRequest

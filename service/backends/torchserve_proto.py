@@ -1,12 +1,12 @@
 """TorchServe's gRPC client, generated at build time from the protos inside the installed torchserve package.
 
-``inference.proto`` and ``management.proto`` ship in ``ts/frontend/model-server.jar`` (folder ``proto/``), together
-with ``google/rpc/status.proto`` they import. :func:`generate` extracts them and runs ``grpc_tools.protoc`` into
+``inference.proto`` and ``management.proto`` ship in ``ts/frontend/model-server.jar`` (folder ``proto/``). :func:`generate` extracts them and runs ``grpc_tools.protoc`` into
 ``service/gen/torchserve/`` (git-ignored, never committed); ``make models`` and ``make serve`` call it, and
 :func:`load` generates on first use when the stubs are missing or older than the jar.
 
-``status.proto`` is compiled under a private file name (``service/gen/torchserve/rpc_status.proto``) so the
-generated code never installs a top-level ``google.rpc`` package beside protobuf's ``google`` namespace.
+``inference.proto`` imports ``google/rpc/status.proto``; that one is not compiled again but taken from
+googleapis-common-protos (the gateway's dependency for ``google.rpc`` status details), so one process never holds
+two definitions of ``google.rpc.Status``.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ from neuroexplain.errors import UnavailableError
 JAR = Path(ts.__file__).parent / "frontend" / "model-server.jar"
 GEN_PACKAGE = "service.gen.torchserve"
 GEN_DIR = Path(__file__).resolve().parent.parent / "gen" / "torchserve"
-_STATUS_IMPORT = 'import "google/rpc/status.proto";'
-_STATUS_PRIVATE = "service/gen/torchserve/rpc_status.proto"
 _lock = threading.Lock()
 
 
 def _stale() -> bool:
     stamp = GEN_DIR / "inference_pb2_grpc.py"
-    return not stamp.exists() or stamp.stat().st_mtime < JAR.stat().st_mtime
+    # Also stale when this generator changed (how the stubs are made is part of what they are).
+    return not stamp.exists() or stamp.stat().st_mtime < max(JAR.stat().st_mtime, Path(__file__).stat().st_mtime)
 
 
 def generate(force: bool = False) -> Path:
@@ -46,10 +45,14 @@ def generate(force: bool = False) -> Path:
     if not force and not _stale():
         return GEN_DIR
     try:
+        import google.rpc.status_pb2 as google_status
         from grpc_tools import protoc
     except ImportError:
-        raise UnavailableError("generating TorchServe's gRPC client needs grpcio-tools (pip install grpcio-tools)") from None
+        raise UnavailableError("generating TorchServe's gRPC client needs grpcio-tools and googleapis-common-protos "
+                               "(the [full] extra)") from None
     import tempfile
+
+    google_protos = Path(google_status.__file__).resolve().parents[2]  # holds google/rpc/status.proto
 
     with tempfile.TemporaryDirectory(prefix="nx-tsproto-") as tmp:
         root = Path(tmp)
@@ -57,12 +60,11 @@ def generate(force: bool = False) -> Path:
         src.mkdir(parents=True)
         with zipfile.ZipFile(JAR) as jar:
             for name in ("inference", "management"):
-                text = jar.read(f"proto/{name}.proto").decode()
-                (src / f"{name}.proto").write_text(text.replace(_STATUS_IMPORT, f'import "{_STATUS_PRIVATE}";'))
-            (src / "rpc_status.proto").write_bytes(jar.read("google/rpc/status.proto"))
+                (src / f"{name}.proto").write_bytes(jar.read(f"proto/{name}.proto"))
         include = Path(protoc.__file__).parent / "_proto"
         out = GEN_DIR.parent.parent.parent  # the folder that holds the ``service`` package
         GEN_DIR.mkdir(parents=True, exist_ok=True)
+        (GEN_DIR / "rpc_status_pb2.py").unlink(missing_ok=True)  # the private copy earlier versions compiled
         for parent in (GEN_DIR.parent, GEN_DIR):
             init = parent / "__init__.py"
             if not init.exists():
@@ -70,10 +72,11 @@ def generate(force: bool = False) -> Path:
         args = [
             "grpc_tools.protoc",
             f"-I{root}",
+            f"-I{google_protos}",
             f"-I{include}",
             f"--python_out={out}",
             f"--grpc_python_out={out}",
-            *(str(src / f) for f in ("rpc_status.proto", "inference.proto", "management.proto")),
+            *(str(src / f) for f in ("inference.proto", "management.proto")),
         ]
         if protoc.main(args) != 0:
             raise UnavailableError("protoc failed on TorchServe's inference.proto/management.proto")

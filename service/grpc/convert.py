@@ -46,9 +46,11 @@ DEFAULT_PRESET = "robust"
 def scan_ref(msg: pb.Scan) -> ScanRef:
     """Wire scan -> :class:`ScanRef` (bytes, DICOM instances or digest; reading options)."""
     if msg.alignment not in ALIGNMENT_FROM_WIRE:
-        raise InvalidOptionError(f"scan.alignment {msg.alignment} is unknown; allowed: {sorted(ALIGNMENT_FROM_WIRE)}")
+        raise InvalidOptionError(f"scan.alignment {msg.alignment} is unknown; allowed: {sorted(ALIGNMENT_FROM_WIRE)}",
+                                 field="scan.alignment")
     if msg.non_finite not in NONFINITE_FROM_WIRE:
-        raise InvalidOptionError(f"scan.non_finite {msg.non_finite} is unknown; allowed: {sorted(NONFINITE_FROM_WIRE)}")
+        raise InvalidOptionError(f"scan.non_finite {msg.non_finite} is unknown; allowed: {sorted(NONFINITE_FROM_WIRE)}",
+                                 field="scan.non_finite")
     source = msg.WhichOneof("source")
     return ScanRef(
         data=msg.data if source == "data" else None,

@@ -60,7 +60,7 @@ def _authorize(model: str, op: str) -> None:
 
 def _require(value: str, field: str) -> None:
     if not value:
-        raise InvalidOptionError(f"{field} is missing")
+        raise InvalidOptionError(f"{field} is missing", field=field)
 
 
 class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):

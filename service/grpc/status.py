@@ -6,6 +6,9 @@ Servicer, core, backends and the security interceptor raise ``neuroexplain.error
 ``context.abort`` themselves. The interceptor turns them into a status with the exception's message (which says what
 was wrong and what is allowed, and never holds patient data). Anything else is a bug: the caller gets INTERNAL with a
 generic message and an error id, the log gets the traceback under the same id.
+
+Where an exception names the request field or option that was wrong (``NeuroExplainError.field``), the status also
+carries a ``google.rpc.BadRequest`` detail with that field (grpcio-status), so a program need not parse the message.
 """
 
 from __future__ import annotations
@@ -41,6 +44,21 @@ def status_code(exc: BaseException) -> grpc.StatusCode | None:
     return None if mapped is None else mapped[0]
 
 
+def rich_status(code: grpc.StatusCode, message: str, exc: BaseException) -> grpc.Status | None:
+    """A status with a ``google.rpc.BadRequest`` detail naming the wrong field, or None when ``exc`` names none."""
+    field = exc.field if isinstance(exc, errors.NeuroExplainError) else None
+    if not field:
+        return None
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+
+
 def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
     mapped = status_for(exc)
     if mapped is None:
@@ -50,6 +68,9 @@ def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
     else:
         code, message = mapped
         log.info("%s -> %s: %s", method, code.name, message)
+        status = rich_status(code, message, exc)
+        if status is not None:
+            context.abort_with_status(status)
         context.abort(code, message)
 
 
