@@ -10,6 +10,7 @@ import io
 import logging
 import random
 import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from neuroexplain.dicom import (
     SeriesNotFoundError,
     SeveralSeriesError,
     TransferSyntaxError,
+    collect_instances,
     read_any,
     read_series,
     read_series_dir,
@@ -509,7 +511,7 @@ def test_prediction_equals_that_of_the_source_nifti(tmp_path: Path) -> None:
     from neuroexplain.models import load_model
     from neuroexplain.predict import predict
     from neuroexplain.template import MNI_2MM
-    from neuroexplain.volumes import read_scan
+    from neuroexplain.volumes import Alignment, read_scan
 
     sample = make_sample(Task.LESION, 1_000_003, positive=True)
     model = load_model("lesion")
@@ -518,8 +520,23 @@ def test_prediction_equals_that_of_the_source_nifti(tmp_path: Path) -> None:
                                  oblique_deg=0.0, reverse_slices=True)
     scan = read_series(_bytes(series))
     _assert_same_world(scan.data, scan.affine, series.data, series.affine)
-    a, b = predict(model, [source, scan])
+    # MNI alignment: the series is in MNI world like its source; registration's own tolerance is not tested here.
+    a, b = predict(model, [source, scan], alignment=Alignment.MNI)
     assert a.predicted_class == b.predicted_class
     for name, p in a.probabilities.items():
         assert abs(b.probabilities[name] - p) < 1e-3
     np.testing.assert_allclose(b.logits, a.logits, atol=1e-2)
+
+
+def test_collecting_a_folder_needs_neither_numpy_nor_pydicom(tmp_path: Path) -> None:
+    series = _write(tmp_path)
+    (series.paths[0].parent / "notes.txt").write_text("x" * 500)
+    code = (
+        "import sys; sys.modules['numpy'] = None; sys.modules['pydicom'] = None\n"
+        "from neuroexplain.dicom.files import collect_instances\n"
+        f"print(len(collect_instances({str(series.paths[0].parent)!r})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == str(len(series.paths))
+    with pytest.raises(LimitExceededError, match="more than 3 DICOM files"):
+        collect_instances(series.paths[0].parent, max_instances=3)

@@ -39,9 +39,10 @@ from neuroexplain.dicom.errors import (
     SeveralSeriesError,
     TransferSyntaxError,
 )
+from neuroexplain.dicom.files import collect_instances, is_dicom
 from neuroexplain.dicom.geometry import FrameHeader, SeriesGeometry, frame_headers, series_geometry
 from neuroexplain.dicom.privacy import quiet_pydicom
-from neuroexplain.errors import InvalidOptionError, LimitExceededError, ScanFormatError
+from neuroexplain.errors import InvalidOptionError, LimitExceededError
 from neuroexplain.volumes import NonFinite, Scan, ScanLimits, _check_affine, _check_finite, read_scan
 
 MiB = 1 << 20
@@ -104,11 +105,6 @@ def series_digest(instances: Sequence[bytes], series_uid: str | None = None) -> 
     parts = sorted(hashlib.sha256(bytes(raw)).digest() for raw in instances)
     chosen = b"" if series_uid is None else b"series\0" + series_uid.encode()
     return hashlib.sha256(b"dicom-series\0" + b"".join(parts) + chosen).hexdigest()
-
-
-def is_dicom(raw: bytes) -> bool:
-    """Whether bytes look like a DICOM Part 10 file (128-byte preamble + ``DICM``)."""
-    return len(raw) >= 132 and raw[128:132] == b"DICM"
 
 
 def _meta_is_deflated(raw: bytes) -> bool:
@@ -351,37 +347,13 @@ def read_series_dir(
     Raises:
         ScanFormatError: the path is not a readable directory; otherwise as :func:`read_series`.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise ScanFormatError("DICOM input must be a directory holding one series; the path is not a directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    if len(files) > 4 * dicom_limits.max_instances:
-        raise LimitExceededError(
-            f"directory holds {len(files)} files; at most {4 * dicom_limits.max_instances} are examined"
-        )
-    instances: list[bytes] = []
-    total = 0
-    for p in files:
-        try:
-            size = p.stat().st_size
-            if size < 132:
-                continue
-            with p.open("rb") as fh:
-                if fh.read(132)[128:132] != b"DICM":
-                    continue
-                if size > dicom_limits.max_instance_bytes:
-                    raise LimitExceededError(
-                        f"a file has {size} bytes; the limit is {dicom_limits.max_instance_bytes} bytes per instance"
-                    )
-                total += size
-                if total > limits.max_input_bytes:
-                    raise LimitExceededError(
-                        f"directory holds more than {limits.max_input_bytes} bytes of DICOM; that is the limit"
-                    )
-                fh.seek(0)
-                instances.append(fh.read())
-        except OSError as exc:
-            raise ScanFormatError(f"cannot read a file in the DICOM directory: {exc.strerror}") from None
+    instances = collect_instances(
+        path,
+        max_files=4 * dicom_limits.max_instances,
+        max_instances=dicom_limits.max_instances,
+        max_instance_bytes=dicom_limits.max_instance_bytes,
+        max_total_bytes=limits.max_input_bytes,
+    )
     return read_series(
         instances,
         series_uid=series_uid,
