@@ -22,7 +22,7 @@ if TYPE_CHECKING:
         SeveralSeriesError,
         TransferSyntaxError,
     )
-    from neuroexplain.dicom.files import collect_instances, is_dicom
+    from neuroexplain.dicom.files import collect_instances, is_dicom, series_digest
     from neuroexplain.dicom.geometry import FrameHeader, SeriesGeometry, frame_headers, series_geometry
     from neuroexplain.dicom.reader import (
         DicomLimits,
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
         read_any,
         read_series,
         read_series_dir,
-        series_digest,
     )
 
 _WHERE = {
@@ -52,7 +51,7 @@ _WHERE = {
     "read_any": "reader",
     "read_series": "reader",
     "read_series_dir": "reader",
-    "series_digest": "reader",
+    "series_digest": "files",
 }
 
 __all__ = [

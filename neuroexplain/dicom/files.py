@@ -8,6 +8,8 @@ ignored. Counts and sizes are checked before a file is read whole.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from neuroexplain.errors import LimitExceededError, ScanFormatError
@@ -19,6 +21,23 @@ PREAMBLE = 132
 def is_dicom(raw: bytes) -> bool:
     """Whether bytes look like a DICOM Part 10 file (128-byte preamble + ``DICM``)."""
     return len(raw) >= PREAMBLE and raw[128:132] == b"DICM"
+
+
+def series_digest(instances: Sequence[bytes]) -> str:
+    """SHA-256 digest of a DICOM series that does not depend on the order of its instances.
+
+    SHA-256 over the sorted SHA-256 digests of the instances (prefixed ``nx-dicom-series\\0``): the same value the
+    gateway's scan store and cache use, computable before anything is decoded. Which series is read
+    (``series_uid``) and which volume (``volume_index``) are reading options beside it, as for a 4D NIfTI.
+
+    Args:
+        instances: the instances' bytes, as sent (or every DICOM file of a directory).
+
+    Returns:
+        Lower-case hex digest.
+    """
+    parts = sorted(hashlib.sha256(bytes(raw)).digest() for raw in instances)
+    return hashlib.sha256(b"nx-dicom-series\0" + b"".join(parts)).hexdigest()
 
 
 def collect_instances(

@@ -17,7 +17,6 @@ pylibjpeg-openjpeg decodes JPEG 2000 and HTJ2K; pyjpegls decodes JPEG-LS; python
 
 from __future__ import annotations
 
-import hashlib
 import io
 import struct
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ from neuroexplain.dicom.errors import (
     SeveralSeriesError,
     TransferSyntaxError,
 )
-from neuroexplain.dicom.files import collect_instances, is_dicom
+from neuroexplain.dicom.files import collect_instances, is_dicom, series_digest
 from neuroexplain.dicom.geometry import FrameHeader, SeriesGeometry, frame_headers, series_geometry
 from neuroexplain.dicom.privacy import quiet_pydicom
 from neuroexplain.errors import InvalidOptionError, LimitExceededError
@@ -87,24 +86,6 @@ class DicomScan(Scan):
 
 _SCAN_LIMITS = ScanLimits()
 _DICOM_LIMITS = DicomLimits()
-
-
-def series_digest(instances: Sequence[bytes], series_uid: str | None = None) -> str:
-    """SHA-256 digest of a series that does not depend on the order of its instances.
-
-    Computable before anything is decoded (a cache can look it up first). A chosen ``series_uid`` is hashed in, so
-    the same folder read for two different series gives two digests; the UID itself never appears.
-
-    Args:
-        instances: the instances' bytes, as sent (or every DICOM file of a directory).
-        series_uid: the series chosen among them, if one was.
-
-    Returns:
-        Hex digest of the sorted per-instance SHA-256 digests (and the chosen series UID).
-    """
-    parts = sorted(hashlib.sha256(bytes(raw)).digest() for raw in instances)
-    chosen = b"" if series_uid is None else b"series\0" + series_uid.encode()
-    return hashlib.sha256(b"dicom-series\0" + b"".join(parts) + chosen).hexdigest()
 
 
 def _meta_is_deflated(raw: bytes) -> bool:
@@ -162,7 +143,8 @@ def read_series(
 
     Returns:
         A :class:`DicomScan`: float32 ``(columns, rows, slices)`` with rescale applied, RAS affine, the
-        order-independent :func:`series_digest` of ``instances`` and ``series_uid``, ``format="dicom"``, and the geometry with source headers.
+        order-independent :func:`~neuroexplain.dicom.files.series_digest` of ``instances`` (as received, like
+        NIfTI's digest of its bytes; ``series_uid`` and ``volume_index`` are reading options beside it), ``format="dicom"``, and the geometry with source headers.
 
     Raises:
         LimitExceededError: a cap was exceeded (checked before decoding).
@@ -186,7 +168,7 @@ def read_series(
         total += len(raw)
     if total > limits.max_input_bytes:
         raise LimitExceededError(f"series has {total} bytes; the limit is {limits.max_input_bytes} bytes in total")
-    digest = series_digest(instances, series_uid)
+    digest = series_digest(instances)
 
     images: list[Dataset] = []
     not_dicom = not_image = 0
