@@ -550,3 +550,26 @@ def test_series_digest_is_the_gateways(tmp_path: Path) -> None:
     parts = sorted(hashlib.sha256(r).digest() for r in raw)
     assert series_digest(raw) == hashlib.sha256(b"nx-dicom-series\0" + b"".join(parts)).hexdigest()
     assert read_series(raw).digest == series_digest(raw[::-1])
+
+
+@pytest.mark.parametrize("tool", ["dcmcjpls", "dcmcjpeg"])
+def test_codestream_declaring_a_huge_image_is_refused_before_decoding(tmp_path: Path, tool: str) -> None:
+    series = _write(tmp_path)
+    twin = _dcmtk_twin(series, tmp_path / "twin", tool)
+
+    def inflate_header(ds: pydicom.Dataset) -> None:
+        (frame,) = [bytes(f) for f in pydicom.encaps.generate_frames(ds.PixelData)]
+        sof = max(frame.find(b"\xff\xf7"), frame.find(b"\xff\xc3"))  # JPEG-LS SOF55 / lossless SOF3
+        assert sof > 0
+        frame = frame[: sof + 5] + b"\xff\xff\xff\xff" + frame[sof + 9 :]  # 65535 x 65535
+        ds.PixelData = pydicom.encaps.encapsulate([frame])
+
+    twin[4] = _edit(twin[4], inflate_header)
+    tracemalloc.start()
+    try:
+        with pytest.raises(PixelDataError, match="declares 65535x65535 pixels in its codestream, but the header says 12x14"):
+            read_series(twin)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * (1 << 20)

@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as _pixel_array
 from pydicom.uid import UID, JPEGExtended12Bit
 
+from neuroexplain.dicom import codestream
 from neuroexplain.dicom.errors import (
     DicomError,
     NoImageError,
@@ -221,6 +223,7 @@ def read_series(
             f"volume would decode to {decoded} bytes; the limit is {limits.max_decompressed_bytes} bytes"
         )
 
+    _check_codestreams(images, geometry)
     out = np.empty((geometry.n_slices, geometry.rows, geometry.columns), dtype=np.float32)  # (slices, rows, cols)
     for k, frame in enumerate(geometry.frames):
         pixels = _decode(images[frame.instance], frame.frame)
@@ -285,6 +288,43 @@ def _check_pixel_header(ds: Dataset, dicom_limits: DicomLimits, limits: ScanLimi
             raise PixelDataError(
                 f"pixel data is truncated: {len(ds.PixelData)} bytes where the header declares {needed}"
             )
+
+
+def _check_codestreams(images: Sequence[Dataset], geometry: SeriesGeometry) -> None:
+    """Refuse a compressed frame whose codestream declares another size than Rows x Columns, before decoding."""
+    wanted: dict[int, set[int]] = {}
+    for frame in geometry.frames:
+        wanted.setdefault(frame.instance, set()).add(frame.frame or 0)
+    for instance, indices in wanted.items():
+        ds = images[instance]
+        syntax = str(ds.file_meta.TransferSyntaxUID)
+        if not codestream.checks(syntax):
+            continue
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        try:
+            frames = generate_frames(ds.PixelData, number_of_frames=n_frames)
+            for index, data in enumerate(frames):
+                if index > max(indices):
+                    break
+                if index not in indices:
+                    continue
+                size = codestream.declared_size(data, syntax)
+                if size is None:
+                    raise PixelDataError(
+                        "a compressed frame has no readable codestream header; expected a codestream of the "
+                        "transfer syntax its file declares"
+                    )
+                if size != (geometry.rows, geometry.columns):
+                    raise PixelDataError(
+                        f"a compressed frame declares {size[0]}x{size[1]} pixels in its codestream, but the header "
+                        f"says {geometry.rows}x{geometry.columns}; both must agree"
+                    )
+        except PixelDataError:
+            raise
+        except Exception:  # noqa: BLE001 - pydicom's encapsulation parser raises several types for broken items
+            raise PixelDataError(
+                "encapsulated pixel data is broken (item tags or lengths); expected one item per frame"
+            ) from None
 
 
 def _decode(ds: Dataset, frame: int | None) -> np.ndarray:
