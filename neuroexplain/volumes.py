@@ -68,12 +68,19 @@ class NonFinite(enum.Enum):
 class Alignment(enum.Enum):
     """How a scan's world coordinates relate to the model grid's (MNI for the bundled models)."""
 
-    AUTO = "auto"  # MNI if the brain's centre of mass is within AUTO_MNI_TOLERANCE_MM of the template's, else CENTER
+    AUTO = "auto"  # MNI if the scan, taken untransformed, matches the template (registration.in_model_space), else REGISTER
     MNI = "mni"  # trust the affine: the scan is already in MNI space (e.g. registered by fMRIPrep or SPM)
     CENTER = "center"  # translate so the scan's intensity centre of mass lands on the template's; no rotation/scale
+    REGISTER = "register"  # affine registration to the model's template (neuroexplain.registration), skull masked off
 
-
-AUTO_MNI_TOLERANCE_MM = 25.0
+    @classmethod
+    def parse(cls, value: str) -> Alignment:
+        """The alignment named ``value``, or :class:`InvalidOptionError` listing the allowed names."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidOptionError(f"alignment {value!r} is unknown; expected one of {[a.value for a in cls]}",
+                                     field="alignment") from None
 
 
 @dataclass(frozen=True)
@@ -379,24 +386,36 @@ def nifti_bytes(data: np.ndarray, affine: np.ndarray, *, compress: bool = True) 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a scan sits relative to a model grid: world shift (mm) applied to the scan before resampling."""
+    """Where a scan sits relative to a model grid: a world transform applied to the scan before resampling.
+
+    ``world`` (scan world mm -> model world mm, ``(4, 4)``) is set by registration; without it the transform is the
+    translation ``shift_mm``. ``model_mask`` (``grid.shape`` bool, registration only) zeroes everything outside the
+    template's dilated brain in :meth:`to_model` (a skull on the input). ``registration`` is what
+    :func:`neuroexplain.registration.register` reported.
+    """
 
     grid: Grid
     scan_affine: np.ndarray
     scan_shape: tuple[int, int, int]
     shift_mm: np.ndarray  # (3,)
     alignment: Alignment  # the alignment actually used (AUTO resolved)
+    world: np.ndarray | None = None  # (4, 4) scan world -> model world; overrides shift_mm
+    model_mask: np.ndarray | None = field(default=None, repr=False)
+    registration: Any = None  # neuroexplain.registration.RegistrationResult (not imported here: no import cycle)
 
     def _scan_to_model_world(self) -> np.ndarray:
+        if self.world is not None:
+            return np.asarray(self.world, dtype=np.float64)
         t = np.eye(4)
         t[:3, 3] = self.shift_mm
         return t
 
     def to_model(self, data: np.ndarray, *, order: int = 1) -> np.ndarray:
-        """Resample a scan-grid array onto the model grid. ``(X, Y, Z)`` -> ``grid.shape``."""
+        """Resample a scan-grid array onto the model grid (masked by ``model_mask``). ``(X, Y, Z)`` -> ``grid.shape``."""
         # model voxel -> model world -> scan world -> scan voxel
         m = np.linalg.inv(self.scan_affine) @ np.linalg.inv(self._scan_to_model_world()) @ self.grid.affine
-        return _affine_resample(data, m, self.grid.shape, order)
+        out = _affine_resample(data, m, self.grid.shape, order)
+        return out * self.model_mask if self.model_mask is not None else out
 
     def to_native(self, data: np.ndarray, *, order: int = 1) -> np.ndarray:
         """Resample a model-grid array back onto the scan's own grid. ``grid.shape`` -> ``(X, Y, Z)``."""
@@ -405,7 +424,11 @@ class Placement:
 
     def world_to_native(self, model_world: np.ndarray) -> np.ndarray:
         """Model-space world coordinates (mm) -> the scan's own world coordinates. ``(N, 3)`` -> ``(N, 3)``."""
-        return np.asarray(model_world, dtype=np.float64) - self.shift_mm
+        p = np.asarray(model_world, dtype=np.float64)
+        if self.world is None:
+            return p - self.shift_mm
+        inv = np.linalg.inv(np.asarray(self.world, dtype=np.float64))
+        return p @ inv[:3, :3].T + inv[:3, 3]
 
 
 def _affine_resample(data: np.ndarray, m: np.ndarray, shape: tuple[int, int, int], order: int) -> np.ndarray:
@@ -429,17 +452,30 @@ def center_of_mass_world(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def place(scan: Scan, grid: Grid, template_com_mm: np.ndarray, alignment: Alignment = Alignment.AUTO) -> Placement:
-    """Decide how the scan maps onto the grid (see :class:`Alignment`)."""
+    """Decide how the scan maps onto the grid (see :class:`Alignment`).
+
+    ``AUTO`` resolves to ``MNI`` when the scan, taken untransformed, matches the template
+    (:func:`neuroexplain.registration.in_model_space`), else to ``REGISTER``; ``placement.alignment`` says which.
+
+    Raises:
+        InvalidOptionError: ``alignment`` is not an :class:`Alignment`.
+        ScanDataError: no signal (``CENTER``), or :class:`neuroexplain.registration.RegistrationError` (``REGISTER``).
+    """
     if not isinstance(alignment, Alignment):
         raise InvalidOptionError(f"alignment {alignment!r} is unknown; expected one of {[a.value for a in Alignment]}")
-    shift = np.zeros(3)
+    from neuroexplain import registration  # registration imports this module
+
     used = alignment
-    if alignment is not Alignment.MNI:
-        offset = np.asarray(template_com_mm) - center_of_mass_world(scan.data, scan.affine)
-        if alignment is Alignment.CENTER or float(np.linalg.norm(offset)) > AUTO_MNI_TOLERANCE_MM:
-            shift, used = offset, Alignment.CENTER
-        else:
-            used = Alignment.MNI
+    if alignment is Alignment.AUTO:
+        used = Alignment.MNI if registration.in_model_space(scan, grid) else Alignment.REGISTER
+    if used is Alignment.REGISTER:
+        result = registration.register(scan, grid)
+        return Placement(grid=grid, scan_affine=scan.affine, scan_shape=scan.shape, shift_mm=np.zeros(3),
+                         alignment=used, world=result.transform, model_mask=registration.dilated_brain(grid),
+                         registration=result)
+    shift = np.zeros(3)
+    if used is Alignment.CENTER:
+        shift = np.asarray(template_com_mm) - center_of_mass_world(scan.data, scan.affine)
     return Placement(grid=grid, scan_affine=scan.affine, scan_shape=scan.shape, shift_mm=shift, alignment=used)
 
 
