@@ -573,3 +573,16 @@ def test_codestream_declaring_a_huge_image_is_refused_before_decoding(tmp_path: 
     finally:
         tracemalloc.stop()
     assert peak < 20 * (1 << 20)
+
+
+def test_rle_frame_larger_than_any_image_is_refused(tmp_path: Path) -> None:
+    series = _write(tmp_path)
+    twin = _dcmtk_twin(series, tmp_path / "twin", "dcmcrle")
+
+    def pad(ds: pydicom.Dataset) -> None:
+        (frame,) = [bytes(f) for f in pydicom.encaps.generate_frames(ds.PixelData)]
+        ds.PixelData = pydicom.encaps.encapsulate([frame + b"\x81\x00" * 4000])  # runs that would decode to 512 kB
+
+    twin[2] = _edit(twin[2], pad)
+    with pytest.raises(PixelDataError, match=r"an RLE frame has \d+ bytes, more than any 12x14 image needs"):
+        read_series(twin)

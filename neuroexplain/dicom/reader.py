@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as _pixel_array
-from pydicom.uid import UID, JPEGExtended12Bit
+from pydicom.uid import UID, JPEGExtended12Bit, RLELossless
 
 from neuroexplain.dicom import codestream
 from neuroexplain.dicom.errors import (
@@ -298,8 +298,12 @@ def _check_codestreams(images: Sequence[Dataset], geometry: SeriesGeometry) -> N
     for instance, indices in wanted.items():
         ds = images[instance]
         syntax = str(ds.file_meta.TransferSyntaxUID)
-        if not codestream.checks(syntax):
+        rle = syntax == RLELossless
+        if not (rle or codestream.checks(syntax)):
             continue
+        # RLE decoders grow their output with the input (up to 64x): a frame may not be larger than its raw size
+        # plus RLE's worst-case overhead, which bounds what decoding it can allocate.
+        rle_cap = geometry.rows * geometry.columns * (int(ds.BitsAllocated) // 8) * 130 // 128 + 64 + 16
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         try:
             frames = generate_frames(ds.PixelData, number_of_frames=n_frames)
@@ -307,6 +311,13 @@ def _check_codestreams(images: Sequence[Dataset], geometry: SeriesGeometry) -> N
                 if index > max(indices):
                     break
                 if index not in indices:
+                    continue
+                if rle:
+                    if len(data) > rle_cap:
+                        raise PixelDataError(
+                            f"an RLE frame has {len(data)} bytes, more than any {geometry.rows}x{geometry.columns} "
+                            f"image needs ({rle_cap}); expected a valid RLE Lossless frame"
+                        )
                     continue
                 size = codestream.declared_size(data, syntax)
                 if size is None:
