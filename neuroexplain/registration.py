@@ -135,11 +135,13 @@ def similarity(array: np.ndarray, grid: Grid) -> tuple[float, float]:
     return coverage, (float((v * t).sum()) / denom if denom > 0 else 0.0)
 
 
-def in_model_space(scan: Scan, grid: Grid, *, min_coverage: float = 0.9, min_correlation: float = 0.75) -> bool:
+def in_model_space(scan: Scan, grid: Grid, *, min_coverage: float = 0.9, min_correlation: float = 0.7) -> bool:
     """Whether the scan already sits in the model's space: taken untransformed, it matches the template.
 
-    ``alignment=auto`` uses this to choose ``mni`` over ``register``. The thresholds mirror the input check's default
-    calibration of its template score (``1 - correlation`` at most 0.25) and ask for 90 % brain coverage.
+    ``alignment=auto`` uses this to choose ``mni`` over ``register``. An image-similarity test only: the NIfTI
+    header's sform code is not on :class:`Scan` yet. Thresholds from 16 held-out synthetic scans in MNI space
+    (coverage 0.94-0.99, correlation 0.71-0.87) against the same scans moved by up to 15 deg / 25 mm / 8 %
+    (correlation 0.31-0.77; the one above 0.7 was moved by 5 deg and 4 mm, within the training scans' own variation).
     """
     m = np.linalg.inv(scan.affine) @ grid.affine
     moved = _affine_resample(scan.data, m, grid.shape, 1)

@@ -1,7 +1,10 @@
 """Train the bundled models on synthetic data (``neuroexplain train --model lesion``).
 
 Seeded end to end: the same arguments give the same weights on the same torch build. Training samples use seeds
-``0 .. n_train-1``; the held-out evaluation uses fresh seeds from ``HELD_OUT_SEED_START`` on.
+``seed * 100_000 .. seed * 100_000 + n_train - 1``, which must stay below ``HELD_OUT_SEED_START``: every seed from
+there on is reserved for held-out figures (test 1_000_000..., input-check calibration 2_000_000..., validation
+3_000_000..., out-of-distribution 4_000_000...), and :func:`check_config` refuses a configuration that overlaps them.
+The bundled weights are written only when asked for explicitly (``overwrite_bundled``).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from torch import nn
 from tqdm import tqdm
 
 import neuroexplain
+from neuroexplain.errors import InvalidOptionError
 from neuroexplain.lab.synthetic import CLASSES, HELD_OUT_SEED_START, Task, make_sample
-from neuroexplain.models.registry import describe_layers
+from neuroexplain.models.registry import BUNDLED_DIR, describe_layers
 from neuroexplain.models.spec import LayerInfo, ModelSpec
 from neuroexplain.models.zoo import ScanCNN
 from neuroexplain.template import MNI_2MM
@@ -34,6 +38,9 @@ ARCHITECTURE_KWARGS = {
 }
 
 
+TRAIN_SEED_STRIDE = 100_000  # training seed s uses samples s * stride ...
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     n_train: int = 600
@@ -44,6 +51,37 @@ class TrainConfig:
     seed: int = 0
     version: str = "1.0.0"
     workers: int = 2
+
+
+def train_seed_range(config: TrainConfig) -> range:
+    """The sample seeds a training run uses."""
+    start = config.seed * TRAIN_SEED_STRIDE
+    return range(start, start + config.n_train)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse a configuration whose training seeds overlap the reserved (validation, test, calibration) ranges.
+
+    Raises:
+        InvalidOptionError: a negative seed or sample count, or training seeds at or above ``HELD_OUT_SEED_START``.
+    """
+    if config.seed < 0 or config.n_train < 1 or config.n_eval < 1 or config.epochs < 1:
+        raise InvalidOptionError("seed must be >= 0 and samples, eval and epochs at least 1")
+    seeds = train_seed_range(config)
+    if seeds.stop > HELD_OUT_SEED_START:
+        top = (HELD_OUT_SEED_START - config.n_train) // TRAIN_SEED_STRIDE
+        allowed = f"0..{top}" if top >= 0 else "none"
+        raise InvalidOptionError(
+            f"training seeds {seeds.start}..{seeds.stop - 1} overlap the seeds reserved for validation and test "
+            f"(from {HELD_OUT_SEED_START} on); with {config.n_train} samples --seed must be in {allowed}",
+            field="seed",
+        )
+
+
+def is_bundled(out_dir: Path) -> bool:
+    """Whether ``out_dir`` is (inside) the package's bundled-model folder."""
+    out, bundled = out_dir.resolve(), BUNDLED_DIR.resolve()
+    return out == bundled or bundled in out.parents
 
 
 def _generate(args: tuple[str, int]) -> tuple[np.ndarray, int]:
@@ -75,11 +113,21 @@ def evaluate(module: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 
     return correct / len(x)
 
 
-def train(task: Task, out_dir: Path, config: TrainConfig = TrainConfig()) -> ModelSpec:
-    """Train one model and write ``spec.json`` and ``weights.pt`` into ``out_dir``."""
+def train(task: Task, out_dir: Path, config: TrainConfig = TrainConfig(), *, overwrite_bundled: bool = False
+          ) -> ModelSpec:
+    """Train one model and write ``spec.json`` and ``weights.pt`` into ``out_dir``.
+
+    Raises:
+        InvalidOptionError: the seeds overlap the reserved ranges (:func:`check_config`), or ``out_dir`` is the
+            bundled models' folder and ``overwrite_bundled`` is False (checked before any work).
+    """
+    check_config(config)
+    if is_bundled(out_dir) and not overwrite_bundled:
+        raise InvalidOptionError(f"{out_dir} holds the bundled models; pass --overwrite-bundled to replace their "
+                                 "weights, or choose another folder with -o", field="out")
     started = time.time()
     torch.manual_seed(config.seed)
-    x, y = generate(task, range(config.seed * 100_000, config.seed * 100_000 + config.n_train), config.workers, "generate")
+    x, y = generate(task, train_seed_range(config), config.workers, "generate")
     module = ScanCNN(n_classes=2, **ARCHITECTURE_KWARGS[task])  # type: ignore[arg-type]
     optimiser = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=1e-4)
     steps = config.epochs * int(np.ceil(config.n_train / config.batch_size))
