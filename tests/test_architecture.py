@@ -12,8 +12,7 @@ Rules:
   imports ``neuroexplain.lab``: serving code never does;
 - ``neuroexplain/pacs/`` imports neither ``torch`` nor ``numpy``.
 
-A rule that today's code still breaks is marked ``xfail(strict=True)`` with the exact offending imports, so the
-marker must be removed (the test flips to XPASS and fails) as soon as the restructuring lands.
+Every rule holds since the serving refactor (neuroexplain/serving, service/grpc) landed; a violation fails.
 """
 
 from __future__ import annotations
@@ -75,18 +74,6 @@ def _lab_allowed(p: Path) -> bool:
     return rel.startswith(("neuroexplain/lab/", "neuroexplain/cli/", "tests/", "bench/"))
 
 
-# ---- today's offenders: the exact imports ARCH-A's restructuring removes (lead: drop a marker when it XPASSes) ----
-_HANDLERS_SERVICE_TODAY = ["handlers/envelope.py: service.backend", "handlers/neuroexplain_handler.py: service.backend",
-                           "handlers/tasks.py: service.backends.inprocess"]
-_SERVICE_DOWN_TODAY = ["service/backends/inprocess.py: torch", "service/backends/torchserve.py: handlers",
-                       "service/backends/torchserve.py: handlers.archive"]
-
-
-def _xfail_until_merge(today: list[str]) -> pytest.MarkDecorator:
-    """Strict xfail naming the offending imports: once they are gone the test XPASSes, fails, and the marker goes."""
-    return pytest.mark.xfail(strict=True, reason="until issue 13's server-side merge: " + "; ".join(today))
-
-
 def _handlers_service() -> list[str]:
     return _violations(_files("handlers"), ("service",))
 
@@ -95,12 +82,10 @@ def _service_down() -> list[str]:
     return _violations(_files("service"), ("handlers", "torch", "captum"))
 
 
-@_xfail_until_merge(_HANDLERS_SERVICE_TODAY)
 def test_handlers_do_not_import_the_gateway() -> None:
-    assert _handlers_service() == []  # today: exactly _HANDLERS_SERVICE_TODAY
+    assert _handlers_service() == []
 
 
-@_xfail_until_merge(_SERVICE_DOWN_TODAY)
 def test_gateway_imports_neither_handlers_nor_torch_nor_captum() -> None:
     assert _service_down() == []
 
