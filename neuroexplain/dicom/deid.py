@@ -33,7 +33,9 @@ from neuroexplain.errors import FailedPreconditionError, InvalidOptionError
 
 MIN_KEY_BYTES = 16
 MAX_KEY_BYTES = 4096
-METHOD = "PS3.15 E.1-1 Basic Application Level Confidentiality Profile; UIDs remapped by keyed HMAC-SHA-256 (neuroexplain)"
+#: De-identification Method (0012,0063), LO: several values of at most 64 characters.
+METHOD = ["PS3.15 E.1-1 Basic Application Level Confidentiality Profile", "UIDs remapped by keyed HMAC-SHA-256",
+          "neuroexplain"]
 
 #: Table E.1-1 attributes that may reach a result object through the copied Patient/Study modules.
 _ZERO = ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber",
@@ -162,7 +164,7 @@ def deidentify(ds: Dataset, key: bytes) -> Dataset:
             ds[keyword].value = ""
     ds.PatientID = keyed_text(patient_id, key) if patient_id else ""
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = METHOD
+    ds.DeidentificationMethod = list(METHOD)
     code = Dataset()
     code.CodeValue = "113100"
     code.CodingSchemeDesignator = "DCM"

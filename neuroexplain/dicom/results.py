@@ -27,6 +27,7 @@ numpy/scipy compute frames, clusters and the overlay. No torch: the torch-free g
 
 from __future__ import annotations
 
+import copy
 import enum
 import io
 import logging
@@ -299,6 +300,7 @@ def _gunzip(data: bytes) -> bytes:
     return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
 
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 _IMAGE_CLASSES = {str(pydicom.uid.ParametricMapStorage), str(pydicom.uid.SecondaryCaptureImageStorage)}
 
 
@@ -312,6 +314,11 @@ def _software(model: str, version: str) -> tuple[str, str]:
 
 def _finish(ds: Dataset, src: _Source, *, kind: str, deidentify_key: bytes | None) -> Dataset:
     """Common tail: research notice, equipment, character set, de-identification."""
+    # highdicom copies source elements by reference: give the result its own copies before anything is changed,
+    # so the caller's source headers (shared by every object of a response) stay untouched.
+    for tag in list(ds.keys()):
+        if int(tag) not in _PIXEL_TAGS:
+            ds[tag] = copy.deepcopy(ds[tag])
     ds.SeriesDescription = _description(kind)
     ds.SpecificCharacterSet = "ISO_IR 192"  # the notice's dash; copied names keep their characters
     ds.Manufacturer = MANUFACTURER
@@ -424,7 +431,7 @@ def build_parametric_map(
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=model[:64],
-        software_versions=_software(model, version),
+        software_versions=_software(model, version),  # type: ignore[arg-type]  # highdicom hints tuple[str]
         device_serial_number=version[:64],
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
@@ -661,7 +668,7 @@ def build_segmentation(
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=model[:64],
-        software_versions=_software(model, version),
+        software_versions=_software(model, version),  # type: ignore[arg-type]  # highdicom hints tuple[str]
         device_serial_number=version[:64],
         content_description=_description("Relevance clusters")[:64],
         pixel_measures=measures,
@@ -756,7 +763,7 @@ def build_secondary_capture(
             sop_instance_uid=ident.uid("sc-instance", frame=k),
             instance_number=k + 1,
             manufacturer=MANUFACTURER,
-            pixel_spacing=(float(src.geometry.pixel_spacing[0]), float(src.geometry.pixel_spacing[1])),
+            pixel_spacing=(float(src.geometry.pixel_spacing[0]), float(src.geometry.pixel_spacing[1])),  # type: ignore[arg-type]
             patient_orientation=orient,
             transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
         )
