@@ -9,8 +9,10 @@ placement and normalisation, on the same array the model sees) so they cost a fe
 ``template``  1 - Pearson correlation with the template inside the dilated brain (a misregistration, not a brain);
 ``contrast``  1-D Wasserstein distance between the brain's intensity quantiles and the training scans' (T2-like or
               inverted contrast, a binary mask, a constant volume);
-``features``  squared Mahalanobis distance of the penultimate activations to training-set statistics stored with the
-              model (:class:`neuroexplain.models.spec.FeatureStatistics`); runs only when the model has them.
+``features``  ``log(1 + d²)``, ``d`` the Mahalanobis distance of the penultimate activations to training-set
+              statistics stored in the spec (:class:`neuroexplain.models.spec.FeatureStatistics`); the log because
+              ``d²`` of in-distribution scans is heavy-tailed (scans with many lesions); runs only when the model has
+              statistics.
 
 Each raw score ``s`` becomes ``z = (s - centre) / scale`` with a centre and a scale fitted per check on calibration
 scans; the overall score is the largest ``z`` and the scan is in distribution when it is at most the threshold
@@ -189,12 +191,12 @@ def template_quantiles(grid: Grid) -> np.ndarray:
 
 
 def feature_score(features: tuple[float, ...] | np.ndarray, stats: FeatureStatistics) -> float:
-    """Squared Mahalanobis distance of penultimate activations to the training statistics."""
+    """``log(1 + d²)``, ``d`` the Mahalanobis distance of penultimate activations to the training statistics."""
     f = np.asarray(features, dtype=np.float64)
     if f.shape != stats.mean.shape:
         return float("inf")  # a model whose head changed since its statistics: unlike anything it was fitted on
     d = f - stats.mean
-    return float(d @ stats.precision @ d)
+    return float(np.log1p(max(0.0, float((d * (stats.precision @ d)).sum()))))
 
 
 def calibration_of(model: LoadedModel) -> tuple[Mapping[str, Any], bool]:

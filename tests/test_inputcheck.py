@@ -40,7 +40,8 @@ def test_bundled_models_carry_their_calibration() -> None:
         assert spec.version == "1.1.0"
         assert spec.feature_statistics is not None and spec.feature_statistics.mean.shape == (64,)
         assert set(spec.input_check["centre"]) == set(ic.CHECKS)
-        assert spec.temperature != 1.0 and "synthetic" in spec.evaluation
+        assert spec.temperature > 0 and "synthetic" in spec.evaluation
+        assert (spec.temperature != 1.0) == (name == "lesion")  # atrophy: no validation error, T not identifiable
         ranges = spec.input_check["seed_ranges"]
         used = [tuple(ranges[k]) for k in ("calibration", "validation", "test")]
         assert len({r[0] for r in used}) == 3  # disjoint starts ...
@@ -49,7 +50,7 @@ def test_bundled_models_carry_their_calibration() -> None:
 
 @pytest.mark.parametrize("seed", [HELD_OUT_SEED_START + 3, HELD_OUT_SEED_START + 8])
 def test_in_distribution_test_scans_pass(lesion: LoadedModel, seed: int) -> None:
-    prepared = prepare(_scan(make_sample(Task.LESION, seed).image), lesion)
+    prepared = prepare(_scan(make_sample(Task.LESION, seed).image), lesion, Alignment.MNI)
     check = ic.check_input(lesion, prepared, predict_arrays(lesion, [prepared.array], with_features=True)[0])
     assert check.in_distribution, check.reason
     assert check.score <= check.threshold
@@ -74,9 +75,9 @@ def test_in_distribution_test_scans_pass(lesion: LoadedModel, seed: int) -> None
         ("nibabel_example4d_vol0", "contrast unlike T1"),
     ],
 )
-def test_every_listed_case_is_flagged_with_a_reason(lesion: LoadedModel, ood: dict[str, OodCase], case: str, words: str) -> None:
+def test_every_listed_case_read_as_mni_is_flagged_with_a_reason(lesion: LoadedModel, ood: dict[str, OodCase], case: str, words: str) -> None:
     c = ood[case]
-    prepared = prepare(c.scan, lesion, c.alignment)
+    prepared = prepare(c.scan, lesion, Alignment.MNI)
     check = ic.check_input(lesion, prepared)  # no prediction given: the check runs the forward pass itself
     assert not check.in_distribution
     assert check.score > check.threshold
@@ -87,14 +88,14 @@ def test_model_without_statistics_runs_image_checks_and_says_so(lesion: LoadedMo
     bare = LoadedModel(spec=replace(lesion.spec, input_check={}, feature_statistics=None), module=lesion.module,
                        device=lesion.device)
     c = ood["skull_shell"]
-    check = ic.check_input(bare, prepare(c.scan, bare, c.alignment))
+    check = ic.check_input(bare, prepare(c.scan, bare, Alignment.MNI))
     assert [r.name for r in check.checks] == list(ic.IMAGE_CHECKS)
     assert "feature check not run" in check.reason and "default calibration" in check.reason
     assert not check.in_distribution
 
 
 def test_features_are_the_input_of_the_last_linear_layer(lesion: LoadedModel) -> None:
-    x = prepare(_scan(make_sample(Task.LESION, HELD_OUT_SEED_START + 1).image), lesion).array
+    x = prepare(_scan(make_sample(Task.LESION, HELD_OUT_SEED_START + 1).image), lesion, Alignment.MNI).array
     p = predict_arrays(lesion, [x], with_features=True)[0]
     m = lesion.module
     assert isinstance(m, ScanCNN)
@@ -126,12 +127,13 @@ def test_reject_mode_answers_failed_precondition_with_the_reason(lesion: LoadedM
     from neuroexplain.errors import FailedPreconditionError, InvalidOptionError
 
     c = ood["inverted"]
-    flagged = ic.check_input(lesion, prepare(c.scan, lesion, c.alignment))
+    flagged = ic.check_input(lesion, prepare(c.scan, lesion, Alignment.MNI))
     ic.enforce(flagged, ic.InputCheckMode.WARN)  # warn answers
     with pytest.raises(FailedPreconditionError, match="contrast unlike T1") as err:
         ic.enforce(flagged, ic.InputCheckMode.parse("reject"))
     assert err.value.code == "FAILED_PRECONDITION"
-    ok = ic.check_input(lesion, prepare(_scan(make_sample(Task.LESION, HELD_OUT_SEED_START).image), lesion))
+    ok = ic.check_input(lesion, prepare(_scan(make_sample(Task.LESION, HELD_OUT_SEED_START).image), lesion,
+                                         Alignment.MNI))
     ic.enforce(ok, ic.InputCheckMode.REJECT)
     with pytest.raises(InvalidOptionError, match="warn"):
         ic.InputCheckMode.parse("strict")

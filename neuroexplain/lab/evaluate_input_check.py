@@ -11,7 +11,7 @@ Seed ranges (each used for one purpose only; :data:`SEED_RANGES`):
 ``ood``          :mod:`neuroexplain.lab.ood` (healthy base scan of seed 4_000_000, nibabel's files).
 
 Every scan goes through the serving path: a :class:`~neuroexplain.volumes.Scan` on the template grid,
-:func:`~neuroexplain.predict.prepare` with ``auto`` alignment, :func:`~neuroexplain.predict.predict_arrays` with its
+:func:`~neuroexplain.predict.prepare` with ``mni`` alignment (they are generated in the template's space), :func:`~neuroexplain.predict.predict_arrays` with its
 features. Per-scan records (logits, features, raw image scores, brain quantiles) are cached on disk so an interrupted
 run resumes; the cache is keyed by the model's weights digest and the range, and a run from an empty cache gives
 the same numbers.
@@ -37,7 +37,7 @@ from neuroexplain.models.registry import LoadedModel
 from neuroexplain.models.spec import FeatureStatistics
 from neuroexplain.predict import predict_arrays, prepare
 from neuroexplain.template import MNI_2MM
-from neuroexplain.volumes import Scan
+from neuroexplain.volumes import Alignment, Scan
 
 SEED_RANGES: dict[str, tuple[int, int]] = {
     "statistics": (0, 199),
@@ -70,7 +70,9 @@ def _records(model: LoadedModel, task: Task, which: str, n: int, cache: Path, lo
     t0 = time.perf_counter()
     for i, seed in enumerate(range(lo, lo + n)):
         s = make(task, seed)
-        prepared = prepare(Scan(s.image, MNI_2MM.affine.copy(), "", "nifti1"), model)
+        # MNI: the scans are generated in the template's space (what ``auto`` resolved to when these records were
+        # first made; explicit, so the figures do not depend on how ``auto`` decides).
+        prepared = prepare(Scan(s.image, MNI_2MM.affine.copy(), "", "nifti1"), model, Alignment.MNI)
         p = predict_arrays(model, [prepared.array], with_features=True)[0]
         raw = ic.image_scores(prepared.array, model.spec.grid, None)
         rows["seed"].append(seed)
@@ -127,7 +129,11 @@ def evaluate(model: LoadedModel, task: Task, cache: Path, n: int = 200, log: Log
     scale = {k: max(float(np.quantile(v, 0.99) - np.median(v)), SCALE_FLOOR[k]) for k, v in raw_cal.items()}
     z_cal = _z(raw_cal, centre, scale)
     threshold = conformal_threshold(z_cal)
-    temperature = cal.fit_temperature(recs["validation"]["logits"], recs["validation"]["label"])
+    val_logits, val_labels = recs["validation"]["logits"], recs["validation"]["label"]
+    separable = bool((val_logits.argmax(1) == val_labels).all())
+    # With no validation error the NLL falls as T -> 0 without a minimum: the split cannot identify a temperature,
+    # and sharpening a saturated model's probabilities would only hide its errors elsewhere. Leave T at 1.
+    temperature = 1.0 if separable else cal.fit_temperature(val_logits, val_labels)
     calib = {"centre": centre, "scale": scale, "threshold": threshold,
              "reference_quantiles": [float(q) for q in ref]}
     rates = {}
@@ -140,22 +146,38 @@ def evaluate(model: LoadedModel, task: Task, cache: Path, n: int = 200, log: Log
     reliab = {w: {k: cal.reliability(cal.scaled_probabilities(recs[w]["logits"], t), recs[w]["label"])
                   for k, t in (("before", 1.0), ("after", temperature))} for w in ("test", "shift")}
     return {"stats": stats, "calib": calib, "temperature": temperature, "rates": rates, "calibration": calibration,
-            "reliability": reliab}
+            "reliability": reliab, "temperature_note": "validation split has no errors: temperature not identifiable, "
+            "left at 1.0" if separable else "fitted by minimising the validation NLL"}
 
 
 def ood_rows(model: LoadedModel, task: Task) -> list[dict[str, Any]]:
-    """Each out-of-distribution case through prepare, predict (with features) and the check."""
+    """Each out-of-distribution case, twice: read as ``mni`` (the check alone decides: what a caller who says
+    ``--alignment mni`` gets), and with the case's default path (``auto``: registration may refuse it first)."""
+    from neuroexplain.errors import NeuroExplainError
+
     rows = []
     for case in cases(task):
-        prepared = prepare(case.scan, model, case.alignment)
+        prepared = prepare(case.scan, model, Alignment.MNI)
         p = predict_arrays(model, [prepared.array], with_features=True)[0]
         check = ic.check_input(model, prepared, p)
-        worst = max(check.checks, key=lambda c: c.z)
-        rows.append({"case": case.name, "description": case.description, "alignment": case.alignment.value,
-                     "alignment_used": prepared.placement.alignment.value, "score": check.score,
-                     "threshold": check.threshold, "flagged": not check.in_distribution, "worst_check": worst.name,
-                     "reason": check.reason, "checks": {c.name: round(c.z, 2) for c in check.checks},
-                     "probabilities": p.probabilities})
+        row: dict[str, Any] = {
+            "case": case.name, "description": case.description, "score": check.score, "threshold": check.threshold,
+            "flagged": not check.in_distribution, "reason": check.reason,
+            "checks": {c.name: round(c.z, 2) for c in check.checks}, "probabilities": p.probabilities}
+        if case.alignment is Alignment.MNI:
+            row["default_path"] = "read as mni (the case)"
+        else:
+            try:
+                placed = prepare(case.scan, model, case.alignment)
+            except NeuroExplainError as exc:
+                row["default_path"] = f"{case.alignment.value}: refused ({type(exc).__name__}: {exc})"
+            except Exception as exc:  # noqa: BLE001 - a crash in a lower layer is reported in the table, not hidden
+                row["default_path"] = f"{case.alignment.value}: CRASH {type(exc).__name__} (untyped; a bug)"
+            else:
+                c2 = ic.check_input(model, placed)
+                row["default_path"] = (f"{case.alignment.value}→{placed.placement.alignment.value}: score "
+                                       f"{c2.score:.2f}, {'flagged' if not c2.in_distribution else 'passed'}")
+        rows.append(row)
     return rows
 
 
@@ -199,7 +221,8 @@ def reliability_figure(path: Path, report: dict[str, Any], title: str) -> None:
 
 def to_json(report: dict[str, Any]) -> dict[str, Any]:
     """The JSON-serialisable part of a report."""
-    return json.loads(json.dumps({k: report[k] for k in ("calib", "temperature", "rates", "calibration")}))
+    return json.loads(json.dumps({k: report[k] for k in ("calib", "temperature", "temperature_note", "rates",
+                                                         "calibration")}))
 
 
 def overhead(model: LoadedModel, task: Task, repeats: int = 5, n_scans: int = 4) -> dict[str, float]:
@@ -214,12 +237,12 @@ def overhead(model: LoadedModel, task: Task, repeats: int = 5, n_scans: int = 4)
 
     def plain() -> None:
         for raw in raws:
-            prepared = prepare(read_scan(raw), model)
+            prepared = prepare(read_scan(raw), model, Alignment.MNI)
             predict_arrays(model, [prepared.array])
 
     def checked() -> None:
         for raw in raws:
-            prepared = prepare(read_scan(raw), model)
+            prepared = prepare(read_scan(raw), model, Alignment.MNI)
             p = predict_arrays(model, [prepared.array], with_features=True)[0]
             ic.check_input(model, prepared, p)
 

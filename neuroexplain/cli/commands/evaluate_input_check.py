@@ -102,12 +102,14 @@ def _markdown(name: str, n: int, report: dict[str, Any], rows: list[dict[str, An
     for w, r in report["rates"].items():
         lines.append(f"| {w} | {r['seeds'][0]}-{r['seeds'][1]} | {r['n']} | {r['passed']} | {r['pass_rate']:.1%} | "
                      f"{r['max_score']:.2f} |")
-    lines += ["", "| out-of-distribution case | alignment | score | threshold | flagged | reason |",
+    lines += ["", ("Out-of-distribution cases read as `mni` (the check alone decides), and what the default path "
+              "(`auto`: registration first) does with them:"), "",
+              "| case | score | threshold | flagged | reason | default path |",
               "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['alignment']}→{r['alignment_used']} | {r['score']:.1f} | {thr:.2f} | "
-                     f"{'yes' if r['flagged'] else '**no**'} | {r['reason']} |")
-    lines += ["", f"Temperature {report['temperature']:.3f} (fitted on the validation range).", "",
+        lines.append(f"| {r['case']} | {r['score']:.1f} | {thr:.2f} | {'yes' if r['flagged'] else '**no**'} | "
+                     f"{r['reason']} | {r['default_path']} |")
+    lines += ["", f"Temperature {report['temperature']:.3f} ({report['temperature_note']}; validation range).", "",
               "| set | n | ECE before [95 % CI] | ECE after [95 % CI] | NLL before | NLL after | accuracy |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for w, c in report["calibration"].items():
