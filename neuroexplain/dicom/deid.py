@@ -115,12 +115,17 @@ def check_key(key: bytes | None) -> bytes:
     return key
 
 
+#: UIDs that name vocabularies and implementations, never a patient, study or instance: kept.
+_KEEP_UIDS = frozenset({"CodingSchemeUID", "ContextUID", "MappingResourceUID", "ImplementationClassUID",
+                        "TemplateExtensionOrganizationUID", "TemplateExtensionCreatorUID", "PrivateInformationCreatorUID"})
+
+
 def _is_registered(uid: str) -> bool:
     return uid in UID_dictionary or uid.startswith("1.2.840.10008.")
 
 
 def _remap_element(elem: DataElement, key: bytes) -> None:
-    if elem.VR == "UI" and elem.value:
+    if elem.VR == "UI" and elem.value and elem.keyword not in _KEEP_UIDS:
         values = elem.value if elem.VM > 1 else [elem.value]
         new = [v if _is_registered(str(v)) else keyed_uid(str(v), key) for v in values]
         elem.value = new if elem.VM > 1 else new[0]

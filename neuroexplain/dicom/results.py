@@ -33,7 +33,7 @@ import io
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import highdicom as hd
 import numpy as np
@@ -136,6 +136,19 @@ def clusters_from_summary(summary: Mapping[str, Any], *, limit: int = MAX_CLUSTE
             share=float(c.get("share_of_positive", 0.0)),
         ))
     return tuple(out)
+
+
+class InputCheckLike(Protocol):
+    """What the SR needs of an input check (``neuroexplain.inputcheck.InputCheck`` and the serving type have it)."""
+
+    @property
+    def in_distribution(self) -> bool: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def threshold(self) -> float: ...
+    @property
+    def reason(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -468,7 +481,7 @@ def build_sr(
     method: str | None = None,
     target: str | None = None,
     clusters: Sequence[ClusterFinding] = (),
-    input_check: InputCheckFinding | None = None,
+    input_check: InputCheckLike | None = None,
     options: Mapping[str, Any] | None = None,
     deidentify: bool = False,
     deidentify_key: bytes | None = None,
@@ -790,7 +803,7 @@ def build_results(
     method: str | None = None,
     target: str | None = None,
     summary: Mapping[str, Any] | None = None,
-    input_check: InputCheckFinding | None = None,
+    input_check: InputCheckLike | None = None,
     options: Mapping[str, Any] | None = None,
     extras: Iterable[str] = (),
     deidentify: bool = False,
@@ -850,3 +863,62 @@ def build_results(
             raise InvalidInputError("the sc extra needs the source image volume")
         objects.extend(build_secondary_capture(source, image, relevance, method=method, target=target, **common))
     return [_encode(ds) for ds in objects]
+
+
+def render_parametric_map_png(pm: Dataset, source_instances: Sequence[Dataset], *, slice_mm: float | None = None) -> bytes:
+    """A PNG of a Parametric Map over its source, rendered from the DICOM objects alone (what a viewer shows).
+
+    Each PM frame is matched to the source image at the same ImagePositionPatient; the slice shown is the one with
+    the largest positive relevance unless ``slice_mm`` (position along the normal) is given. Needs matplotlib.
+
+    Args:
+        pm: a Parametric Map built by :func:`build_parametric_map` (read back with pydicom).
+        source_instances: the source series' instances, pixel data included (single-frame images).
+        slice_mm: optional slice position along the image normal (mm).
+
+    Returns:
+        PNG bytes.
+
+    Raises:
+        InvalidInputError: a PM frame has no source image at its position.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quiet_dicom_loggers()
+    values = np.asarray(pm.pixel_array, dtype=np.float64)  # (frames, rows, columns), FloatPixelData as stored
+    positions = [np.array(f.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
+                 for f in pm.PerFrameFunctionalGroupsSequence]
+    by_position = [(np.array(ds.ImagePositionPatient, dtype=np.float64), ds) for ds in source_instances]
+    iop = np.array(pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    if slice_mm is None:
+        k = int(np.argmax(np.clip(values, 0, None).sum(axis=(1, 2))))
+    else:
+        k = int(np.argmin([abs(float(p @ normal) - slice_mm) for p in positions]))
+    match = [ds for p, ds in by_position if np.linalg.norm(p - positions[k]) < 0.01]
+    if not match:
+        raise InvalidInputError("a Parametric Map frame has no source image at its position; pass the source series")
+    src = match[0]
+    image = np.asarray(src.pixel_array, dtype=np.float64) * float(src.get("RescaleSlope", 1) or 1) + float(
+        src.get("RescaleIntercept", 0) or 0)
+    rel = values[k]
+    vmax = float(np.abs(values).max()) or 1.0
+    spacing = [float(v) for v in pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+    extent = (0, rel.shape[1] * spacing[1], rel.shape[0] * spacing[0], 0)
+    fig, ax = plt.subplots(figsize=(5, 5 * extent[2] / extent[1]), dpi=110)
+    ax.imshow(image, cmap="gray", extent=extent)
+    shown = np.ma.masked_where(np.abs(rel) < 0.05 * vmax, rel)
+    im = ax.imshow(shown, cmap="RdBu_r", vmin=-vmax, vmax=vmax, alpha=0.75, extent=extent)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="relevance (real-world value)")
+    label = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].LUTExplanation
+    ax.set_title(f"{label}\nframe {k + 1}/{len(positions)} at {float(positions[k] @ normal):.1f} mm — "
+                 f"{RESEARCH_NOTICE}", fontsize=7)
+    ax.set_xlabel("mm (along rows)")
+    ax.set_ylabel("mm (down columns)")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
