@@ -309,6 +309,28 @@ def test_patient_data_only_in_the_patient_module(objects: list[R.ResultObject], 
         assert ds.StudyInstanceUID == scan.geometry.headers[0].StudyInstanceUID
 
 
+#: Source attributes a result may share with its source: the Patient and Study modules (identity, so that a PACS
+#: files it), the Frame of Reference, and technical values that agree because the grid is the same.
+_MAY_SHARE = {
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientWeight", "PatientSize",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+    "StudyDescription", "FrameOfReferenceUID", "PositionReferenceIndicator", "Rows", "Columns", "SamplesPerPixel",
+    "PhotometricInterpretation", "PixelSpacing", "InstanceNumber", "Laterality", "Manufacturer",
+    "SpecificCharacterSet", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+}
+
+
+def test_nothing_else_of_the_source_is_copied(objects: list[R.ResultObject], scan: Any) -> None:
+    source = scan.geometry.headers[0]
+    values = {e.keyword: e.value for e in source if e.VR not in ("SQ", "OB", "OW", "UN") and e.keyword}
+    for obj in objects:
+        ds = _read(obj)
+        shared = {k for k, v in values.items() if k in ds and ds[k].value == v and v not in ("", None)}
+        assert shared <= _MAY_SHARE, (obj.sop_class_uid, shared - _MAY_SHARE)
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID and ds.SOPInstanceUID not in {
+            str(h.SOPInstanceUID) for h in scan.geometry.headers}
+
+
 def test_deidentified_objects_hold_no_identity(scan: Any, objects: list[R.ResultObject], tmp_path: Path) -> None:
     src = scan.geometry.headers
     secrets = [NAME.split("^")[0], NAME.split("^")[1], PID, str(src[0].StudyInstanceUID),
