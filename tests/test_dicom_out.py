@@ -440,6 +440,14 @@ def test_bad_requests_are_typed_errors(scan: Any, tmp_path: Path) -> None:
                         probabilities={"lesion": 1.0}, extras=["sc"])
     with pytest.raises(ScanGeometryError, match="expected the scan's grid"):
         _build(scan, relevance=np.zeros((3, 3, 3), np.float32))
+    with pytest.raises(NeuroExplainError, match="return_dicom needs a DICOM series input") as info:
+        R.validate_request(source_is_dicom=False, operation="attribute")
+    assert info.value.code == "INVALID_ARGUMENT" and info.value.field == "return_dicom"
+    assert R.validate_request(source_is_dicom=True, operation="attribute", extras=["SC", "seg", "sc"]) == (
+        R.Extra.SC, R.Extra.SEG)
+    with pytest.raises(FailedPreconditionError) as refused:
+        R.validate_request(source_is_dicom=True, operation="predict", deidentify=True)
+    assert refused.value.code == "FAILED_PRECONDITION" and refused.value.field == "deidentify"
     bad = _relevance(scan.geometry.shape)
     bad[0, 0, 0] = np.nan
     with pytest.raises(NeuroExplainError, match="NaN or Inf"):

@@ -790,6 +790,47 @@ def build_secondary_capture(
 # What serving calls
 
 
+def validate_request(
+    *,
+    source_is_dicom: bool,
+    operation: str,
+    extras: Iterable[str] = (),
+    deidentify: bool = False,
+    deidentify_key: bytes | None = None,
+) -> tuple[Extra, ...]:
+    """Refuse a DICOM-results request before any work is done (the gateway calls it when ``return_dicom`` is set).
+
+    Args:
+        source_is_dicom: whether the scan came as a DICOM series (``Scan.dicom``, or a digest of one).
+        operation: ``predict`` or ``attribute``.
+        extras: the requested ``dicom_extras``.
+        deidentify: the request's ``deidentify``.
+        deidentify_key: the server's key, if configured.
+
+    Returns:
+        The parsed extras.
+
+    Raises:
+        InvalidInputError: ``return_dicom`` for a NIfTI/MGH scan.
+        InvalidOptionError: an unknown extra, or extras on Predict.
+        FailedPreconditionError: ``deidentify`` without a server key.
+    """
+    if not source_is_dicom:
+        raise InvalidInputError(
+            "return_dicom needs a DICOM series input (Scan.dicom); this scan is a NIfTI/MGH file, whose results come "
+            "back as NIfTI only", field="return_dicom",
+        )
+    wanted = Extra.parse_all(extras)
+    if operation == "predict" and wanted:
+        raise InvalidOptionError("dicom extras (seg, sc) apply to attribute only; predict returns the SR alone",
+                                 field="dicom_extras")
+    if operation not in ("predict", "attribute"):
+        raise InvalidOptionError(f"DICOM results exist for predict and attribute; not for {operation[:32]!r}")
+    if deidentify:
+        check_key(deidentify_key)
+    return wanted
+
+
 def build_results(
     source: SeriesGeometry | Sequence[Dataset],
     *,
@@ -836,20 +877,14 @@ def build_results(
         InvalidOptionError: an unknown extra, extras on Predict, an unknown operation.
         FailedPreconditionError: ``deidentify`` without a key.
     """
-    wanted = Extra.parse_all(extras)
-    if deidentify:
-        check_key(deidentify_key)
+    wanted = validate_request(source_is_dicom=True, operation=operation, extras=extras, deidentify=deidentify,
+                              deidentify_key=deidentify_key)
     common: dict[str, Any] = {"model": model, "version": version, "options": options, "deidentify": deidentify,
                               "deidentify_key": deidentify_key}
     if operation == "predict":
-        if wanted:
-            raise InvalidOptionError("dicom extras (seg, sc) apply to attribute only; predict returns the SR alone",
-                                     field="dicom_extras")
         sr = build_sr(source, operation="predict", predicted_class=predicted_class, probabilities=probabilities,
                       input_check=input_check, **common)
         return [_encode(sr)]
-    if operation != "attribute":
-        raise InvalidOptionError(f"DICOM results exist for predict and attribute; not for {operation[:32]!r}")
     if relevance is None or method is None or target is None:
         raise InvalidInputError("attribute DICOM results need the relevance map, method and target")
     objects = [build_parametric_map(source, relevance, method=method, target=target, **common)]
