@@ -18,7 +18,7 @@ Each raw score ``s`` becomes ``z = (s - centre) / scale`` with a centre and a sc
 scans; the overall score is the largest ``z`` and the scan is in distribution when it is at most the threshold
 (fitted by :mod:`neuroexplain.lab.evaluate_input_check` so that at most 1 % of in-distribution scans are flagged).
 The calibration lives in the spec (``spec.input_check``); a model without one gets :data:`DEFAULT_CALIBRATION`
-(the image checks' calibration on the bundled lesion model's scans), and says so in its reason.
+(the image checks fitted on the bundled lesion model's calibration scans), and says so in its reason.
 """
 
 from __future__ import annotations
@@ -56,13 +56,17 @@ _QUANTILES = np.linspace(0.02, 0.98, 25)
 _SIGNAL = 0.05  # normalised intensity above which a voxel has signal (the brain's 99th percentile is 1)
 _DILATE_MM = 6.0
 
-#: Calibration used when a model's spec has none: filled from the bundled lesion model's calibration scans
-#: (``evaluate-input-check --model lesion`` prints it). Feature statistics are model-specific and never defaulted.
+#: Calibration used when a model's spec has none: the four image checks fitted on the bundled lesion model's
+#: calibration range (seeds 2,000,000-2,000,199; threshold = the largest of their 200 image-only scores; 200/200 of
+#: the test range pass). The image checks look at the scan, not the network, so they carry over to any model on the
+#: MNI152 2 mm grid with p99 normalisation; feature statistics are model-specific and never defaulted.
 DEFAULT_CALIBRATION: dict[str, Any] = {
-    "centre": {"coverage": 0.0, "outside": 0.0, "template": 0.1, "contrast": 0.0},
-    "scale": {"coverage": 0.02, "outside": 0.02, "template": 0.05, "contrast": 0.02},
-    "threshold": 3.0,
-    "reference_quantiles": [],
+    "centre": {"coverage": 0.0354, "outside": 0.00234, "template": 0.22482, "contrast": 0.01918},
+    "scale": {"coverage": 0.05761, "outside": 0.01302, "template": 0.12714, "contrast": 0.04303},
+    "threshold": 1.2607,
+    "reference_quantiles": [0.01522, 0.24429, 0.43853, 0.53182, 0.58252, 0.61496, 0.63901, 0.65889, 0.6765, 0.6928,
+                            0.70844, 0.72384, 0.73925, 0.75485, 0.77084, 0.7873, 0.80435, 0.82201, 0.84017, 0.85849,
+                            0.87687, 0.8957, 0.91611, 0.94086, 0.98131],
 }
 
 

@@ -154,3 +154,11 @@ def test_evaluate_input_check_refuses_bad_options(capsys: pytest.CaptureFixture[
     assert main(["evaluate-input-check", "--model", "lesion", "--n", "5"]) == 1
     assert "--n 5 is out of range" in capsys.readouterr().err
     assert main(["evaluate-input-check", "--model", "mine"]) == 1
+
+
+def test_default_calibration_passes_test_scans_and_flags_the_shell(lesion: LoadedModel, ood: dict[str, OodCase]) -> None:
+    bare = LoadedModel(spec=replace(lesion.spec, input_check={}, feature_statistics=None), module=lesion.module,
+                       device=lesion.device)
+    scan = _scan(make_sample(Task.LESION, HELD_OUT_SEED_START + 5).image)
+    assert ic.check_input(bare, prepare(scan, bare, Alignment.MNI)).in_distribution
+    assert not ic.check_input(bare, prepare(ood["skull_shell"].scan, bare, Alignment.MNI)).in_distribution
