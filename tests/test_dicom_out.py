@@ -48,7 +48,9 @@ def _series(tmp: Path, *, enhanced: bool = False, orientation: str = "axial", se
     out = tmp / f"src-{orientation}-{enhanced}-{seed}-{reverse}"
     write_series(vol, aff, out, enhanced=enhanced, orientation=orientation, reverse_slices=reverse,  # type: ignore[arg-type]
                  patient_name=NAME, patient_id=PID, uid_seed=seed)
-    return read_series_dir(out)
+    scan = read_series_dir(out)
+    _DIRS[id(scan)] = out
+    return scan
 
 
 def _relevance(shape: tuple[int, int, int]) -> np.ndarray:
@@ -68,6 +70,14 @@ def _summary(scan: Any, rel: np.ndarray) -> dict[str, Any]:
         out.append({"rank": rank, "centroid_mm": [float(v) for v in ras], "peak_mm": [float(v) for v in ras],
                     "volume_ml": 0.1 * rank, "share_of_positive": 0.5 / rank})
     return {"clusters": out}
+
+
+_DIRS: dict[int, Path] = {}
+
+
+def scan_dir(scan: Any) -> list[Path]:
+    """The instance files of a series written by :func:`_series`."""
+    return [p for p in _DIRS[id(scan)].iterdir() if p.is_file()]
 
 
 def _build(scan: Any, **kw: Any) -> list[R.ResultObject]:
@@ -261,6 +271,14 @@ def test_uids_deterministic_and_sensitive(scan: Any, objects: list[R.ResultObjec
                                        target="lesion", options={"steps": 16})
     assert reordered.SOPInstanceUID == objects[0].sop_instance_uid
     pm_uid = objects[0].sop_instance_uid
+    # Headers parsed from the files without pixel data, shuffled (what a gateway holding only headers passes).
+    files = sorted(Path(p) for p in scan_dir(scan))
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    np.random.default_rng(3).shuffle(headers)  # type: ignore[arg-type]
+    from_files = R.build_parametric_map(headers, _relevance(scan.geometry.shape), model="lesion", version="1.0.0",
+                                        method="integrated_gradients", target="lesion", options={"steps": 16})
+    assert from_files.SOPInstanceUID == pm_uid
+    _check_pm(_read(R._encode(from_files)), scan, _relevance(scan.geometry.shape))
     assert _build(scan, method="gradient")[0].sop_instance_uid != pm_uid
     assert _build(scan, options={"steps": 17})[0].sop_instance_uid != pm_uid
     assert _build(scan, target="healthy")[0].sop_instance_uid != pm_uid

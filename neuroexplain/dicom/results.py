@@ -219,6 +219,10 @@ def quiet_dicom_loggers() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+    # Loggers created later (a submodule imported afterwards) inherit this level, so their DEBUG/INFO never emit.
+    for parent in ("highdicom", "pydicom"):
+        if logging.getLogger(parent).level < logging.WARNING:
+            logging.getLogger(parent).setLevel(logging.WARNING)
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
 
