@@ -293,15 +293,20 @@ def _register(scan: Scan, grid: Grid, settings: RegistrationSettings) -> Registr
     coarse = 2.0 * spacing
     stage1 = _method(settings, mask, [4, 2], [2 * coarse, coarse])
     stage1.SetInitialTransform(rigid, inPlace=True)
-    stage1.Execute(fixed, moving)
-
     affine = sitk.AffineTransform(3)
-    affine.SetCenter(rigid.GetCenter())
-    affine.SetMatrix(rigid.GetMatrix())
-    affine.SetTranslation(rigid.GetTranslation())
     stage2 = _method(settings, mask, [2, 1], [coarse, 0.0])
-    stage2.SetInitialTransform(affine, inPlace=True)
-    stage2.Execute(fixed, moving)
+    try:  # ITK raises RuntimeError for images it cannot register at all (e.g. degenerate, constant content)
+        stage1.Execute(fixed, moving)
+        affine.SetCenter(rigid.GetCenter())
+        affine.SetMatrix(rigid.GetMatrix())
+        affine.SetTranslation(rigid.GetTranslation())
+        stage2.SetInitialTransform(affine, inPlace=True)
+        stage2.Execute(fixed, moving)
+    except RuntimeError:
+        raise RegistrationError(
+            "registration could not run on this scan (no usable structure to align); send a whole-brain T1 scan, "
+            "or use alignment=mni or center"
+        ) from None
     metric = float(stage2.GetMetricValue())
 
     model_to_scan = _matrix(affine)  # SimpleITK maps fixed (model world) points to moving (scan world) points

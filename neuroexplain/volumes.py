@@ -454,8 +454,9 @@ def center_of_mass_world(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def place(scan: Scan, grid: Grid, template_com_mm: np.ndarray, alignment: Alignment = Alignment.AUTO) -> Placement:
     """Decide how the scan maps onto the grid (see :class:`Alignment`).
 
-    ``AUTO`` resolves to ``MNI`` when the scan, taken untransformed, matches the template
-    (:func:`neuroexplain.registration.in_model_space`), else to ``REGISTER``; ``placement.alignment`` says which.
+    ``AUTO`` resolves to ``MNI`` when the scan sits on the model's grid exactly (shape and affine) or, taken
+    untransformed, matches the template (:func:`neuroexplain.registration.in_model_space`), else to ``REGISTER``;
+    ``placement.alignment`` says which.
 
     Raises:
         InvalidOptionError: ``alignment`` is not an :class:`Alignment`.
@@ -467,7 +468,10 @@ def place(scan: Scan, grid: Grid, template_com_mm: np.ndarray, alignment: Alignm
 
     used = alignment
     if alignment is Alignment.AUTO:
-        used = Alignment.MNI if registration.in_model_space(scan, grid) else Alignment.REGISTER
+        # A scan written on the model's own grid (same shape and affine) is in the model's space by its header;
+        # anything else must also look like the template untransformed, or it is registered.
+        on_grid = scan.shape == tuple(grid.shape) and np.allclose(scan.affine, grid.affine, atol=1e-3)
+        used = Alignment.MNI if on_grid or registration.in_model_space(scan, grid) else Alignment.REGISTER
     if used is Alignment.REGISTER:
         result = registration.register(scan, grid)
         return Placement(grid=grid, scan_affine=scan.affine, scan_shape=scan.shape, shift_mm=np.zeros(3),

@@ -19,7 +19,7 @@ def test_models_json_lists_bundled_models(capsys: pytest.CaptureFixture[str]) ->
     assert rows["lesion"]["classes"] == ["healthy", "lesion"]
     assert rows["atrophy"]["classes"] == ["healthy", "atrophy"]
     assert rows["lesion"]["grid"]["shape"] == [80, 96, 80]
-    assert rows["lesion"]["version"] == "1.0.0"
+    assert rows["lesion"]["version"] == "1.1.0"
 
 
 def test_synth_then_predict_json_with_a_failing_scan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,7 +37,7 @@ def test_synth_then_predict_json_with_a_failing_scan(tmp_path: Path, capsys: pyt
     assert code == 1  # one scan failed
     assert [line["scan"] for line in lines] == scans
     for line in lines[:2]:
-        assert line["model"] == "lesion" and line["model_version"] == "1.0.0"
+        assert line["model"] == "lesion" and line["model_version"] == "1.1.0"
         assert set(line["probabilities"]) == {"healthy", "lesion"}
         assert line["predicted_class"] in ("healthy", "lesion")
         assert len(line["logits"]) == 2 and line["cached"] is False and line["notice"] == RESEARCH_NOTICE

@@ -15,7 +15,7 @@ from neuroexplain.lab.synthetic import HELD_OUT_SEED_START, Task, make_sample
 from neuroexplain.models import list_specs, load_from_files, load_model
 from neuroexplain.models.spec import ModelSpec
 from neuroexplain.predict import predict, predict_arrays
-from neuroexplain.volumes import Grid, nifti_bytes, normalise, read_scan
+from neuroexplain.volumes import Alignment, Grid, nifti_bytes, normalise, read_scan
 
 TARGETS = {"lesion": 0.95, "atrophy": 0.90}
 USER_MODEL = '''
@@ -62,7 +62,7 @@ def test_user_model_found_through_env_and_predicts(tmp_path: Path, monkeypatch: 
     assert model.layer("conv").out_channels == 2
     rng = np.random.default_rng(0)
     scan = read_scan(nifti_bytes(rng.random((30, 30, 30)) + 0.1, np.diag([2.0, 2.0, 2.0, 1.0])))
-    (pred,) = predict(model, [scan])
+    (pred,) = predict(model, [scan], alignment=Alignment.MNI)  # noise: auto would (rightly) refuse to register it
     assert set(pred.probabilities) == {"a", "b", "c"}
     assert abs(sum(pred.probabilities.values()) - 1) < 1e-5
     assert pred.predicted_class == max(pred.probabilities, key=pred.probabilities.__getitem__)

@@ -252,7 +252,7 @@ def test_blob_round_trip_lands_within_one_voxel(name: str) -> None:
     assert np.linalg.norm(peak_native_mm - target_mm) <= max(native_voxel, 2.0)
 
 
-def test_auto_alignment_centres_unregistered_scans() -> None:
+def test_auto_alignment_registers_unregistered_scans_and_center_recovers_a_shift() -> None:
     from neuroexplain.lab.synthetic import Task, make_sample
     from neuroexplain.template import anatomy
 
@@ -264,8 +264,8 @@ def test_auto_alignment_centres_unregistered_scans() -> None:
     moved_affine = MNI_2MM.affine.copy()
     moved_affine[:3, 3] += [60.0, -40.0, 80.0]  # scanner coordinates far from MNI's origin
     moved = read_scan(nifti_bytes(sample.image, moved_affine))
-    placement = place(moved, MNI_2MM, com)
-    assert placement.alignment is Alignment.CENTER
+    assert place(moved, MNI_2MM, com).alignment is Alignment.REGISTER  # auto: not in the model's space
+    placement = place(moved, MNI_2MM, com, Alignment.CENTER)
     centred = place(registered, MNI_2MM, com, Alignment.CENTER)
     np.testing.assert_allclose(placement.shift_mm - centred.shift_mm, [-60.0, 40.0, -80.0], atol=0.5)
     # Centring recovers the same model-space image as the registered scan.
