@@ -87,6 +87,10 @@ class Settings:
         max_calls_per_caller: calls one caller (token name, certificate subject, else peer address) may have in
             flight; 0 = no cap.
         redis_password_file / redis_password: the Redis password, kept out of the ``--cache`` URL (and the logs).
+        input_check: ``warn`` (default: answer, with the input check in the result) or ``reject`` (a scan unlike the
+            model's training data is answered FAILED_PRECONDITION with the reason).
+        deidentify_key_file: key (16-4096 bytes) of the keyed UID remapping of de-identified DICOM results; without
+            it, ``deidentify`` requests are refused (FAILED_PRECONDITION).
     """
 
     host: str = "localhost"
@@ -130,6 +134,8 @@ class Settings:
     max_calls_per_caller: int = 8
     redis_password_file: str | None = None
     redis_password: str | None = field(default=None, repr=False)
+    input_check: str = "warn"
+    deidentify_key_file: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "health_port"):
@@ -151,6 +157,8 @@ class Settings:
                 "--tokens-file (or NEUROEXPLAIN_TOKENS), or write --insecure to serve plaintext without "
                 "authentication"
             )
+        if self.input_check not in ("warn", "reject"):
+            raise InvalidOptionError(f"input_check is {self.input_check!r}; allowed: ['warn', 'reject']")
         if not (self.cache in ("disk", "none") or self.cache.startswith(("redis://", "rediss://"))):
             raise InvalidOptionError(
                 "cache must be 'disk', 'none' or a redis://[:password@]host:port/db URL; got a value of another form"
