@@ -32,7 +32,8 @@ DEFAULT_SERVER = "localhost:50051"
 MAX_MESSAGE_BYTES = 256 << 20
 TOKEN_ENV = "NEUROEXPLAIN_TOKEN"
 
-_ALIGNMENTS = {"auto": pb.ALIGNMENT_AUTO, "mni": pb.ALIGNMENT_MNI, "center": pb.ALIGNMENT_CENTER}
+_ALIGNMENTS = {"auto": pb.ALIGNMENT_AUTO, "mni": pb.ALIGNMENT_MNI, "center": pb.ALIGNMENT_CENTER,
+               "register": pb.ALIGNMENT_REGISTER}
 _NONFINITE = {"reject": pb.NON_FINITE_REJECT, "zero": pb.NON_FINITE_ZERO}
 
 
@@ -68,10 +69,13 @@ def error_code(exc: BaseException) -> str:
 
 def _scan_message(
     scan: bytes | str | os.PathLike[str] | None, digest: str | None, volume_index: int | None, alignment: str,
-    non_finite: str,
+    non_finite: str, series_uid: str = "",
 ) -> pb.Scan:
+    """The wire ``Scan``: file bytes, a directory's DICOM series (every DICOM file in it, read with the standard
+    library only), or a digest."""
     if (scan is None) == (digest is None):
-        raise errors.InvalidOptionError("give exactly one of a scan (bytes or path) and a scan digest")
+        raise errors.InvalidOptionError("give exactly one of a scan (bytes, a file or a DICOM directory) and a scan "
+                                        "digest")
     if alignment not in _ALIGNMENTS:
         raise errors.InvalidOptionError(f"alignment {alignment!r} is unknown; allowed: {list(_ALIGNMENTS)}")
     if non_finite not in _NONFINITE:
@@ -81,11 +85,20 @@ def _scan_message(
         msg.digest = digest
     elif isinstance(scan, bytes):
         msg.data = scan
+    elif Path(scan).is_dir():  # type: ignore[arg-type]
+        from neuroexplain.dicom.files import collect_instances
+
+        msg.dicom.instances.extend(collect_instances(Path(scan)))  # type: ignore[arg-type]
     else:
         try:
             msg.data = Path(scan).read_bytes()  # type: ignore[arg-type]
         except OSError as exc:
             raise errors.NotFoundError(f"cannot read scan file {scan!s}: {exc.strerror}") from None
+    if series_uid:
+        if not msg.HasField("dicom"):
+            raise errors.InvalidOptionError("series_uid chooses a series of a DICOM input; this scan is not one",
+                                            field="series_uid")
+        msg.dicom.series_instance_uid = series_uid
     if volume_index is not None:
         msg.volume_index = volume_index
     return msg
@@ -159,25 +172,30 @@ class Client:
 
     def predict(
         self, scan: bytes | str | os.PathLike[str] | None = None, *, model: str, digest: str | None = None,
-        volume_index: int | None = None, alignment: str = "auto", non_finite: str = "reject",
-        timeout: float | None = None,
+        volume_index: int | None = None, alignment: str = "auto", non_finite: str = "reject", series_uid: str = "",
+        return_dicom: bool = False, deidentify: bool = False, timeout: float | None = None,
     ) -> pb.PredictResponse:
-        """Class probabilities of one scan (file path, bytes, or the ``digest`` of a scan sent before)."""
+        """Class probabilities of one scan (file path, bytes, a DICOM series directory, or the ``digest`` of a scan
+        sent before). ``return_dicom`` (DICOM input): the response's ``dicom`` holds the result SR."""
         request = pb.PredictRequest(
-            model=model, scan=_scan_message(scan, digest, volume_index, alignment, non_finite)
+            model=model, scan=_scan_message(scan, digest, volume_index, alignment, non_finite, series_uid),
+            return_dicom=return_dicom, deidentify=deidentify,
         )
         return self._call(self._stub.Predict, request, timeout)  # type: ignore[no-any-return]
 
     def attribute(
         self, scan: bytes | str | os.PathLike[str] | None = None, *, model: str, method: str,
         digest: str | None = None, target: str = "", options: Mapping[str, str] | None = None, png: bool = False,
-        volume_index: int | None = None, alignment: str = "auto", non_finite: str = "reject",
+        volume_index: int | None = None, alignment: str = "auto", non_finite: str = "reject", series_uid: str = "",
+        return_dicom: bool = False, dicom_extras: Sequence[str] = (), deidentify: bool = False,
         timeout: float | None = None,
     ) -> pb.AttributeResponse:
-        """Signed relevance map (``.nifti``, on the scan's grid) and summary of one scan."""
+        """Signed relevance map (``.nifti``, on the scan's grid) and summary of one scan. ``return_dicom`` (DICOM
+        input): the response's ``dicom`` holds the Parametric Map and the SR, plus ``dicom_extras`` (seg, sc)."""
         request = pb.AttributeRequest(
-            model=model, scan=_scan_message(scan, digest, volume_index, alignment, non_finite), method=method,
-            target=target, options={k: str(v) for k, v in (options or {}).items()}, png=png,
+            model=model, scan=_scan_message(scan, digest, volume_index, alignment, non_finite, series_uid),
+            method=method, target=target, options={k: str(v) for k, v in (options or {}).items()}, png=png,
+            return_dicom=return_dicom, dicom_extras=list(dicom_extras), deidentify=deidentify,
         )
         return self._call(self._stub.Attribute, request, timeout)  # type: ignore[no-any-return]
 
@@ -269,8 +287,9 @@ def is_loopback(target: str) -> bool:
 
     if target.startswith(("unix:", "unix-abstract:")):
         return True
+    target = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
     host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
-    host = host.removeprefix("dns:///").strip("[]")
+    host = host.strip("[]")
     if host in ("localhost", "ip6-localhost"):
         return True
     try:

@@ -59,6 +59,14 @@ class FailedPreconditionError(NeuroExplainError):
 
     code: ClassVar[str] = "FAILED_PRECONDITION"
 
+    @classmethod
+    def unlike_training(cls, reason: str, score: float, threshold: float) -> FailedPreconditionError:
+        """The refusal of ``--input-check reject`` (library and gateway say it the same way). ``reason`` is built
+        from check names and fractions only, never from patient data."""
+        return cls(f"input check: the scan is unlike the model's training data: {reason} (score {score:.2f} above "
+                   f"threshold {threshold:.2f}); send a skull-stripped T1 scan in the model's space, or ask for a "
+                   "server running with --input-check warn", field="input_check")
+
 
 class ResourceExhaustedError(NeuroExplainError):
     """A resource ran out (RESOURCE_EXHAUSTED): memory (host or CUDA), queue slots."""

@@ -129,11 +129,7 @@ def enforce(check: InputCheck, mode: InputCheckMode) -> None:
     check names and fractions only).
     """
     if mode is InputCheckMode.REJECT and not check.in_distribution:
-        raise FailedPreconditionError(
-            f"input check: the scan is unlike the model's training data: {check.reason} (score {check.score:.2f} "
-            f"above threshold {check.threshold:.2f}); send a skull-stripped T1 scan in the model's space, or ask "
-            "for a server running with --input-check warn"
-        )
+        raise FailedPreconditionError.unlike_training(check.reason, check.score, check.threshold)
 
 
 @dataclass(frozen=True)

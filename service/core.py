@@ -17,16 +17,18 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from neuroexplain.dicom.files import series_digest
 from neuroexplain.errors import (
     CancelledError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidOptionError,
     LimitExceededError,
     NotFoundError,
     UnavailableError,
-    UnimplementedError,
     status_name,
 )
 from neuroexplain.serving.types import (
@@ -95,24 +97,29 @@ def _store_key(owner: str, digest: str) -> str:
     return f"{owner}\0{digest}"
 
 
-def series_digest(instances: tuple[bytes, ...]) -> str:
-    """Digest of a DICOM series that does not depend on the order of its instances: SHA-256 over the sorted
-    SHA-256 digests of the instances."""
-    parts = sorted(hashlib.sha256(i).digest() for i in instances)
-    return hashlib.sha256(b"nx-dicom-series\0" + b"".join(parts)).hexdigest()
+def check_dicom_request(request: PredictRequest | AttributeRequest, deidentify_key: bytes | None) -> None:
+    """Refuse a DICOM-results request that cannot be answered, before anything is computed: ``return_dicom`` on a
+    NIfTI/MGH scan, an unknown extra or extras on Predict, ``deidentify`` without the server's key, and
+    ``deidentify`` / ``dicom_extras`` without ``return_dicom``."""
+    extras = request.dicom_extras if isinstance(request, AttributeRequest) else ()
+    if not request.return_dicom:
+        if request.deidentify or extras:
+            what = "deidentify" if request.deidentify else "dicom_extras"
+            raise InvalidOptionError(f"{what} applies to DICOM results; set return_dicom too", field=what)
+        return
+    from neuroexplain.dicom.results import validate_request
+
+    operation = Operation.PREDICT if isinstance(request, PredictRequest) else Operation.ATTRIBUTE
+    validate_request(source_is_dicom=request.scan.is_dicom, operation=operation.value, extras=extras,
+                     deidentify=request.deidentify, deidentify_key=deidentify_key)
 
 
-def refuse_unbuilt_dicom_results(request: PredictRequest | AttributeRequest) -> None:
-    """UNIMPLEMENTED switches of the gateway-side DICOM results (remove each as its feature is wired)."""
-    if request.return_dicom:
-        raise UnimplementedError("return_dicom (DICOM result objects) is not available on this server yet; use "
-                                 "the NIfTI map and the summary in the response")
-    if request.deidentify:
-        raise UnimplementedError("deidentify (de-identified DICOM results) is not available on this server yet; "
-                                 "use return_dicom unset")
-    if isinstance(request, AttributeRequest) and request.dicom_extras:
-        raise UnimplementedError("dicom_extras (Segmentation and Secondary Capture results) is not available on "
-                                 "this server yet; use no dicom_extras")
+def refuse_flagged(result: PredictResult | AttributeResult) -> None:
+    """``--input-check reject``: FAILED_PRECONDITION for a result whose scan the input check flagged (also for a
+    cached result: the mode is the server's, not part of the cache key)."""
+    check = result.input_check
+    if check is not None and not check.in_distribution:
+        raise FailedPreconditionError.unlike_training(check.reason, check.score, check.threshold)
 
 
 def canonical_options(described: MethodInfo | None, given: Mapping[str, str], what: str) -> dict[str, str]:
@@ -262,6 +269,11 @@ class Core:
         self._pending = 0  # computations running or queued
         self._models: dict[str, ModelInfo] = {}
         self._models_lock = threading.Lock()
+        self.deidentify_key: bytes | None = None
+        if settings.deidentify_key_file:
+            from neuroexplain.dicom.deid import load_key
+
+            self.deidentify_key = load_key(Path(settings.deidentify_key_file))
 
     # -- models --------------------------------------------------------------------------------------------------
 
@@ -316,7 +328,7 @@ class Core:
         elif ref.instances is not None:
             if not ref.instances:
                 raise InvalidOptionError("scan.dicom has no instances; send every instance of one DICOM series")
-            digest, data, instances = series_digest(ref.instances), b"", tuple(ref.instances)
+            digest, data, instances = series_digest(ref.instances), b"", tuple(ref.instances)  # order-independent
         elif ref.digest:
             digest = ref.digest.lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -337,25 +349,63 @@ class Core:
 
     def dicom_objects(self, request: PredictRequest | AttributeRequest,
                       result: PredictResult | AttributeResult) -> tuple[DicomObject, ...]:
-        """Seam: the gateway-side DICOM results of one response (torch-free, built after the result from the
-        request's series — for a request by digest, from the caller-bound scan store — and never cached).
+        """The DICOM results of one response (``return_dicom``): built here, torch-free, after the result, from the
+        request's series (for a request by digest, the caller-bound scan store's copy), and never cached.
 
-        Returns ``()`` unless ``request.return_dicom``; until the builder is wired, such requests are refused by
-        :func:`refuse_unbuilt_dicom_results` before anything is computed.
+        Predict: the Comprehensive 3D SR; Attribute: the Parametric Map and the SR, plus the requested extras.
         """
-        return ()
+        if not request.return_dicom:
+            return ()
+        from neuroexplain.dicom import read_series
+        from neuroexplain.dicom.results import build_results, relevance_from_nifti
+        from neuroexplain.volumes import NonFinite as LibraryNonFinite
+        from neuroexplain.volumes import ScanLimits
+
+        scan = request.scan
+        source = read_series(scan.instances, series_uid=scan.series_uid or None, volume_index=scan.volume_index,
+                             nonfinite=LibraryNonFinite(scan.nonfinite.value),
+                             limits=ScanLimits(**dataclasses.asdict(scan.limits)))
+        common: dict[str, Any] = {"model": result.model, "version": result.model_version,
+                                  "predicted_class": result.predicted_class, "probabilities": result.probabilities,
+                                  "input_check": result.input_check, "deidentify": request.deidentify,
+                                  "deidentify_key": self.deidentify_key}
+        if isinstance(request, PredictRequest):
+            objects = build_results(source.geometry, operation=Operation.PREDICT.value, options={}, **common)
+        else:
+            assert isinstance(result, AttributeResult)
+            import json
+
+            info = self.model(request.model)
+            method = next((m for m in info.attribution_methods if m.name == request.method), None)
+            options = {"method": request.method, "target": request.target,
+                       "options": canonical_options(method, request.options, f"method {request.method!r}")}
+            objects = build_results(
+                source.geometry, operation=Operation.ATTRIBUTE.value, options=options,
+                relevance=relevance_from_nifti(result.nifti, source.geometry), image=source.data,
+                method=result.method, target=result.target, summary=json.loads(result.summary_json),
+                extras=request.dicom_extras, **common,
+            )
+        return tuple(DicomObject(sop_class_uid=o.sop_class_uid, sop_instance_uid=o.sop_instance_uid,
+                                 series_instance_uid=o.series_instance_uid, data=o.data) for o in objects)
 
     # -- operations ----------------------------------------------------------------------------------------------
 
+    @property
+    def rejects_flagged(self) -> bool:
+        return self.settings.input_check == "reject"
+
     def predict(self, request: PredictRequest, caller: Caller) -> tuple[PredictResult, bool]:
-        refuse_unbuilt_dicom_results(request)
+        check_dicom_request(request, self.deidentify_key)
         info = self.model(request.model)
         key = self._key(Operation.PREDICT, info, request.scan, {})
-        return self._run(Operation.PREDICT, info, key, caller, request.scan,
-                         lambda scan, ctx: self.backend.predict(dataclasses.replace(request, scan=scan), ctx))
+        out = self._run(Operation.PREDICT, info, key, caller, request.scan,
+                        lambda scan, ctx: self.backend.predict(dataclasses.replace(request, scan=scan), ctx))
+        self._record_input_check(Operation.PREDICT, info, out[0])
+        return out
 
     def attribute(self, request: AttributeRequest, caller: Caller) -> tuple[AttributeResult, bool]:
-        refuse_unbuilt_dicom_results(request)
+        check_dicom_request(request, self.deidentify_key)
+        request = dataclasses.replace(request, reject_flagged=self.rejects_flagged)
         info = self.model(request.model)
         if not request.method:
             names = [m.name for m in info.attribution_methods]
@@ -371,8 +421,21 @@ class Core:
         options = {"method": request.method, "target": request.target, "png": request.png,
                    "options": canonical_options(method, request.options, f"method {request.method!r}")}
         key = self._key(Operation.ATTRIBUTE, info, request.scan, options)
-        return self._run(Operation.ATTRIBUTE, info, key, caller, request.scan,
-                         lambda scan, ctx: self.backend.attribute(dataclasses.replace(request, scan=scan), ctx))
+        out = self._run(Operation.ATTRIBUTE, info, key, caller, request.scan,
+                        lambda scan, ctx: self.backend.attribute(dataclasses.replace(request, scan=scan), ctx))
+        self._record_input_check(Operation.ATTRIBUTE, info, out[0])
+        return out
+
+    def _record_input_check(self, op: Operation, info: ModelInfo, result: PredictResult | AttributeResult) -> None:
+        """Count the input check's verdict and score, then apply ``--input-check reject``."""
+        check = result.input_check
+        if check is None:
+            return
+        verdict = "in_distribution" if check.in_distribution else "flagged"
+        self.metrics.input_checks.labels(op.value, info.name, verdict).inc()
+        self.metrics.input_check_score.labels(info.name).observe(check.score / max(check.threshold, 1e-12))
+        if self.rejects_flagged:
+            refuse_flagged(result)
 
     def visualize(self, request: VisualizeRequest, caller: Caller) -> Iterator[tuple[str, Progress | tuple[VisualizeResult, bool]]]:
         """Yields ``(job_id, Progress)`` events, then ``(job_id, (result, cached))``."""

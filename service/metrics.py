@@ -90,3 +90,13 @@ class Metrics:
         self.scan_store_entries = Gauge(
             "neuroexplain_scan_store_entries", "Scans held for digest references.", registry=r
         )
+        self.input_checks = Counter(
+            "neuroexplain_input_checks",
+            "Input checks of Predict and Attribute results (cached ones included), by verdict: in_distribution or "
+            "flagged (the scan is unlike the model's training data).", ["operation", "model", "verdict"], registry=r,
+        )
+        self.input_check_score = Histogram(
+            "neuroexplain_input_check_score_ratio",
+            "Input-check score divided by the model's threshold (above 1 = flagged).", ["model"],
+            buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0), registry=r,
+        )

@@ -88,7 +88,8 @@ def test_attribute_writes_map_png_and_summary(model_dir: Path, scan_path: Path, 
 def test_attribute_errors_are_one_line_on_stderr(
     model_dir: Path, scan_path: Path, tmp_path: Path, capsys, argv: list[str], message: str  # type: ignore[no-untyped-def]
 ) -> None:
-    code = main(["attribute", str(scan_path), "--model", "clitiny", "-o", str(tmp_path / "o.nii.gz"), "--local", *argv])
+    code = main(["attribute", str(scan_path), "--model", "clitiny", "-o", str(tmp_path / "o.nii.gz"), "--local",
+                 "--alignment", "center", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert len(err.splitlines()) == 1 and message in err, err

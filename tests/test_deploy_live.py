@@ -297,7 +297,7 @@ def test_results_are_cached_in_the_password_protected_redis(gateway: Gateway) ->
     from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
 
     credentials = grpc.ssl_channel_credentials(root_certificates=gateway.cert.read_bytes())
-    request = pb.PredictRequest(model="tinyles", scan=pb.Scan(data=make_scan(seed=7)))
+    request = pb.PredictRequest(model="tinyles", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, data=make_scan(seed=7)))
     metadata = [("authorization", f"Bearer {TOKEN}")]
     with grpc.secure_channel(f"localhost:{gateway.port}", credentials) as channel:
         stub = pb_grpc.NeuroExplainStub(channel)
@@ -345,7 +345,7 @@ def test_torchserve_metrics_the_dashboard_names_are_re_exported(tmp_path: Path) 
         with grpc.secure_channel(f"localhost:{gw.port}", credentials) as channel:
             stub = pb_grpc.NeuroExplainStub(channel)
             response = stub.Predict(
-                pb.PredictRequest(model="tinyles", scan=pb.Scan(data=make_scan())),
+                pb.PredictRequest(model="tinyles", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, data=make_scan())),
                 metadata=[("authorization", f"Bearer {TOKEN}")], timeout=120,
             )
             assert set(response.probabilities) == {"healthy", "lesion"}

@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 NAME, PID = "PLANTED^SECRETNAME", "PLANTEDID4711"
 MR = "1.2.840.10008.5.1.4.1.1.4"
+PM_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
 
 
 def write_series(folder: Path, study: str, series: str, n: int, image_type: str = "ORIGINAL\\PRIMARY\\AXIAL",
@@ -137,7 +138,8 @@ def test_unlisted_calling_ae_is_rejected_and_nothing_is_spooled(tmp_path: Path, 
 
 def test_refusal_gives_failed_reason_and_not_analysed_sr_localizer_skipped_no_patient_data_in_logs(
         tmp_path: Path, gateway: int, pacs: Orthanc) -> None:
-    """Today the gateway answers UNIMPLEMENTED for DICOM input: a permanent refusal, the whole failure path."""
+    """A series the gateway refuses (16 x 16 x 6 mm of ramps: nothing a brain model can place, INVALID_ARGUMENT): a
+    permanent refusal, the whole failure path."""
     spool = tmp_path / "spool"
     study, series, loc = generate_uid(), generate_uid(), generate_uid()
     files = write_series(tmp_path / "in", study, series, 6) + write_series(
@@ -151,7 +153,7 @@ def test_refusal_gives_failed_reason_and_not_analysed_sr_localizer_skipped_no_pa
         reasons = wait_for(lambda: list((spool / "failed").glob("*/reason.txt")), 60, "failed/ reason")
         assert isinstance(reasons, list) and len(reasons) == 1
         reason = reasons[0].read_text()
-        assert reason.count("\n") == 1 and "UNIMPLEMENTED" in reason
+        assert reason.count("\n") == 1 and "INVALID_ARGUMENT" in reason
         srs = wait_for(lambda: [t for t in pacs.instances_tags() if t.get("Modality") == "SR"], 60, "SR in Orthanc")
         assert isinstance(srs, list) and len(srs) == 1
         assert srs[0]["StudyInstanceUID"] == study and srs[0]["PatientID"] == PID
@@ -219,24 +221,36 @@ def test_orthanc_routes_a_series_to_the_bridge(tmp_path: Path, gateway: int) -> 
             bridge.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="gateway DICOM results not wired yet")
 def test_parametric_map_lands_in_the_source_study(tmp_path: Path, gateway: int, pacs: Orthanc) -> None:
     """Acceptance: the Parametric Map (on the series' geometry) and the SR are in the source study in Orthanc."""
-    study = generate_uid()
-    files = write_series(tmp_path / "in", study, generate_uid(), 8)
+    from test_service_support import make_scan
+
+    from neuroexplain.lab.dicom_synth import write_series as write_volume
+    from neuroexplain.volumes import read_scan
+
+    volume = read_scan(make_scan(8))  # a brain in the tiny model's space, as a 30 x 36 x 30 series
+    write_volume(volume.data, volume.affine, tmp_path / "in", orientation=None, rescale=(0.01, 0.0),
+                 patient_name=NAME, patient_id=PID)
+    files = sorted((tmp_path / "in").glob("*.dcm"))
+    study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     bridge = BridgeProc(tmp_path / "spool", gateway, f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "--allow-ae",
-                        "MODALITY", "--quiet-seconds", "1", "--method", "saliency", "--max-tries", "2")
+                        "MODALITY", "--quiet-seconds", "1", "--method", "gradient", "--max-tries", "2")
     try:
         assert storescu(bridge.port, files).returncode == 0
-        tags = wait_for(lambda: [t for t in pacs.instances_tags() if t.get("Modality") in ("SR", "OT")
-                                 and t.get("StudyInstanceUID") == study], 120, "results")
-        assert isinstance(tags, list)
+        maps = wait_for(lambda: [t for t in pacs.instances_tags() if t.get("SOPClassUID") == PM_SOP_CLASS], 120,
+                        "the Parametric Map in Orthanc")
+        assert isinstance(maps, list) and len(maps) == 1
+        assert maps[0]["StudyInstanceUID"] == study and maps[0]["PatientID"] == PID
+        assert int(maps[0]["Rows"]) == 36 and int(maps[0]["Columns"]) == 30 and int(maps[0]["NumberOfFrames"]) == 30
+        srs = wait_for(lambda: [t for t in pacs.instances_tags() if t.get("Modality") == "SR"], 60, "SRs")
+        assert isinstance(srs, list) and len(srs) == 2  # predict's and attribute's, both in the source study
+        assert {t["StudyInstanceUID"] for t in srs} == {study}
         assert not list((tmp_path / "spool" / "failed").glob("*"))
-        maps = [t for t in pacs.instances_tags() if t.get("SOPClassUID") == "1.2.840.10008.5.1.4.1.1.30"]
-        assert maps and maps[0]["StudyInstanceUID"] == study
-        assert int(maps[0]["Rows"]) == 16 and int(maps[0]["NumberOfFrames"]) == 8
     finally:
         bridge.stop()
+    logs = bridge.log.read_text()
+    for secret in (NAME, "SECRETNAME", PID, study):
+        assert secret not in logs
 
 
 def test_bridge_imports_without_torch_or_numpy() -> None:

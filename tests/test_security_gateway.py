@@ -214,16 +214,16 @@ def test_a_digest_resolves_only_for_the_caller_that_sent_the_scan(stack: Stack) 
     # Digests are written to the audit log; they must not be keys to the patient's scan (security review).
     stub = stack.stub()
     scan = identifying_scan()
-    sent = stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(data=scan)), metadata=AUTH, timeout=TIMEOUT)
+    sent = stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, data=scan)), metadata=AUTH, timeout=TIMEOUT)
     digest = sent.info.scan_digest
-    again = stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(digest=digest)), metadata=AUTH, timeout=TIMEOUT)
+    again = stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, digest=digest)), metadata=AUTH, timeout=TIMEOUT)
     assert again.predicted_class == sent.predicted_class
     unknown = "0" * 64
     messages = []
     for ref in (digest, unknown):
-        for request in (pb.PredictRequest(model="tiny", scan=pb.Scan(digest=ref)),
+        for request in (pb.PredictRequest(model="tiny", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, digest=ref)),
                         pb.VisualizeRequest(model="tiny", target="class:lesion", preset="none", steps=1,
-                                            start="scan", scan=pb.Scan(digest=ref))):
+                                            start="scan", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, digest=ref))):
             call = stub.Predict if isinstance(request, pb.PredictRequest) else (
                 lambda r, **kw: list(stub.Visualize(r, **kw)))
             with pytest.raises(grpc.RpcError) as info:
@@ -238,12 +238,12 @@ def test_a_scan_that_fails_validation_is_not_stored(stack: Stack) -> None:
     stub = stack.stub()
     junk = b"\x00" * 4096
     with pytest.raises(grpc.RpcError) as info:
-        stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(data=junk)), metadata=AUTH, timeout=TIMEOUT)
+        stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, data=junk)), metadata=AUTH, timeout=TIMEOUT)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     import hashlib
 
     with pytest.raises(grpc.RpcError) as info:
-        stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(digest=hashlib.sha256(junk).hexdigest())),
+        stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, digest=hashlib.sha256(junk).hexdigest())),
                      metadata=AUTH, timeout=TIMEOUT)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
@@ -307,20 +307,20 @@ def test_no_patient_data_in_outputs_logs_audit_metrics_or_cache(stack: Stack) ->
     assert PATIENT.encode() in expand(scan)  # the needle is really in the input
     stub = stack.stub()
     responses: list[bytes] = []
-    predict = stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(data=scan)), metadata=AUTH, timeout=TIMEOUT)
+    predict = stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, data=scan)), metadata=AUTH, timeout=TIMEOUT)
     responses.append(predict.SerializeToString())
-    again = stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(digest=digest)), metadata=AUTH,
+    again = stub.Predict(pb.PredictRequest(model="tiny", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, digest=digest)), metadata=AUTH,
                          timeout=TIMEOUT)
     assert again.info.cached and again.info.scan_digest == digest
     responses.append(again.SerializeToString())
     attribution = stub.Attribute(
-        pb.AttributeRequest(model="tiny", scan=pb.Scan(data=scan), method="gradient", png=True),
+        pb.AttributeRequest(model="tiny", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, data=scan), method="gradient", png=True),
         metadata=AUTH, timeout=TIMEOUT,
     )
     responses.append(attribution.SerializeToString())
     # An error path that involves the scan: a bad option must not echo header text either.
     with pytest.raises(grpc.RpcError) as info:
-        stub.Attribute(pb.AttributeRequest(model="tiny", scan=pb.Scan(data=scan), method="no_such_method"),
+        stub.Attribute(pb.AttributeRequest(model="tiny", scan=pb.Scan(alignment=pb.ALIGNMENT_CENTER, data=scan), method="no_such_method"),
                        metadata=AUTH, timeout=TIMEOUT)
     assert_no_patient((info.value.details() or "").encode(), "an error message")
 
@@ -353,12 +353,12 @@ def test_library_outputs_and_errors_carry_only_geometry(tmp_path: Path) -> None:
     from neuroexplain.attribution import explain
     from neuroexplain.errors import NeuroExplainError
     from neuroexplain.models import load_model
-    from neuroexplain.volumes import ScanLimits, nifti_bytes, read_scan
+    from neuroexplain.volumes import Alignment, ScanLimits, nifti_bytes, read_scan
 
     scan_bytes = identifying_scan()
     scan = read_scan(scan_bytes)
     model = load_model("tiny", model_dirs=(_tiny_model(tmp_path / "models"),))
-    result = explain(model, scan, "gradient", png=True)
+    result = explain(model, scan, "gradient", png=True, alignment=Alignment.CENTER)
     for name, blob in (("attribution NIfTI", result.nifti), ("attribution PNG", result.png or b""),
                        ("nifti_bytes", nifti_bytes(scan.data, scan.affine)),
                        ("summary", json.dumps(result.summary, default=float).encode())):
@@ -381,7 +381,7 @@ def test_cli_client_with_mtls_and_token_sends_no_file_name(stack: Stack, tmp_pat
     scan_path.write_bytes(identifying_scan())
     (tmp_path / "ca.pem").write_bytes(stack.pki["ca"].cert_pem)
     cert, key = stack.pki["client"].write(tmp_path, "client")
-    common = ["predict", str(scan_path), "--model", "tiny", "--server", stack.target, "--json",
+    common = ["predict", str(scan_path), "--model", "tiny", "--server", stack.target, "--json", "--alignment", "center",
               "--tls", "--ca", str(tmp_path / "ca.pem"), "--cert", str(cert), "--key", str(key)]
     logs_before, audit_before = len(stack.logs.texts), len(stack.audit.texts)
 
@@ -469,7 +469,7 @@ def test_serve_command_with_every_control_on(tmp_path: Path) -> None:
 
 def test_token_grants_limit_models_and_operations_and_are_audited(stack: Stack) -> None:
     stub = stack.stub()
-    scan = pb.Scan(data=identifying_scan())
+    scan = pb.Scan(alignment=pb.ALIGNMENT_CENTER, data=identifying_scan())
     limited = (("authorization", f"Bearer {LIMITED_TOKEN}"),)
     foreign = (("authorization", f"Bearer {FOREIGN_TOKEN}"),)
     assert stub.Predict(pb.PredictRequest(model="tiny", scan=scan), metadata=limited, timeout=TIMEOUT).predicted_class

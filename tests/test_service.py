@@ -37,11 +37,13 @@ from neuroexplain import RESEARCH_NOTICE
 from neuroexplain._proto import neuroexplain_pb2 as pb
 from neuroexplain.models import load_model
 from neuroexplain.predict import predict
-from neuroexplain.volumes import read_scan
+from neuroexplain.volumes import nifti_bytes, read_scan
 from service.backends.inprocess import InProcessBackend
 from service.grpc.server import SERVICE_NAME
 
 SCAN = make_scan(0)
+SLAB = nifti_bytes(np.pad(np.full((30, 36, 3), 100.0, np.float32), ((0, 0), (0, 0), (13, 14))),
+                   np.diag([2.5, 2.5, 2.5, 1.0]))  # a slab: nothing for registration to align
 
 
 def _image(nifti: bytes) -> Any:
@@ -283,10 +285,11 @@ def test_the_queue_limit_is_the_cores_and_its_refusals_are_counted(gated: GatedB
         (pb.VisualizeRequest(model=TINY, target="class:lesion", steps=100_000), "RESOURCE_EXHAUSTED", "at most"),
         (pb.VisualizeRequest(model=TINY, target="class:lesion", preset="glitter"), "INVALID_ARGUMENT", "robust"),
         # Wave-2 wire fields whose features are not built yet answer UNIMPLEMENTED, never silence.
-        (pb.PredictRequest(model=TINY, scan=pb.Scan(dicom=pb.DicomSeries(instances=[b"x"]))), "UNIMPLEMENTED",
-         "DICOM series input"),
-        (pb.PredictRequest(model=TINY, scan=pb.Scan(data=SCAN, alignment=pb.ALIGNMENT_REGISTER)), "UNIMPLEMENTED",
-         "ALIGNMENT_REGISTER"),
+        (pb.PredictRequest(model=TINY, scan=pb.Scan(dicom=pb.DicomSeries(instances=[b"x"]))), "INVALID_ARGUMENT",
+         "no MR or CT image"),
+        (pb.PredictRequest(model=TINY, scan=pb.Scan(data=SLAB, alignment=pb.ALIGNMENT_REGISTER)), "INVALID_ARGUMENT",
+         "alignment=mni or center"),
+        (pb.PredictRequest(model=TINY, scan=pb.Scan(data=SCAN, alignment=7)), "INVALID_ARGUMENT", "scan.alignment"),
         (pb.PredictRequest(model=TINY, scan=pb.Scan(data=SCAN), return_dicom=True), "UNIMPLEMENTED", "return_dicom"),
         (pb.PredictRequest(model=TINY, scan=pb.Scan(data=SCAN), deidentify=True), "UNIMPLEMENTED", "deidentify"),
         (pb.AttributeRequest(model=TINY, scan=pb.Scan(data=SCAN), method="gradient", return_dicom=True),
@@ -294,7 +297,8 @@ def test_the_queue_limit_is_the_cores_and_its_refusals_are_counted(gated: GatedB
         (pb.AttributeRequest(model=TINY, scan=pb.Scan(data=SCAN), method="gradient", dicom_extras=["seg"]),
          "UNIMPLEMENTED", "dicom_extras"),
         (pb.VisualizeRequest(model=TINY, target="class:lesion", start="scan",
-                             scan=pb.Scan(dicom=pb.DicomSeries(instances=[b"x"]))), "UNIMPLEMENTED", "DICOM"),
+                             scan=pb.Scan(dicom=pb.DicomSeries(instances=[b"x"]))), "INVALID_ARGUMENT",
+         "no MR or CT image"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

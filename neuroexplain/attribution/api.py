@@ -14,8 +14,8 @@ from neuroexplain.attribution.options import Method, parse_options
 from neuroexplain.attribution.render import overlay_png
 from neuroexplain.attribution.summary import summarise
 from neuroexplain.models.registry import LoadedModel
-from neuroexplain.predict import prepare
-from neuroexplain.volumes import Alignment, Scan, nifti_bytes
+from neuroexplain.predict import ModelInput, prepare
+from neuroexplain.volumes import Alignment, Placement, Scan, nifti_bytes
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,7 +32,9 @@ class AttributionResult:
         summary: JSON-serialisable totals and top clusters (scan world coordinates); see ``summary.summarise``.
         nifti: gzipped NIfTI-1 of ``native_map`` with ``native_affine`` (geometry only, no header text).
         png: orthogonal-slice overlay of the map on the scan, or ``None`` unless requested.
-        probabilities: the model's class probabilities for this scan (class -> p).
+        probabilities: the model's class probabilities for this scan (class -> p, temperature-scaled).
+        predicted_class: the arg-max class (the explained class unless ``target`` chose another).
+        placement: how the scan was placed on the model grid (the alignment used; the registration, if any).
     """
 
     method: Method
@@ -45,6 +47,8 @@ class AttributionResult:
     nifti: bytes
     png: bytes | None
     probabilities: dict[str, float]
+    predicted_class: str = ""
+    placement: Placement | None = None
 
 
 def explain(
@@ -56,6 +60,7 @@ def explain(
     alignment: Alignment = Alignment.AUTO,
     png: bool = False,
     should_cancel: Callable[[], bool] | None = None,
+    prepared: ModelInput | None = None,
 ) -> AttributionResult:
     """Explain the model's output for ``target`` on ``scan`` with ``method``.
 
@@ -71,6 +76,8 @@ def explain(
         alignment: how the scan maps onto the model grid (see :class:`~neuroexplain.volumes.Alignment`).
         png: also render an orthogonal-slice PNG overlay.
         should_cancel: polled before every model pass; returning True raises ``CancelledError``.
+        prepared: ``scan`` already placed on the model grid (:func:`~neuroexplain.predict.prepare`), e.g. by a caller
+            that ran the input check on it; ``alignment`` is then ignored and the scan is not placed twice.
 
     Raises:
         InvalidOptionError: unknown method, option or target class, or an option out of range.
@@ -80,14 +87,16 @@ def explain(
     m = Method.parse(method)
     opts = parse_options(m, options)
     target_index = model.spec.class_index(target) if target is not None else None
-    prepared = prepare(scan, model, alignment)
+    if prepared is None:
+        prepared = prepare(scan, model, alignment)
     x = prepared.tensor(model.device)  # (1, 1, D, H, W)
     module = private_copy(model.module, m)
     with torch.inference_mode():
         logits = module(x).float()[0]
-    probs = torch.softmax(logits, dim=0).tolist()
+    probs = torch.softmax(logits / model.spec.temperature, dim=0).tolist()
+    predicted_index = int(torch.argmax(logits).item())
     if target_index is None:
-        target_index = int(torch.argmax(logits).item())
+        target_index = predicted_index
     attr = attribute_tensor(
         module, x, m, target_index, opts, grid=model.spec.grid,
         layer_names=[layer.name for layer in model.spec.layers], should_cancel=should_cancel,
@@ -112,4 +121,6 @@ def explain(
         nifti=nifti_bytes(native_map, scan.affine),
         png=image,
         probabilities=dict(zip(model.spec.classes, probs)),
+        predicted_class=model.spec.classes[predicted_index],
+        placement=prepared.placement,
     )

@@ -452,7 +452,9 @@ def build_parametric_map(
         device_serial_number=version[:64],
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.0, window_width=2.0 * amax or 1.0)],
+        # LINEAR_EXACT: relevance values are often far below 1, and a LINEAR window must be at least 1 wide.
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.0, window_width=2.0 * amax or 1.0,
+                                                         voi_lut_function="LINEAR_EXACT")],
         content_label="RELEVANCE",
         content_description=_description("Relevance map")[:64],
         pixel_measures=measures,

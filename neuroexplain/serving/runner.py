@@ -6,11 +6,9 @@ imports torch; the gateway in front of TorchServe never imports it.
 
 Each scan is decoded here, once per process, with the limits the request carries (the gateway's ``Settings``).
 
-Seams where wave-2 features plug in (each answers UNIMPLEMENTED, naming the feature, until it is wired):
-
-- :func:`decode` — a DICOM series (``ScanInput.instances``) goes to the DICOM-series reader;
-- :func:`library_alignment` — ``Alignment.REGISTER`` goes to registration (and fills ``Result.registration``);
-- :func:`check_input` — the input check after placement (fills ``Result.input_check``); it returns None today.
+Per scan it decodes (a file with :func:`neuroexplain.volumes.read_scan`, a DICOM series with
+:func:`neuroexplain.dicom.read_series`), places it on the model grid (``auto`` resolves to ``mni`` or ``register``),
+runs the input check on the placed scan, and reports the alignment used and the registration in the result.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ from neuroexplain.serving.types import (
     PredictRequest,
     PredictResult,
     Progress,
+    Registration,
     ScanInput,
     VisualizeRequest,
     VisualizeResult,
@@ -50,45 +49,42 @@ def decode(scan: ScanInput) -> Any:
     """The scan's validated volume (``neuroexplain.volumes.Scan``), decoded with ``scan.limits``.
 
     Raises:
-        InvalidInputError: (subclasses) the bytes are not a usable scan; LimitExceededError: a cap was hit;
-        UnimplementedError: a DICOM series (until the DICOM-series reader is wired here).
+        InvalidInputError: (subclasses) the bytes are not a usable scan; LimitExceededError: a cap was hit.
     """
     from neuroexplain.volumes import NonFinite, ScanLimits, read_scan
 
-    if scan.is_dicom:
-        # Seam: the DICOM-series reader (issue: DICOM input) is called here with scan.instances, scan.series_uid,
-        # scan.volume_index, the non-finite policy and the same limits.
-        raise errors.UnimplementedError("scan.dicom (DICOM series input) is not available on this server yet; use "
-                                        "scan.data with a NIfTI-1/-2 or MGH file, or scan.digest")
     limits = ScanLimits(**dataclasses.asdict(scan.limits))
-    return read_scan(scan.data, volume_index=scan.volume_index, nonfinite=NonFinite(scan.nonfinite.value),
-                     limits=limits)
+    nonfinite = NonFinite(scan.nonfinite.value)
+    if scan.is_dicom:
+        from neuroexplain.dicom import read_series
+
+        return read_series(scan.instances, series_uid=scan.series_uid or None, volume_index=scan.volume_index,
+                           nonfinite=nonfinite, limits=limits)
+    return read_scan(scan.data, volume_index=scan.volume_index, nonfinite=nonfinite, limits=limits)
 
 
 def library_alignment(alignment: Alignment) -> Any:
-    """The library's ``neuroexplain.volumes.Alignment`` for a serving alignment.
-
-    Raises:
-        UnimplementedError: ``register`` (until registration is wired here).
-    """
+    """The library's ``neuroexplain.volumes.Alignment`` for a serving alignment (the same names)."""
     from neuroexplain.volumes import Alignment as LibraryAlignment
 
-    if alignment is Alignment.REGISTER:
-        raise errors.UnimplementedError("scan.alignment ALIGNMENT_REGISTER (registration to the template) is not "
-                                        "available on this server yet; use ALIGNMENT_AUTO, ALIGNMENT_MNI or "
-                                        "ALIGNMENT_CENTER")
     return LibraryAlignment(alignment.value)
 
 
-def check_input(model: Any, scan: Any, placed: Any | None) -> InputCheck | None:
-    """The input check of a decoded scan after placement on the model grid (seam; None until it is wired).
+def input_check(check: Any) -> InputCheck:
+    """Serving type of the library's ``neuroexplain.inputcheck.InputCheck``."""
+    return InputCheck(in_distribution=bool(check.in_distribution), score=float(check.score),
+                      threshold=float(check.threshold), reason=check.reason,
+                      checks=tuple(c.name for c in check.checks))
 
-    Args:
-        model: the ``LoadedModel`` (its spec holds the calibrated threshold).
-        scan: the decoded scan.
-        placed: the ``neuroexplain.predict.ModelInput`` (Predict), or None where the library places the scan itself.
-    """
-    return None
+
+def placement_report(placement: Any) -> tuple[Alignment, Registration | None]:
+    """The alignment a placement used and, for ``register``, what the registration reported."""
+    used = Alignment(placement.alignment.value)
+    reg = placement.registration
+    if reg is None:
+        return used, None
+    return used, Registration(metric=float(reg.metric), seconds=float(reg.seconds),
+                              transform=tuple(float(v) for v in reg.transform.reshape(-1)))
 
 
 @contextlib.contextmanager
@@ -137,21 +133,23 @@ class Runner:
         return out
 
     def predict_batch(self, requests: Sequence[PredictRequest]) -> list[PredictResult | errors.NeuroExplainError]:
-        """Decode and place each scan, then one forward pass per model over the valid ones (TorchServe batching).
+        """Decode and place each scan, then one forward pass per model over the valid ones (TorchServe batching),
+        then the input check of each on its placed scan and the features of that pass.
 
         A bad scan fails alone: its slot holds the typed error, its neighbours are answered.
         """
+        from neuroexplain.inputcheck import check_input
         from neuroexplain.predict import predict_arrays, prepare
 
         out: list[PredictResult | errors.NeuroExplainError | None] = [None] * len(requests)
-        groups: dict[str, list[tuple[int, Any, InputCheck | None]]] = {}
+        groups: dict[str, list[tuple[int, Any]]] = {}
         for i, request in enumerate(requests):
             try:
                 model = self.model(request.model)
                 with memory_guard():
                     scan = decode(request.scan)
                     placed = prepare(scan, model, library_alignment(request.scan.alignment))
-                groups.setdefault(request.model, []).append((i, placed.array, check_input(model, scan, placed)))
+                groups.setdefault(request.model, []).append((i, placed))
             except errors.NeuroExplainError as exc:
                 out[i] = exc
         for name, members in groups.items():
@@ -159,28 +157,42 @@ class Runner:
             spec = model.spec
             try:
                 with memory_guard():
-                    predictions = predict_arrays(model, [a for _i, a, _c in members], batch_size=len(members))
+                    predictions = predict_arrays(model, [p.array for _i, p in members], batch_size=len(members),
+                                                 with_features=True)
             except errors.NeuroExplainError as exc:
-                for i, _a, _c in members:
+                for i, _p in members:
                     out[i] = exc
                 continue
-            for (i, _a, check), p in zip(members, predictions, strict=True):
+            for (i, placed), p in zip(members, predictions, strict=True):
+                try:
+                    check = input_check(check_input(model, placed, p))
+                except errors.NeuroExplainError as exc:
+                    out[i] = exc
+                    continue
+                used, registration = placement_report(placed.placement)
                 out[i] = PredictResult(model=spec.name, model_version=spec.version, logits=tuple(p.logits),
                                        probabilities=dict(p.probabilities), predicted_class=p.predicted_class,
-                                       input_check=check)
+                                       alignment=used, input_check=check, registration=registration)
         return [o if o is not None else errors.NeuroExplainError("no answer") for o in out]
 
     def attribute(self, request: AttributeRequest, ctx: CallContext) -> AttributeResult:
+        """Attribution of one scan, with its input check; ``request.reject_flagged`` refuses a flagged scan
+        (FAILED_PRECONDITION) before the attribution is computed."""
         from neuroexplain.attribution import explain
+        from neuroexplain.inputcheck import InputCheckMode, check_input, enforce
+        from neuroexplain.predict import prepare
 
         model = self.model(request.model)
         with memory_guard():
             scan = decode(request.scan)
-            alignment = library_alignment(request.scan.alignment)
-            check = check_input(model, scan, None)
+            placed = prepare(scan, model, library_alignment(request.scan.alignment))
+            library_check = check_input(model, placed)
+            enforce(library_check, InputCheckMode.REJECT if request.reject_flagged else InputCheckMode.WARN)
             out = explain(model, scan, request.method, target=request.target or None, options=dict(request.options),
-                          alignment=alignment, png=request.png, should_cancel=ctx.is_cancelled)
-        return dataclasses.replace(attribute_result(model.spec, out), input_check=check)
+                          png=request.png, should_cancel=ctx.is_cancelled, prepared=placed)
+        used, registration = placement_report(placed.placement)
+        return dataclasses.replace(attribute_result(model.spec, out), alignment=used,
+                                   input_check=input_check(library_check), registration=registration)
 
     def visualize(self, request: VisualizeRequest, ctx: CallContext) -> VisualizeResult:
         from neuroexplain import featvis
@@ -219,5 +231,8 @@ def attribute_result(spec: Any, out: Any) -> AttributeResult:
         model=spec.name, model_version=spec.version, method=out.method.value, target=out.target_class,
         nifti=out.nifti, total_positive=float(summary["totals"]["positive"]),
         total_negative=float(summary["totals"]["negative"]), clusters=clusters,
-        summary_json=json.dumps(summary, sort_keys=True, default=option_text), png=out.png or b"",
+        summary_json=json.dumps({**summary, "predicted_class": out.predicted_class,
+                                 "probabilities": dict(out.probabilities)}, sort_keys=True, default=option_text),
+        png=out.png or b"",
+        predicted_class=out.predicted_class, probabilities=dict(out.probabilities),
     )

@@ -40,8 +40,7 @@ class StartKind(enum.Enum):
 class Alignment(enum.Enum):
     """How a scan is placed on the model grid (the library's ``neuroexplain.volumes.Alignment`` plus ``register``).
 
-    ``register`` (affine registration to the model's template) is part of the contract already; the runner answers
-    UNIMPLEMENTED for it until the registration step is wired (see :func:`neuroexplain.serving.runner.place`).
+    ``auto`` resolves to ``mni`` or ``register`` per scan; results report the alignment actually used.
     """
 
     AUTO = "auto"
@@ -191,6 +190,9 @@ class AttributeRequest:
     return_dicom: bool = False
     dicom_extras: tuple[str, ...] = ()
     deidentify: bool = False
+    # Set by the core from ``serve --input-check reject``: the runner refuses a flagged scan before attributing it
+    # (FAILED_PRECONDITION) instead of spending the attribution on it. Never part of the cache key.
+    reject_flagged: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,8 @@ class AttributeResult:
     alignment: Alignment | None = None
     input_check: InputCheck | None = None
     registration: Registration | None = None
+    predicted_class: str = ""  # the model's arg-max class (``target`` is the class explained)
+    probabilities: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,12 @@ def register(sub: Any) -> None:
     sec.add_argument("--redis-password-file", default=None, metavar="F",
                      help="file holding the Redis password, kept out of the --cache URL "
                      "(alternative: NEUROEXPLAIN_REDIS_PASSWORD)")
+    sec.add_argument("--deidentify-key-file", default=None, metavar="F",
+                     help="key (16-4096 bytes) of the UID remapping of de-identified DICOM results; without it, "
+                     "deidentify requests are refused")
+    p.add_argument("--input-check", choices=["warn", "reject"], default=None,
+                   help="a scan unlike the model's training data: answer with the check in the result (warn, the "
+                   "default) or refuse it with FAILED_PRECONDITION (reject)")
     p.set_defaults(func=run)
 
 
@@ -85,6 +91,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "audit_log": args.audit_log,
         "max_calls_per_caller": args.max_calls_per_caller,
         "redis_password_file": args.redis_password_file,
+        "deidentify_key_file": args.deidentify_key_file,
+        "input_check": args.input_check,
     }
 
 
