@@ -1,7 +1,8 @@
 """Entry point. Each module in ``neuroexplain.cli.commands`` adds one subcommand through ``register(subparsers)``.
 
-Errors from the project's exception tree, file-system errors (a path that cannot be read or written) and bad
-arguments print one line on stderr and exit non-zero; anything else is a bug and keeps its traceback.
+Errors from the project's exception tree, file-system errors (a path that cannot be read or written), a command that
+needs the full install run from the light one, and bad arguments print one line on stderr and exit non-zero;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from neuroexplain.errors import NeuroExplainError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# What the [full] extra adds that the light client lacks (a missing one is the install's fault, not a bug).
+FULL_INSTALL_MODULES = frozenset({"numpy", "torch", "scipy", "nibabel", "nilearn", "captum", "matplotlib", "pydicom",
+                                  "highdicom", "SimpleITK", "prometheus_client", "redis", "ts", "yaml"})
 
 
 class CliError(Exception):
@@ -43,6 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (NeuroExplainError, CliError) as exc:
         print(f"neuroexplain {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:  # the light install (no extras) running a command that needs the library
+        if (exc.name or "").split(".")[0] not in FULL_INSTALL_MODULES:
+            raise
+        print(f"neuroexplain {args.command}: error: this needs the full install ({exc.name} is not installed): "
+              "pip install 'neuroexplain[full]', or drop --local and ask a server (--server H:P)", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:  # an unreadable input or an unwritable -o/--png/--summary: the user's own path
         where = f" {exc.filename}" if exc.filename else ""

@@ -1,4 +1,8 @@
-"""``neuroexplain synth --model lesion -n N -o DIR``: synthetic scans with ground-truth masks, as NIfTI."""
+"""``neuroexplain synth --model lesion -n N -o DIR [--format nifti|dicom]``: synthetic scans with ground-truth masks.
+
+``--format dicom`` writes each scan as an MR series in its own folder (``DIR/<task>_<seed>/``, int16 with a rescale);
+the mask stays NIfTI beside it, on the same world coordinates.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED_START,
                    help=f"first seed (default {HELD_OUT_SEED_START}: the held-out range, never seen in training)")
+    p.add_argument("--format", choices=("nifti", "dicom"), default="nifti",
+                   help="nifti (default): NAME.nii.gz; dicom: a folder NAME/ holding one MR series")
     p.set_defaults(func=run)
 
 
@@ -36,10 +42,18 @@ def run(args: argparse.Namespace) -> int:
     for seed in range(args.seed, args.seed + args.n):
         s = make_sample(task, seed)
         name = f"{task.value}_{seed}"
-        (args.out / f"{name}.nii.gz").write_bytes(nifti_bytes(s.image, MNI_2MM.affine))
+        if args.format == "dicom":
+            from neuroexplain.lab.dicom_synth import write_sample_series
+
+            write_sample_series(s.image, MNI_2MM.affine, args.out / name, seed=seed)
+            scan = name
+        else:
+            scan = f"{name}.nii.gz"
+            (args.out / scan).write_bytes(nifti_bytes(s.image, MNI_2MM.affine))
         (args.out / f"{name}_mask.nii.gz").write_bytes(nifti_bytes(s.mask.astype("float32"), MNI_2MM.affine))
-        index.append({"scan": f"{name}.nii.gz", "mask": f"{name}_mask.nii.gz", "seed": seed,
+        index.append({"scan": scan, "mask": f"{name}_mask.nii.gz", "seed": seed,
                       "label": CLASSES[task][s.label], "lesion_count": s.lesion_count})
     (args.out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
-    print(f"wrote {args.n} {task.value} scans with masks to {args.out}")
+    kind = "DICOM series" if args.format == "dicom" else "scans"
+    print(f"wrote {args.n} {task.value} {kind} with masks to {args.out}")
     return 0
