@@ -91,6 +91,13 @@ class Settings:
             model's training data is answered FAILED_PRECONDITION with the reason).
         deidentify_key_file: key (16-4096 bytes) of the keyed UID remapping of de-identified DICOM results; without
             it, ``deidentify`` requests are refused (FAILED_PRECONDITION).
+        scan_store_key_file: AES keys (one 32-byte key per line, hex or base64; the last line encrypts, every line
+            decrypts) of the scan store in Redis (``service.scans``); with a Redis cache and no key file, scans stay
+            in each replica's memory.
+        torchserve_token_auth: TorchServe backend: TorchServe's own key authorization on its loopback APIs (the
+            gateway reads the keys from TorchServe's ``key_file.json`` and re-reads them when they expire).
+        torchserve_token_expiration_min: TorchServe backend: lifetime of TorchServe's keys (its
+            ``token_expiration_min``).
     """
 
     host: str = "localhost"
@@ -136,6 +143,9 @@ class Settings:
     redis_password: str | None = field(default=None, repr=False)
     input_check: str = "warn"
     deidentify_key_file: str | None = None
+    scan_store_key_file: str | None = None
+    torchserve_token_auth: bool = True
+    torchserve_token_expiration_min: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "health_port"):
@@ -147,6 +157,9 @@ class Settings:
                      "max_decompressed_bytes", "max_voxels", "max_header_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidOptionError(f"{name} is {getattr(self, name)}; allowed: >= 1")
+        if not self.torchserve_token_expiration_min > 0:
+            raise InvalidOptionError(
+                f"torchserve_token_expiration_min is {self.torchserve_token_expiration_min}; allowed: > 0")
         if self.torchserve_batch_delay_ms < 0:
             raise InvalidOptionError(f"torchserve_batch_delay_ms is {self.torchserve_batch_delay_ms}; allowed: >= 0")
         if self.max_queue < 0:

@@ -1,25 +1,36 @@
-"""Patient-data hygiene through the TorchServe backend: TorchServe's own logs (access, model, worker, metrics) and the
-results hold no header text or file name from a scan, on success and on the error paths.
+"""TorchServe behind the gateway, security: its loopback APIs want TorchServe's keys (which the gateway holds,
+renews when they expire and re-reads when the key file changes), and patient-data hygiene: TorchServe's own logs
+(access, model, worker, metrics; its whole working directory) and the results hold no header text or file name from
+a scan, on success and on the error paths.
 
-Needs Java 17 and TorchServe (a failure, not a skip, with ``CI=true``); one TorchServe start (~30-60 s).
+Needs Java 17 and TorchServe (a failure, not a skip, with ``CI=true``); one TorchServe start (~30-60 s), with keys
+that expire after 12 s so that expiry happens during the module.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import pytest
 from conftest import require_binary
 from test_security_gateway import PATIENT, _Records, assert_no_patient, expand, identifying_scan
 from torchserve_models import tiny_scan_cnn
 
 from neuroexplain import errors
-from neuroexplain.serving.types import AttributeRequest, CallContext, PredictRequest, ScanInput
+from neuroexplain.serving.types import Alignment, AttributeRequest, CallContext, PredictRequest, ScanInput
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
+
+EXPIRATION_MIN = 0.2  # TorchServe's keys live 12 s here (60 min by default)
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +45,8 @@ def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     store = root / "store"
     store.mkdir()
     build_archive(folder / "spec.json", folder / "weights.pt", store / "tinyles.mar")
-    backend = TorchServeBackend(Settings(model_store=store, torchserve_startup_timeout_s=240.0),
-                                build_archives=False)
+    backend = TorchServeBackend(Settings(model_store=store, torchserve_startup_timeout_s=240.0,
+                                         torchserve_token_expiration_min=EXPIRATION_MIN), build_archives=False)
     backend.start()
     try:
         yield backend
@@ -46,7 +57,7 @@ def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def test_torchserve_logs_and_results_hold_no_patient_data(torchserve: Any) -> None:
     raw = identifying_scan()
     assert PATIENT.encode() in expand(raw)
-    scan = ScanInput(data=raw, digest=hashlib.sha256(raw).hexdigest())
+    scan = ScanInput(data=raw, digest=hashlib.sha256(raw).hexdigest(), alignment=Alignment.CENTER)
     logs = _Records()
     root = logging.getLogger()
     old_level = root.level
@@ -62,8 +73,8 @@ def test_torchserve_logs_and_results_hold_no_patient_data(torchserve: Any) -> No
                                                   options={"n_steps": "-3"}), CallContext())
         broken = raw[:-200]  # truncated gzip: the header (with the name) decodes, the data does not
         with pytest.raises(errors.NeuroExplainError) as truncated:
-            torchserve.predict(PredictRequest("tinyles", ScanInput(broken, hashlib.sha256(broken).hexdigest())),
-                               CallContext())
+            torchserve.predict(PredictRequest("tinyles", ScanInput(broken, hashlib.sha256(broken).hexdigest(),
+                                                                   alignment=Alignment.CENTER)), CallContext())
         ts_files = {p: p.read_bytes() for p in torchserve.supervisor.work_dir.rglob("*") if p.is_file()}
         ts_metrics = torchserve.supervisor.metrics_text()
     finally:
@@ -85,3 +96,105 @@ def test_torchserve_logs_and_results_hold_no_patient_data(torchserve: Any) -> No
         assert_no_patient(blob, f"TorchServe's {path.relative_to(torchserve.supervisor.work_dir)}")
     assert_no_patient(ts_metrics.encode(), "TorchServe's metrics")
     assert_no_patient("\n".join(logs.texts).encode(), "the gateway process's logs")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TorchServe's keys
+
+
+def _key_file(backend: Any) -> dict[str, Any]:
+    return json.loads((backend.supervisor.work_dir / "key_file.json").read_text())  # type: ignore[no-any-return]
+
+
+def _http_status(url: str, key: str | None) -> int:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with NO_PROXY.open(urllib.request.Request(url, headers=headers), timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def _grpc_predict_code(backend: Any, key: str | None) -> grpc.StatusCode:
+    from google.protobuf import empty_pb2
+
+    from service.backends.torchserve_proto import load
+
+    _pb2, pb2_grpc = load()
+    metadata = (("authorization", f"Bearer {key}"),) if key else None
+    with grpc.insecure_channel(backend.supervisor.endpoints.grpc_inference, options=[("grpc.enable_http_proxy", 0)]) as ch:
+        try:
+            pb2_grpc.InferenceAPIsServiceStub(ch).Ping(empty_pb2.Empty(), timeout=10, metadata=metadata)
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def _grpc_management_code(backend: Any, key: str | None) -> grpc.StatusCode:
+    from service.backends.torchserve_proto import load
+    from service.gen.torchserve import management_pb2 as mpb2
+    from service.gen.torchserve import management_pb2_grpc as mpb2_grpc
+
+    load()  # generates the stubs if needed
+    metadata = (("authorization", f"Bearer {key}"),) if key else None
+    with grpc.insecure_channel(backend.supervisor.endpoints.grpc_management,
+                               options=[("grpc.enable_http_proxy", 0)]) as ch:
+        try:
+            mpb2_grpc.ManagementAPIsServiceStub(ch).ListModels(mpb2.ListModelsRequest(), timeout=10, metadata=metadata)
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def test_torchserve_apis_refuse_a_caller_without_the_key(torchserve: Any) -> None:
+    ends = torchserve.supervisor.endpoints
+    keys = _key_file(torchserve)
+    # Without a key (or with a wrong one): refused, on every API and both protocols.
+    for key in (None, "not-the-key"):
+        assert _http_status(f"{ends.rest_inference}/ping", key) in (400, 401, 403)
+        assert _http_status(f"{ends.management}/models", key) in (400, 401, 403)
+        assert _grpc_predict_code(torchserve, key) is grpc.StatusCode.PERMISSION_DENIED
+        assert _grpc_management_code(torchserve, key) is grpc.StatusCode.PERMISSION_DENIED
+    # The API key renews keys but is no key to the inference or management APIs themselves.
+    assert _http_status(f"{ends.management}/models", keys["API"]["key"]) in (400, 401, 403)
+    # Control: the gateway's keys work (so the refusals above are about the key, not the calls).
+    torchserve.supervisor.models()  # renews the management key if it has expired meanwhile
+    keys = _key_file(torchserve)
+    assert _http_status(f"{ends.management}/models", keys["management"]["key"]) == 200
+    torchserve.supervisor.inference_metadata()
+    assert _grpc_predict_code(torchserve, _key_file(torchserve)["inference"]["key"]) is grpc.StatusCode.OK
+
+
+def _scan() -> ScanInput:
+    from torchserve_models import scan_bytes
+
+    raw = scan_bytes()
+    return ScanInput(data=raw, digest=hashlib.sha256(raw).hexdigest(), alignment=Alignment.MNI)
+
+
+def test_expired_keys_are_renewed_and_the_gateway_still_gets_answers(torchserve: Any) -> None:
+    torchserve.predict(PredictRequest("tinyles", _scan()), CallContext())
+    old = _key_file(torchserve)["inference"]
+    give_up = time.monotonic() + 60 * EXPIRATION_MIN + 30
+    while _grpc_predict_code(torchserve, old["key"]) is grpc.StatusCode.OK:  # wait for the expiry (not timed)
+        assert time.monotonic() < give_up, "TorchServe's inference key never expired"
+        time.sleep(1.0)
+    renewals = torchserve.supervisor.keys.renewals
+    result = torchserve.predict(PredictRequest("tinyles", _scan()), CallContext())
+    assert result.predicted_class in ("healthy", "lesion")
+    assert torchserve.supervisor.keys.renewals > renewals
+    assert _key_file(torchserve)["inference"]["key"] != old["key"]
+
+
+def test_a_key_torchserve_refuses_is_renewed_on_the_spot(torchserve: Any) -> None:
+    # Someone rewrites the key file with a key TorchServe never issued, valid for a day: the gateway reads it (the
+    # file changed), is refused (PERMISSION_DENIED), renews through the API key and retries: the caller sees nothing.
+    path = torchserve.supervisor.work_dir / "key_file.json"
+    doc = _key_file(torchserve)
+    doc["inference"] = {"key": "bogus0000", "expiration time": "2099-01-01T00:00:00Z"}
+    path.write_text(json.dumps(doc))
+    renewals = torchserve.supervisor.keys.renewals
+    result = torchserve.predict(PredictRequest("tinyles", _scan()), CallContext())
+    assert result.predicted_class in ("healthy", "lesion")
+    assert torchserve.supervisor.keys.renewals == renewals + 1
+    assert _key_file(torchserve)["inference"]["key"] != "bogus0000"

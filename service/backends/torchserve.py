@@ -77,6 +77,8 @@ class TorchServeBackend:
             model_store=Path(settings.model_store),
             max_message_bytes=settings.max_message_bytes,
             startup_timeout_s=settings.torchserve_startup_timeout_s,
+            token_auth=settings.torchserve_token_auth,
+            token_expiration_min=settings.torchserve_token_expiration_min,
         )
         self.build_archives = build_archives
         self.supervisor = TorchServeSupervisor(self.engine)
@@ -134,10 +136,23 @@ class TorchServeBackend:
         self._check_model(request.model)
         job_id = _job_id(ctx)
         fields = env.encode_request(Operation.VISUALIZE, request, job_id=job_id)
+        for attempt in range(2):
+            try:
+                return self._visualize_once(request, ctx, job_id, fields)
+            except _KeyRefused as refused:  # before any step ran: renew the key and send the request once more
+                if attempt or not self.supervisor.inference_key_refused(refused.metadata):
+                    raise errors.UnavailableError(
+                        "the model server (TorchServe) refused the gateway's key; retry shortly") from None
+        raise AssertionError("unreachable")
+
+    def _visualize_once(self, request: VisualizeRequest, ctx: CallContext, job_id: str,
+                        fields: dict[str, bytes]) -> VisualizeResult:
         flag = _Flag(self.supervisor.cancel_dir / job_id)
         stub = self._current_stub()
+        metadata = self.supervisor.inference_metadata()
         call = stub.StreamPredictions(
-            self._pb2.PredictionsRequest(model_name=request.model, input=fields), timeout=_remaining(ctx)
+            self._pb2.PredictionsRequest(model_name=request.model, input=fields), timeout=_remaining(ctx),
+            metadata=metadata,
         )
         stop = threading.Event()
 
@@ -154,7 +169,7 @@ class TorchServeBackend:
         watcher.start()
         result: VisualizeResult | None = None
         try:
-            for message in _responses(call, self, request.model, flag):
+            for message in _responses(call, self, request.model, flag, metadata):
                 answer = env.decode(message.prediction)
                 if answer.kind is env.Kind.PROGRESS:
                     # Also after a cancel: the steps the worker still ran are observable (tests, logs).
@@ -201,14 +216,28 @@ class TorchServeBackend:
 
     def _unary(self, task: Operation, model: str, request: Any, ctx: CallContext, *, flagged: bool) -> env.Frame:
         """One Predictions call. ``flagged``: send a job id and, on cancel or deadline, raise the worker's cancel flag
-        and wait (CANCEL_GRACE_S at most) for the worker to stop, so it is free again when this returns."""
+        and wait (CANCEL_GRACE_S at most) for the worker to stop, so it is free again when this returns.
+
+        TorchServe refusing the inference key (PERMISSION_DENIED: it expired, or TorchServe restarted with new keys)
+        never reached a worker: the key is renewed and the call sent once more."""
         self._check_model(model)
         job_id = _job_id(ctx) if flagged else None
         fields = env.encode_request(task, request, job_id=job_id)
+        for attempt in range(2):
+            try:
+                return self._unary_once(model, fields, ctx, job_id)
+            except _KeyRefused as refused:
+                if attempt or not self.supervisor.inference_key_refused(refused.metadata):
+                    raise errors.UnavailableError(
+                        "the model server (TorchServe) refused the gateway's key; retry shortly") from None
+        raise AssertionError("unreachable")
+
+    def _unary_once(self, model: str, fields: dict[str, bytes], ctx: CallContext, job_id: str | None) -> env.Frame:
         flag = _Flag(self.supervisor.cancel_dir / job_id) if job_id else None
         stub = self._current_stub()
+        metadata = self.supervisor.inference_metadata()
         future = stub.Predictions.future(
-            self._pb2.PredictionsRequest(model_name=model, input=fields), timeout=_remaining(ctx)
+            self._pb2.PredictionsRequest(model_name=model, input=fields), timeout=_remaining(ctx), metadata=metadata
         )
         give_up_at = None
         try:
@@ -230,6 +259,8 @@ class TorchServeBackend:
                 except grpc.RpcError as exc:
                     if flag is not None and flag.reason is not None:
                         raise flag.reason from None
+                    if _code(exc) is grpc.StatusCode.PERMISSION_DENIED:
+                        raise _KeyRefused(metadata) from None
                     error = self.map_rpc_error(exc, model)
                     if flag is not None and isinstance(error, errors.DeadlineExceededError):
                         flag.raise_now(error)  # TorchServe let go of the call, not the worker: stop it too
@@ -245,7 +276,7 @@ class TorchServeBackend:
 
     def map_rpc_error(self, exc: grpc.RpcError, model: str) -> errors.NeuroExplainError:
         """The typed error for a failed call to TorchServe (decided by code and TorchServe's state)."""
-        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+        code = _code(exc)
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return errors.DeadlineExceededError("the request ran past its deadline in the model server")
         if code is grpc.StatusCode.CANCELLED:
@@ -270,12 +301,30 @@ class TorchServeBackend:
         return False
 
 
-def _responses(call: Any, backend: TorchServeBackend, model: str, flag: _Flag) -> Iterator[Any]:
+def _code(exc: grpc.RpcError) -> grpc.StatusCode:
+    return exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+
+
+class _KeyRefused(Exception):
+    """TorchServe answered PERMISSION_DENIED: the inference key sent (``metadata``) is expired or outdated."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        super().__init__("TorchServe refused the inference key")
+        self.metadata = metadata
+
+
+def _responses(call: Any, backend: TorchServeBackend, model: str, flag: _Flag,
+               metadata: tuple[tuple[str, str], ...]) -> Iterator[Any]:
+    received = False
     try:
-        yield from call
+        for message in call:
+            received = True
+            yield message
     except grpc.RpcError as exc:
         if flag.reason is not None:
             raise flag.reason from None
+        if not received and _code(exc) is grpc.StatusCode.PERMISSION_DENIED:
+            raise _KeyRefused(metadata) from None
         error = backend.map_rpc_error(exc, model)
         if isinstance(error, errors.DeadlineExceededError):
             flag.raise_now(error)

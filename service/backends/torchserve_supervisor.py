@@ -10,8 +10,13 @@ Security decisions:
 - every TorchServe port (REST inference, management, metrics, gRPC inference and management) binds ``127.0.0.1``;
   the management API is never reachable from outside (CVE-2023-43654, "ShellTorch"), model registration from URLs
   is confined to the model store (``allowed_urls``) and the model-control API stays off;
-- token authorization is **disabled** (``--disable-token-auth``): the ports are loopback-only, the gateway in front
-  does authentication, and TorchServe's keys expire after 60 minutes, which would need a refresh loop for no gain.
+- token authorization is **on** (``token_auth``, the default): loopback ports alone would let any local user call
+  TorchServe's inference and management APIs past the gateway's authentication and audit. TorchServe writes
+  ``key_file.json`` (mode 600) into its working directory, with an inference and a management key that expire
+  after ``token_expiration_min`` and an API key that does not. :class:`TorchServeKeys` reads that file (again
+  whenever it changes, e.g. after a restart); a key about to expire, or one TorchServe refuses, is renewed with the
+  API key (``/token?type=inference|management`` on the management API, which rewrites the file) and read again.
+  ``token_auth=False`` runs with ``--disable-token-auth`` (then any local user reaches TorchServe directly).
 
 If TorchServe exits, :meth:`ready` turns False at once, a monitor thread restarts it with exponential backoff
 (1 s, 2 s, 4 s ... capped at 30 s, reset after a minute of healthy running), and ``generation`` increments so the
@@ -24,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,9 +38,11 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -67,6 +75,8 @@ class EngineOptions:
         jvm_args: JVM options (small heap, serial GC: the frontend only shuffles bytes).
         number_of_gpu: GPUs TorchServe hands to workers (``gpu_id``; the handler then runs on CUDA when torch has
             it); None = TorchServe's default, every visible GPU; 0 = CPU only.
+        token_auth: TorchServe's key authorization on its inference and management APIs (see the module doc).
+        token_expiration_min: lifetime of TorchServe's inference and management keys (minutes, fractions allowed).
     """
 
     model_store: Path
@@ -80,6 +90,107 @@ class EngineOptions:
     jvm_args: tuple[str, ...] = ("-Xmx1g", "-XX:+UseSerialGC", "-XX:-UsePerfData")
     extra_env: dict[str, str] = field(default_factory=dict)
     number_of_gpu: int | None = None
+    token_auth: bool = True
+    token_expiration_min: float = 60.0
+
+
+KEY_FILE = "key_file.json"
+RENEW_MARGIN_S = 10.0  # a key expiring sooner than this (or than a quarter of its lifetime) is renewed before use
+_REFUSED_HTTP = (400, 401, 403)  # how TorchServe's REST APIs answer a missing, wrong or expired key
+
+
+class TorchServeKeys:
+    """TorchServe's keys, from the ``key_file.json`` it writes (``{"management"|"inference": {"key", "expiration
+    time"}, "API": {"key"}}``); re-read whenever the file changes, renewed through the API key when they expire.
+
+    Args:
+        path: the key file (in TorchServe's working directory).
+        management_url: the current management API address (the renewal endpoint ``/token`` lives there).
+    """
+
+    def __init__(self, path: Path, management_url: Callable[[], str], lifetime_s: float = 3600.0) -> None:
+        self.path = path
+        self._management_url = management_url
+        self.margin_s = min(RENEW_MARGIN_S, lifetime_s / 4)
+        self._lock = threading.Lock()
+        self._stat: tuple[int, int, int] | None = None
+        self._doc: dict[str, dict[str, str]] = {}
+        self.renewals = 0
+
+    def forget(self) -> None:
+        """Drop the keys read so far (TorchServe restarts and writes new ones)."""
+        with self._lock:
+            self._stat, self._doc = None, {}
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return {}
+        stat = (st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if stat == self._stat:
+                return self._doc
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # being rewritten: read again next time
+        if not isinstance(doc, dict):
+            return {}
+        with self._lock:
+            self._stat, self._doc = stat, doc
+        return doc
+
+    def key(self, kind: str) -> str | None:
+        """The current ``inference`` or ``management`` key (renewed first when it is about to expire); None before
+        TorchServe has written its key file."""
+        entry = self._read().get(kind) or {}
+        key = entry.get("key")
+        if key and _expires_within(entry.get("expiration time"), self.margin_s):
+            key = self.renew(kind, stale=key) or key
+        return key or None
+
+    def renew(self, kind: str, stale: str | None) -> str | None:
+        """A fresh ``kind`` key: read the file again; if it still holds ``stale``, ask TorchServe for a new one
+        (``/token?type=kind`` with the API key, which rewrites the file). Returns None when that fails (TorchServe
+        down or restarting: the caller's next try reads the new run's file)."""
+        with self._lock:
+            self._stat = None
+        doc = self._read()
+        key = (doc.get(kind) or {}).get("key")
+        if key and key != stale and not _expires_within((doc.get(kind) or {}).get("expiration time"), self.margin_s):
+            return key
+        api = (doc.get("API") or {}).get("key")
+        if not api:
+            return None
+        try:
+            request = urllib.request.Request(f"{self._management_url()}/token?type={kind}",
+                                             headers={"Authorization": f"Bearer {api}"})
+            with _OPENER.open(request, timeout=5) as resp:
+                resp.read()
+        except (OSError, UnavailableError):
+            return None
+        self.renewals += 1
+        with self._lock:
+            self._stat = None
+        return (self._read().get(kind) or {}).get("key") or None
+
+    def header(self, kind: str) -> dict[str, str]:
+        key = self.key(kind)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _expires_within(when: object, seconds: float) -> bool:
+    if not isinstance(when, str) or not when:
+        return False
+    try:
+        # Java's Instant.toString: 2026-12-02T22:41:08.123456789Z (nanoseconds; Python takes microseconds at most)
+        expires = datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", when))
+    except ValueError:
+        return False  # an unknown format: renew only when TorchServe refuses the key
+    if expires.tzinfo is None:
+        return False
+    return expires.timestamp() - time.time() < seconds
 
 
 @dataclass(frozen=True)
@@ -147,6 +258,10 @@ class TorchServeSupervisor:
         self._monitor: threading.Thread | None = None
         self.generation = 0
         self.restarts = 0
+        self.keys: TorchServeKeys | None = (
+            TorchServeKeys(self.work_dir / KEY_FILE, self._current_management, 60 * options.token_expiration_min)
+            if options.token_auth else None
+        )
 
     # -- public ------------------------------------------------------------------------------------------------------
 
@@ -224,6 +339,28 @@ class TorchServeSupervisor:
         except (UnavailableError, OSError):
             return ""
 
+    def inference_metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata for TorchServe's inference API: ``authorization: Bearer <inference key>`` (none without
+        token authorization)."""
+        if self.keys is None:
+            return ()
+        key = self.keys.key("inference")
+        return (("authorization", f"Bearer {key}"),) if key else ()
+
+    def inference_key_refused(self, used: tuple[tuple[str, str], ...]) -> bool:
+        """TorchServe refused the inference key in ``used`` (PERMISSION_DENIED): renew it. True when a new key is
+        there to retry with."""
+        if self.keys is None:
+            return False
+        stale = used[0][1].removeprefix("Bearer ") if used else None
+        return self.keys.renew("inference", stale) not in (None, stale)
+
+    def _current_management(self) -> str:
+        endpoints = self._endpoints
+        if endpoints is None:
+            raise UnavailableError("the model server (TorchServe) is not running")
+        return endpoints.management
+
     # -- internals ---------------------------------------------------------------------------------------------------
 
     def _config(self, ports: list[int]) -> tuple[Path, Endpoints]:
@@ -245,7 +382,8 @@ class TorchServeSupervisor:
             "job_queue_size": str(self.options.job_queue_size),
             "metrics_mode": "prometheus",
             "metrics_config": str(handlers_dir / "metrics.yaml"),
-            "disable_token_authorization": "true",
+            "disable_token_authorization": "false" if self.options.token_auth else "true",
+            "token_expiration_min": repr(float(self.options.token_expiration_min)),
             "enable_model_api": "false",
             "allowed_urls": f"file://{store}/.*",
             "install_py_dep_per_model": "false",
@@ -281,7 +419,7 @@ class TorchServeSupervisor:
             "-f", str(config),
             "-s", str(self.options.model_store.resolve()),
             "-ncs",
-            "--disable-token-auth",
+            *(() if self.options.token_auth else ("--disable-token-auth",)),
         ]  # fmt: skip
 
     def _launch_and_wait(self) -> None:
@@ -299,6 +437,9 @@ class TorchServeSupervisor:
             **self.options.extra_env,
         }
         env.pop("TS_CONFIG_FILE", None)
+        if self.keys is not None:  # never use the previous run's keys: TorchServe writes new ones as it starts
+            (self.work_dir / KEY_FILE).unlink(missing_ok=True)
+            self.keys.forget()
         out = open(self.work_dir / "logs" / "torchserve.out", "ab")  # noqa: SIM115 - owned by the child
         try:
             proc = subprocess.Popen(
@@ -348,10 +489,18 @@ class TorchServeSupervisor:
         except (OSError, ValueError, KeyError, IndexError):
             return False
 
-    @staticmethod
-    def _get_json(url: str) -> dict:  # type: ignore[type-arg]
-        with _OPENER.open(url, timeout=5) as resp:
-            return json.loads(resp.read())  # type: ignore[no-any-return]
+    def _get_json(self, url: str) -> dict:  # type: ignore[type-arg]
+        """GET from the management API with the management key; a refused key is renewed and the call tried again."""
+        for attempt in range(2):
+            headers = self.keys.header("management") if self.keys is not None else {}
+            try:
+                with _OPENER.open(urllib.request.Request(url, headers=headers), timeout=5) as resp:
+                    return json.loads(resp.read())  # type: ignore[no-any-return]
+            except urllib.error.HTTPError as exc:
+                if self.keys is None or exc.code not in _REFUSED_HTTP or attempt:
+                    raise
+                self.keys.renew("management", headers.get("Authorization", "").removeprefix("Bearer ") or None)
+        raise AssertionError("unreachable")
 
     def _log_tail(self, lines: int = 5) -> str:
         path = self.work_dir / "logs" / "torchserve.out"
