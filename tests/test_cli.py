@@ -74,7 +74,7 @@ def _one_line_failure(args: list[str]) -> str:
 
 def test_a_directory_given_as_a_scan_is_one_line(tmp_path: Path) -> None:
     err = _one_line_failure(["predict", str(tmp_path), "--model", "lesion", "--local"])
-    assert "is a directory" in err
+    assert "holds no DICOM files" in err and "NIfTI/MGH file" in err
 
 
 def test_an_unwritable_output_is_one_line(tmp_path: Path) -> None:

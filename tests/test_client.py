@@ -78,8 +78,8 @@ def test_cli_predict_and_models_talk_to_the_server(gateway: Running, tmp_path: P
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 1 and len(lines) == 2
     ok, failed = lines
-    assert set(ok) == {"scan", "model", "model_version", "predicted_class", "probabilities", "logits", "cached",
-                       "notice"}
+    assert set(ok) == {"scan", "model", "model_version", "predicted_class", "probabilities", "logits", "alignment",
+                       "input_check", "cached", "notice"}
     assert ok["scan"] == str(good) and ok["model"] == TINY and ok["notice"] == RESEARCH_NOTICE and not ok["cached"]
     assert abs(sum(ok["probabilities"].values()) - 1) < 1e-6 and len(ok["logits"]) == 2
     assert failed["scan"] == str(bad) and failed["error"]["code"] == "INVALID_ARGUMENT"

@@ -242,7 +242,8 @@ def test_parametric_map_lands_in_the_source_study(tmp_path: Path, gateway: int, 
         assert isinstance(maps, list) and len(maps) == 1
         assert maps[0]["StudyInstanceUID"] == study and maps[0]["PatientID"] == PID
         assert int(maps[0]["Rows"]) == 36 and int(maps[0]["Columns"]) == 30 and int(maps[0]["NumberOfFrames"]) == 30
-        srs = wait_for(lambda: [t for t in pacs.instances_tags() if t.get("Modality") == "SR"], 60, "SRs")
+        srs = wait_for(lambda: len(found := [t for t in pacs.instances_tags() if t.get("Modality") == "SR"]) >= 2
+                       and found, 60, "both SRs")
         assert isinstance(srs, list) and len(srs) == 2  # predict's and attribute's, both in the source study
         assert {t["StudyInstanceUID"] for t in srs} == {study}
         assert not list((tmp_path / "spool" / "failed").glob("*"))

@@ -109,22 +109,6 @@ def test_attribute_returns_a_parametric_map_and_an_sr_that_file_into_the_source_
         assert not [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")], path
 
 
-@pytest.mark.parametrize(("request_", "code", "words"), [
-    (pb.PredictRequest(model=TINY, scan=pb.Scan(data=make_scan(4)), return_dicom=True), "INVALID_ARGUMENT",
-     "needs a DICOM series"),
-    (pb.PredictRequest(model=TINY, scan=pb.Scan(data=make_scan(4)), deidentify=True), "INVALID_ARGUMENT",
-     "set return_dicom"),
-    (pb.AttributeRequest(model=TINY, scan=pb.Scan(data=make_scan(4)), method="gradient", dicom_extras=["seg"]),
-     "INVALID_ARGUMENT", "set return_dicom"),
-], ids=["return_dicom on nifti", "deidentify alone", "extras alone"])
-def test_dicom_result_requests_that_cannot_be_answered_are_refused(gateway: Running, request_: object, code: str,
-                                                                 words: str) -> None:
-    rpc = gateway.stub.Predict if isinstance(request_, pb.PredictRequest) else gateway.stub.Attribute
-    with pytest.raises(grpc.RpcError) as exc:
-        rpc(request_)
-    assert exc.value.code().name == code and words in exc.value.details()
-
-
 def test_series_refusals_name_the_problem(gateway: Running, series: tuple[Path, bytes]) -> None:
     folder, _nifti = series
     instances = _instances(folder)

@@ -63,6 +63,7 @@ def collect_instances(
     Raises:
         ScanFormatError: not a readable directory.
         LimitExceededError: a cap was exceeded (before the offending file is read whole).
+        ScanFormatError: also when the directory holds no DICOM file at all.
     """
     root = Path(path)
     if not root.is_dir():
@@ -100,4 +101,7 @@ def collect_instances(
                 instances.append(fh.read())
         except OSError as exc:
             raise ScanFormatError(f"cannot read a file in the DICOM directory: {exc.strerror}") from None
+    if not instances:
+        raise ScanFormatError(f"the directory holds no DICOM files ({len(files)} other files); give a NIfTI/MGH file "
+                              "or a directory holding one DICOM series")
     return instances
