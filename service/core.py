@@ -13,7 +13,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,6 +54,7 @@ from service import cache as cache_mod
 from service.backend import Backend
 from service.config import Settings
 from service.metrics import Metrics
+from service.scans import make_scan_store
 
 log = logging.getLogger("neuroexplain.service")
 
@@ -138,69 +139,6 @@ def canonical_options(described: MethodInfo | None, given: Mapping[str, str], wh
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Scan store
-
-
-@dataclass(frozen=True)
-class _Stored:
-    """A stored scan: file bytes, or a DICOM series' instances."""
-
-    data: bytes
-    instances: tuple[bytes, ...] = ()
-
-    @property
-    def size(self) -> int:
-        return len(self.data) + sum(len(i) for i in self.instances)
-
-
-class ScanStore:
-    """Recently received scans by owner and digest: bounded in entries and bytes, each kept at most ``ttl_s``.
-
-    Keys are ``owner + NUL + digest``: a digest resolves only for the caller that sent those bytes (a digest is not a
-    key to someone else's scan: digests appear in audit lines).
-    """
-
-    def __init__(self, max_entries: int, max_bytes: int, ttl_s: float, metrics: Metrics | None = None) -> None:
-        self.max_entries, self.max_bytes, self.ttl_s = max_entries, max_bytes, ttl_s
-        self._items: OrderedDict[str, tuple[float, _Stored]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self._metrics = metrics
-
-    def put(self, digest: str, data: bytes, instances: tuple[bytes, ...] = ()) -> None:
-        stored = _Stored(data, instances)
-        if stored.size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(digest, None)
-            if old is not None:
-                self._bytes -= old[1].size
-            self._items[digest] = (time.monotonic() + self.ttl_s, stored)
-            self._bytes += stored.size
-            self._trim()
-
-    def get(self, digest: str) -> _Stored | None:
-        with self._lock:
-            self._trim()
-            item = self._items.get(digest)
-            if item is None:
-                return None
-            self._items.move_to_end(digest)
-            return item[1]
-
-    def _trim(self) -> None:
-        now = time.monotonic()
-        for digest in [d for d, (expires, _) in self._items.items() if expires <= now]:
-            self._bytes -= self._items.pop(digest)[1].size
-        while self._items and (len(self._items) > self.max_entries or self._bytes > self.max_bytes):
-            _digest, (_expires, stored) = self._items.popitem(last=False)  # least recently used
-            self._bytes -= stored.size
-        if self._metrics is not None:
-            self._metrics.scan_store_bytes.set(self._bytes)
-            self._metrics.scan_store_entries.set(len(self._items))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Singleflight
 
 
@@ -262,7 +200,7 @@ class Core:
         self.backend = backend
         self.cache = cache
         self.metrics = metrics
-        self.scans = ScanStore(settings.scan_store_entries, settings.scan_store_bytes, settings.scan_store_ttl_s, metrics)
+        self.scans = make_scan_store(settings, metrics)  # in memory, or encrypted in Redis (shared by replicas)
         self._pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="compute")
         self._flights: dict[str, Flight[Any]] = {}
         self._lock = threading.Lock()
@@ -606,3 +544,4 @@ class Core:
     def close(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
         self.cache.close()
+        self.scans.close()
