@@ -145,6 +145,7 @@ class SecurityInterceptor(WrappingInterceptor):
             log.exception("could not write the audit line")
 
     def _describe(self, record: audit.CallRecord, request: Any) -> None:
+        audit.describe_request(record, request)
         if self.describe is None or (record.model is not None and record.scan_digest is not None):
             return
         try:
@@ -168,9 +169,12 @@ class SecurityInterceptor(WrappingInterceptor):
                         self._describe(record, request)
                     token = audit.bind(record)
                     try:
-                        return inner(request, context)
+                        response = inner(request, context)
                     finally:
                         audit.unbind(token)
+                    if record.result_digest is None:
+                        record.result_digest = audit.message_digest(response)
+                    return response
                 finally:
                     self.limiter.release(key)
             except BaseException as exc:
@@ -199,10 +203,14 @@ class SecurityInterceptor(WrappingInterceptor):
             if not stream_in:
                 self._describe(record, request)
             token = audit.bind(record)
+            last: Any = None
             try:
-                yield from inner(request, context)
+                for last in inner(request, context):  # the last message is the result
+                    yield last
             finally:
                 audit.unbind(token)
+            if record.result_digest is None and last is not None:
+                record.result_digest = audit.message_digest(last)
         except BaseException as exc:
             error = exc
             raise
