@@ -360,7 +360,8 @@ class Core:
                    "options": canonical_options(method, request.options, f"method {request.method!r}")}
         key = self._key(Operation.ATTRIBUTE, info, request.scan, options)
         out = self._run(Operation.ATTRIBUTE, info, key, caller, request.scan,
-                        lambda scan, ctx: self.backend.attribute(dataclasses.replace(request, scan=scan), ctx))
+                        lambda scan, ctx: self.backend.attribute(dataclasses.replace(request, scan=scan), ctx),
+                        cacheable=not request.png)
         self._record_input_check(Operation.ATTRIBUTE, info, out[0])
         return out
 
@@ -405,7 +406,8 @@ class Core:
             return self.backend.visualize(dataclasses.replace(request, scan=scan),
                                           dataclasses.replace(ctx, on_progress=on_progress))
 
-        yield from self._run_streaming(Operation.VISUALIZE, info, key, caller, request.scan, compute)
+        yield from self._run_streaming(Operation.VISUALIZE, info, key, caller, request.scan, compute,
+                                       cacheable=request.scan is None)
 
     # -- machinery -----------------------------------------------------------------------------------------------
 
@@ -434,15 +436,18 @@ class Core:
             log.warning("cache write failed for %s: %s", op.value, exc)
 
     def _run(self, op: Operation, info: ModelInfo, key: str, caller: Caller, scan: ScanInput | None,
-             compute: Callable[[Any, CallContext], R]) -> tuple[R, bool]:
-        for _job, event in self._run_streaming(op, info, key, caller, scan, compute):
+             compute: Callable[[Any, CallContext], R], cacheable: bool = True) -> tuple[R, bool]:
+        for _job, event in self._run_streaming(op, info, key, caller, scan, compute, cacheable):
             if isinstance(event, tuple):
                 return event
         raise AssertionError("unreachable: a flight always ends with a result or an error")
 
     def _run_streaming(self, op: Operation, info: ModelInfo, key: str, caller: Caller, scan: ScanInput | None,
-                       compute: Callable[[Any, CallContext], R]) -> Iterator[tuple[str, Any]]:
-        hit = self._cache_get(op, key)
+                       compute: Callable[[Any, CallContext], R],
+                       cacheable: bool = True) -> Iterator[tuple[str, Any]]:
+        """``cacheable=False`` for results that render the scan itself (an Attribute PNG overlay, a Visualize started
+        from a scan): they are never written to a cache another process or replica can read."""
+        hit = self._cache_get(op, key) if cacheable else None
         if hit is not None:
             yield new_job_id(), (hit, True)
             return
@@ -461,7 +466,7 @@ class Core:
             caller.add_done_callback(leave)
         try:
             if leader:
-                self._start(op, info, key, flight, scan, compute)
+                self._start(op, info, key, flight, scan, compute, cacheable)
             seen = 0
             while True:
                 with flight.changed:
@@ -511,7 +516,7 @@ class Core:
                     del self._flights[flight.key]
 
     def _start(self, op: Operation, info: ModelInfo, key: str, flight: Flight[R], scan: ScanInput | None,
-               compute: Callable[[Any, CallContext], R]) -> None:
+               compute: Callable[[Any, CallContext], R], cacheable: bool) -> None:
         ctx = CallContext(job_id=flight.job_id, is_cancelled=flight.cancelled.is_set, on_progress=flight.publish)
 
         def work() -> None:
@@ -524,7 +529,8 @@ class Core:
                     raise CancelledError("every caller went away before the computation started")
                 result = compute(scan, ctx)  # the backend decodes where the model runs
                 self.metrics.backend_duration.labels(op.value, info.name).observe(time.perf_counter() - start)
-                self._cache_put(op, key, result)
+                if cacheable:
+                    self._cache_put(op, key, result)
             except BaseException as exc:  # handed to every waiter, which re-raises it on its own thread
                 error = exc
                 mapped = status_name(exc)

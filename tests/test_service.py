@@ -105,8 +105,12 @@ def test_attribute_returns_a_map_on_the_scans_grid_and_repeats_byte_identical(ga
     assert first.summary.total_positive > 0 and first.summary.json
     assert not first.info.cached and first.info.notice == RESEARCH_NOTICE
     again = gateway.stub.Attribute(request)
-    assert again.info.cached
+    # a PNG overlay renders the scan itself: never cached (recomputed byte-identical instead)
+    assert not again.info.cached
     assert again.nifti == first.nifti and again.png == first.png and again.summary == first.summary
+    assert gateway.sample("neuroexplain_cache_hits_total", operation="attribute") == 0
+    without_png = pb.AttributeRequest(model=TINY, scan=scan_msg(SCAN), method="gradient", target="lesion")
+    assert not gateway.stub.Attribute(without_png).info.cached and gateway.stub.Attribute(without_png).info.cached
     # the same options spelled out at their defaults are the same computation
     plain = gateway.stub.Attribute(pb.AttributeRequest(model=TINY, scan=scan_msg(SCAN), method="gradcam"))
     spelled = gateway.stub.Attribute(pb.AttributeRequest(model=TINY, scan=scan_msg(SCAN), method="gradcam",
@@ -127,6 +131,17 @@ def test_a_scan_sent_once_is_explained_by_digest(gateway: Running) -> None:
     with pytest.raises(grpc.RpcError) as malformed:
         gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=pb.Scan(digest="scan.nii.gz")))
     assert _code(malformed.value) is grpc.StatusCode.INVALID_ARGUMENT and "64 hex digits" in malformed.value.details()
+
+
+def test_a_visualization_started_from_a_scan_is_never_cached(gateway: Running) -> None:
+    """It starts as the patient's scan (preset none, few steps: nearly the scan itself), so no cache may hold it."""
+    request = pb.VisualizeRequest(model=TINY, target="class:lesion", preset="none", steps=2, start="scan",
+                                  scan=scan_msg(SCAN))
+    for _ in range(2):
+        (result,) = [e.result for e in gateway.stub.Visualize(request) if e.HasField("result")]
+        assert not result.info.cached and result.native_nifti
+    assert gateway.sample("neuroexplain_cache_hits_total", operation="visualize") == 0
+    assert gateway.sample("neuroexplain_cache_misses_total", operation="visualize") == 0  # not even looked up
 
 
 def test_visualize_streams_progress_then_the_result(gateway: Running) -> None:
