@@ -235,6 +235,28 @@ def _all_redis_bytes(url: str) -> list[bytes]:
     return out
 
 
+def assert_redis_holds_no_scan_data(url: str, scan: bytes, *, expect_scan_store: bool) -> None:
+    """Hygiene over every Redis key and value (result cache and scan store): no patient name, no run of the scan's
+    bytes (compressed or not), no scan digest; and, where expected, the scan store did hold the scan (encrypted)."""
+    import gzip
+
+    stored = _all_redis_bytes(url)
+    digest = hashlib.sha256(scan).hexdigest()
+    plain = gzip.decompress(scan)
+    chunks = [scan[i:i + 32] for i in range(0, len(scan) - 32, 512)]
+    chunks += [plain[i:i + 32] for i in range(348, len(plain) - 32, 4096)]  # header and voxels
+    chunks = [c for c in chunks if len(set(c)) >= 12]  # runs of zeros occur in any NIfTI: only distinctive runs
+    assert len(chunks) >= 5, "too few distinctive runs of the scan to search for"
+    chunks += [digest.encode(), bytes.fromhex(digest)]
+    if expect_scan_store:
+        assert any(k.startswith(b"neuroexplain:scan:") for k in stored), "no scan store entry in Redis"
+        assert any(len(b) > len(scan) for b in stored), "the scan store entry is not there; the checks would be empty"
+    for blob in stored:
+        assert_no_patient(blob, "a Redis key or value")
+        for chunk in chunks:
+            assert chunk not in blob, "scan bytes or the scan digest found in Redis"
+
+
 def test_redis_scan_store_is_shared_by_replicas_bound_to_the_caller_and_encrypted(plain_redis: str,
                                                                                   tmp_path: Path) -> None:
     import gzip
@@ -381,6 +403,7 @@ def test_a_digest_sent_to_one_replica_resolves_on_another_over_grpc(plain_redis:
                                                              alignment=pb.ALIGNMENT_CENTER)), timeout=TIMEOUT)
         assert by_digest.info.scan_digest == first.info.scan_digest
         assert dict(by_digest.probabilities) == dict(first.probabilities)
+        assert_redis_holds_no_scan_data(plain_redis, scan, expect_scan_store=True)
     finally:
         for gateway, _port in gateways:
             gateway.stop(None).wait()  # type: ignore[attr-defined]

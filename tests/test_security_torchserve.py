@@ -198,3 +198,59 @@ def test_a_key_torchserve_refuses_is_renewed_on_the_spot(torchserve: Any) -> Non
     assert result.predicted_class in ("healthy", "lesion")
     assert torchserve.supervisor.keys.renewals == renewals + 1
     assert _key_file(torchserve)["inference"]["key"] != "bogus0000"
+
+
+def test_torchserve_gateway_with_redis_leaves_no_patient_data_in_redis_or_torchserve_logs(
+        torchserve: Any, tmp_path: Any) -> None:
+    # The whole path on this backend: the gateway (Redis result cache and encrypted scan store) in front of the
+    # TorchServe above; afterwards every Redis key and value and every file TorchServe wrote are searched.
+    from prometheus_client import CollectorRegistry
+    from test_security_redis import _key_file, assert_redis_holds_no_scan_data, start_redis
+
+    from neuroexplain._proto import neuroexplain_pb2 as pb
+    from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
+    from service.config import Settings
+    from service.grpc.server import create_server
+    from service.scans import RedisScanStore, make_scan_store
+
+    redis_proc, redis_port = start_redis(tmp_path / "redis")
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    settings = Settings(host="127.0.0.1", port=0, metrics_port=-1, health_port=-1, cache=url,
+                        scan_store_key_file=str(_key_file(tmp_path / "scan.key", b"\x09" * 32)), workers=4,
+                        model_store=torchserve.engine.model_store)
+    logs = _Records()
+    root = logging.getLogger()
+    old_level = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(logs)
+    gateway, port = create_server(settings, torchserve, registry=CollectorRegistry())
+    if not isinstance(gateway.core.scans, RedisScanStore):  # until service/core.py uses make_scan_store
+        gateway.core.scans = make_scan_store(settings, gateway.metrics)  # type: ignore[assignment]
+    gateway.start()
+    raw = identifying_scan()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.NeuroExplainStub(channel)
+            scan = pb.Scan(data=raw, alignment=pb.ALIGNMENT_CENTER)
+            first = stub.Predict(pb.PredictRequest(model="tinyles", scan=scan), timeout=120)
+            by_digest = pb.Scan(digest=first.info.scan_digest, alignment=pb.ALIGNMENT_CENTER)
+            attributed = stub.Attribute(pb.AttributeRequest(model="tinyles", scan=by_digest, method="gradient",
+                                                            png=True), timeout=120)
+            again = stub.Predict(pb.PredictRequest(model="tinyles", scan=scan), timeout=120)
+        assert again.info.cached and attributed.info.scan_digest == first.info.scan_digest
+        assert_redis_holds_no_scan_data(url, raw, expect_scan_store=True)
+    finally:
+        gateway.stop(None).wait()  # type: ignore[attr-defined]
+        gateway.close()  # type: ignore[attr-defined]  (the core and its cache; the module's TorchServe stays)
+        gateway.core.scans.close()
+        root.removeHandler(logs)
+        root.setLevel(old_level)
+        redis_proc.terminate()
+        redis_proc.wait(10)
+    work_dir = torchserve.supervisor.work_dir
+    files = [p for p in work_dir.rglob("*") if p.is_file() and p.suffix not in (".mar", ".pt")]
+    assert any("logs" in p.parts for p in files)
+    for path in files:
+        assert_no_patient(path.name.encode(), f"a TorchServe file name ({path.name})")
+        assert_no_patient(path.read_bytes(), f"TorchServe's {path.relative_to(work_dir)}")
+    assert_no_patient("\n".join(logs.texts).encode(), "the gateway process's logs")
