@@ -25,8 +25,10 @@ from neuroexplain.errors import (
     CancelledError,
     DeadlineExceededError,
     FailedPreconditionError,
+    InvalidInputError,
     InvalidOptionError,
     LimitExceededError,
+    NeuroExplainError,
     NotFoundError,
     UnavailableError,
     status_name,
@@ -299,30 +301,40 @@ class Core:
         from neuroexplain.volumes import NonFinite as LibraryNonFinite
         from neuroexplain.volumes import ScanLimits
 
-        scan = request.scan
-        source = read_series(scan.instances, series_uid=scan.series_uid or None, volume_index=scan.volume_index,
-                             nonfinite=LibraryNonFinite(scan.nonfinite.value),
-                             limits=ScanLimits(**dataclasses.asdict(scan.limits)))
-        common: dict[str, Any] = {"model": result.model, "version": result.model_version,
-                                  "predicted_class": result.predicted_class, "probabilities": result.probabilities,
-                                  "input_check": result.input_check, "deidentify": request.deidentify,
-                                  "deidentify_key": self.deidentify_key}
-        if isinstance(request, PredictRequest):
-            objects = build_results(source.geometry, operation=Operation.PREDICT.value, options={}, **common)
-        else:
-            assert isinstance(result, AttributeResult)
-            import json
+        try:
+            scan = request.scan
+            source = read_series(scan.instances, series_uid=scan.series_uid or None, volume_index=scan.volume_index,
+                                 nonfinite=LibraryNonFinite(scan.nonfinite.value),
+                                 limits=ScanLimits(**dataclasses.asdict(scan.limits)))
+            common: dict[str, Any] = {"model": result.model, "version": result.model_version,
+                                      "predicted_class": result.predicted_class, "probabilities": result.probabilities,
+                                      "input_check": result.input_check, "deidentify": request.deidentify,
+                                      "deidentify_key": self.deidentify_key}
+            if isinstance(request, PredictRequest):
+                objects = build_results(source.geometry, operation=Operation.PREDICT.value, options={}, **common)
+            else:
+                assert isinstance(result, AttributeResult)
+                import json
 
-            info = self.model(request.model)
-            method = next((m for m in info.attribution_methods if m.name == request.method), None)
-            options = {"method": request.method, "target": request.target,
-                       "options": canonical_options(method, request.options, f"method {request.method!r}")}
-            objects = build_results(
-                source.geometry, operation=Operation.ATTRIBUTE.value, options=options,
-                relevance=relevance_from_nifti(result.nifti, source.geometry), image=source.data,
-                method=result.method, target=result.target, summary=json.loads(result.summary_json),
-                extras=request.dicom_extras, **common,
-            )
+                info = self.model(request.model)
+                method = next((m for m in info.attribution_methods if m.name == request.method), None)
+                options = {"method": request.method, "target": request.target,
+                           "options": canonical_options(method, request.options, f"method {request.method!r}")}
+                objects = build_results(
+                    source.geometry, operation=Operation.ATTRIBUTE.value, options=options,
+                    relevance=relevance_from_nifti(result.nifti, source.geometry), image=source.data,
+                    method=result.method, target=result.target, summary=json.loads(result.summary_json),
+                    extras=request.dicom_extras, **common,
+                )
+        except NeuroExplainError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # pydicom/highdicom refusing a source value:
+            # their messages quote the value (patient data), so only the type is logged
+            log.error("building DICOM results failed (%s); the source series digest is %s", type(exc).__name__,
+                      request.scan.digest[:12])
+            raise InvalidInputError("the source series holds a value that cannot be copied into a DICOM result (a "
+                                    "malformed Patient or Study element); fix the series or omit return_dicom",
+                                    field="return_dicom") from None
         return tuple(DicomObject(sop_class_uid=o.sop_class_uid, sop_instance_uid=o.sop_instance_uid,
                                  series_instance_uid=o.series_instance_uid, data=o.data) for o in objects)
 

@@ -187,3 +187,76 @@ def test_cli_predicts_a_dicom_directory_and_writes_the_sr(gateway: Running, seri
                                                                        "reason"}
     (written,) = line["dicom"]
     assert Path(written).parent == out and pydicom.dcmread(written).SOPClassUID == SR_SOP_CLASS
+
+
+PLANTED_NAME, PLANTED_ID = "PLANTED^SECRETNAME", "PLANTEDID4711"
+
+
+def _planted_series(folder: Path) -> list[bytes]:
+    """A brain series whose Patient module carries a planted name and ID, also in a malformed element (an invalid
+    date, which makes DICOM libraries warn and quote the value)."""
+    scan = read_scan(make_scan(9))
+    write_series(scan.data, scan.affine, folder, rescale=(0.01, 0.0), orientation=None, patient_name=PLANTED_NAME,
+                 patient_id=PLANTED_ID)
+    out = []
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x00100030, "DA", PLANTED_ID)  # PatientBirthDate holding text: malformed on purpose
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _without_patient_module(data: bytes) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for tag in [t for t in ds.keys() if t.group == 0x0010]:
+        del ds[tag]
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def test_planted_identity_is_only_in_the_patient_module_and_nowhere_else(
+        backend: object, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Hygiene on both backends: the name and ID go into the result objects' Patient module (DICOM needs them to
+    file the objects) and nowhere else — not in logs, metrics, the disk cache, or TorchServe's files; with
+    ``deidentify`` nowhere at all."""
+    from prometheus_client import generate_latest
+
+    key = tmp_path / "deid.key"
+    key.write_bytes(b"k" * 32)
+    instances = _planted_series(tmp_path / "series")
+    running = start_gateway(backend, tmp_path, deidentify_key_file=str(key))
+    caplog.set_level("DEBUG")
+    try:
+        scan = pb.Scan(dicom=pb.DicomSeries(instances=instances))
+        objects = list(running.stub.Attribute(pb.AttributeRequest(
+            model=TINY, scan=scan, method="gradient", return_dicom=True, dicom_extras=["seg"])).dicom)
+        objects += list(running.stub.Predict(pb.PredictRequest(model=TINY, scan=scan, return_dicom=True)).dicom)
+        anonymous = list(running.stub.Attribute(pb.AttributeRequest(
+            model=TINY, scan=scan, method="gradient", return_dicom=True, deidentify=True)).dicom)
+        with pytest.raises(grpc.RpcError):  # an error path too: a broken series, its header still readable
+            running.stub.Predict(pb.PredictRequest(model=TINY, scan=pb.Scan(dicom=pb.DicomSeries(
+                instances=[i[:-100] for i in instances]))))
+        metrics = generate_latest(running.registry)
+    finally:
+        running.stop()
+    secrets = (PLANTED_NAME.encode(), b"SECRETNAME", PLANTED_ID.encode())
+    assert any(PLANTED_ID.encode() in o.data for o in objects)  # the control: identity is copied where it belongs
+    for obj in objects:
+        rest = _without_patient_module(obj.data)
+        assert not any(s in rest for s in secrets), obj.sop_class_uid
+    for obj in anonymous:
+        assert not any(s in obj.data for s in secrets), "a de-identified object still names the patient"
+    text = "\n".join(r.getMessage() for r in caplog.records).encode()
+    assert not any(s in text for s in secrets) and not any(s in metrics for s in secrets)
+    for path in (tmp_path / "cache").rglob("*"):
+        if path.is_file():
+            assert not any(s in path.read_bytes() for s in secrets), f"the disk cache's {path.name}"
+    supervisor = getattr(backend, "supervisor", None)
+    if supervisor is not None:  # TorchServe: its logs and every other file it wrote
+        files = [p for p in supervisor.work_dir.rglob("*") if p.is_file() and p.suffix not in (".mar", ".pt")]
+        assert any("logs" in p.parts for p in files)
+        for path in files:
+            assert not any(s in path.read_bytes() for s in secrets), f"TorchServe's {path.name}"

@@ -230,6 +230,31 @@ def quiet_dicom_loggers() -> None:
 # Source and common attributes
 
 
+_DATE_VRS = {"DA": pydicom.valuerep.DA, "TM": pydicom.valuerep.TM, "DT": pydicom.valuerep.DT}
+
+
+def _with_valid_dates(ds: Dataset) -> Dataset:
+    """``ds``, or a shallow copy of it whose unparseable DA/TM/DT elements (e.g. a PatientBirthDate holding text) are
+    emptied: highdicom copies them into every result and would fail on them, quoting the value (patient data)."""
+    bad = []
+    for elem in ds:
+        convert = _DATE_VRS.get(elem.VR)
+        if convert is None or elem.VM != 1 or elem.value in (None, ""):
+            continue
+        try:
+            convert(str(elem.value))
+        except (ValueError, TypeError):
+            bad.append(elem.tag)
+    if not bad:
+        return ds
+    out = Dataset(ds)  # a new element table: the source's headers stay as they are
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for tag in bad:
+        out[tag] = pydicom.DataElement(tag, out[tag].VR, "")
+    return out
+
+
 def _source(
     source: SeriesGeometry | Sequence[Dataset], *, model: str, version: str, operation: str,
     options: Mapping[str, Any] | None, volume_index: int | None,
@@ -259,6 +284,7 @@ def _source(
                 f"a source instance lacks {keyword}; DICOM results need Study, Series, SOP Instance and Frame of "
                 "Reference UIDs on every source image"
             )
+    images = [_with_valid_dates(ds) for ds in images]
     identity = RequestIdentity(
         study_uid=str(images[0].StudyInstanceUID), series_uid=str(images[0].SeriesInstanceUID),
         sop_uids=tuple(str(ds.SOPInstanceUID) for ds in images), model=model, version=version,
