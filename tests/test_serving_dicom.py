@@ -153,13 +153,25 @@ def test_register_is_reported_and_the_map_returns_to_the_scans_grid(tmp_path: Pa
         backend.close()
 
 
+def _noise_scan() -> pb.Scan:
+    from neuroexplain.volumes import nifti_bytes
+
+    noise = np.random.default_rng(0).uniform(0, 100, (30, 36, 30)).astype(np.float32)
+    return pb.Scan(data=nifti_bytes(noise, read_scan(make_scan(0)).affine), alignment=pb.ALIGNMENT_MNI)
+
+
+def test_input_check_warn_answers_a_flagged_scan_and_says_so(gateway: Running) -> None:
+    response = gateway.stub.Predict(pb.PredictRequest(model=TINY, scan=_noise_scan()))
+    check = response.input_check
+    assert not check.in_distribution and check.score > check.threshold and check.reason
+    assert "template" in check.checks
+    assert gateway.sample("neuroexplain_input_checks_total", operation="predict", model=TINY, verdict="flagged") == 1
+
+
 def test_input_check_reject_refuses_a_flagged_scan_and_counts_it(backend: object, tmp_path: Path) -> None:
     running = start_gateway(backend, tmp_path, input_check="reject")
     try:
-        noise = np.random.default_rng(0).uniform(0, 100, (30, 36, 30)).astype(np.float32)
-        from neuroexplain.volumes import nifti_bytes
-
-        scan = pb.Scan(data=nifti_bytes(noise, read_scan(make_scan(0)).affine), alignment=pb.ALIGNMENT_MNI)
+        scan = _noise_scan()
         for rpc, request in ((running.stub.Predict, pb.PredictRequest(model=TINY, scan=scan)),
                              (running.stub.Attribute, pb.AttributeRequest(model=TINY, scan=scan, method="gradient"))):
             with pytest.raises(grpc.RpcError) as exc:
