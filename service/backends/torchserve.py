@@ -15,8 +15,10 @@ installed torchserve package, see :mod:`service.backends.torchserve_proto`):
   when the call returns (pytorch/serve#2814). A deadline that expires raises the flag too.
 - Errors: the handler answers typed error envelopes, re-raised here as the same ``neuroexplain.errors`` class.
   TorchServe's own failures map by state, never by message text: UNAVAILABLE or a dead TorchServe ->
-  ``UnavailableError``; INTERNAL while the model has no ready worker -> ``UnavailableError``; INTERNAL while it has
-  one -> ``LimitExceededError`` (TorchServe answers INTERNAL when the model's job queue is full).
+  ``UnavailableError``; INTERNAL or RESOURCE_EXHAUSTED after a worker process died (TorchServe's answer then), or
+  INTERNAL while the model has no ready worker ->
+  ``UnavailableError``; INTERNAL while it has one -> ``LimitExceededError`` (TorchServe answers INTERNAL when the
+  model's job queue is full).
 - ``/metrics``: :class:`TorchServeCollector` re-exports TorchServe's Prometheus metrics (from its loopback metrics
   port) into the gateway's registry — declared by :meth:`TorchServeBackend.collectors`.
 """
@@ -283,6 +285,11 @@ class TorchServeBackend:
             return errors.CancelledError("the request was cancelled")
         if code is grpc.StatusCode.NOT_FOUND:
             return errors.NotFoundError(f"model {model!r} is not served by the model server")
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED) and self.supervisor.workers_lost():
+            # A worker process died under the call (TorchServe answers that RESOURCE_EXHAUSTED or INTERNAL): it is
+            # being replaced, so the call is retryable, and neither "too large" nor "queue full".
+            return errors.UnavailableError("a model server worker stopped during the request and is being "
+                                           "restarted; retry shortly")
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             return errors.LimitExceededError("the request or its answer exceeds the model server's message size limit")
         if code is grpc.StatusCode.INTERNAL and self.supervisor.alive() and self._has_ready_worker(model):

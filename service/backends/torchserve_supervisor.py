@@ -20,7 +20,10 @@ Security decisions:
 
 If TorchServe exits, :meth:`ready` turns False at once, a monitor thread restarts it with exponential backoff
 (1 s, 2 s, 4 s ... capped at 30 s, reset after a minute of healthy running), and ``generation`` increments so the
-client reconnects. :meth:`close` stops the whole process group (frontend and Python workers); nothing is left.
+client reconnects. If one of its Python workers dies (TorchServe restarts workers itself), a second thread sees the
+process gone within ``WORKER_POLL_S`` and :meth:`ready` is False until every model has a READY worker again; the
+backend also checks at once when a call fails (:meth:`workers_lost`), so the failed call is UNAVAILABLE, not
+"queue full". :meth:`close` stops the whole process group (frontend and Python workers); nothing is left.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class EngineOptions:
 
 
 KEY_FILE = "key_file.json"
+WORKER_POLL_S = 0.2  # how often the worker processes are checked
 RENEW_MARGIN_S = 10.0  # a key expiring sooner than this (or than a quarter of its lifetime) is renewed before use
 _REFUSED_HTTP = (400, 401, 403)  # how TorchServe's REST APIs answer a missing, wrong or expired key
 
@@ -256,8 +260,14 @@ class TorchServeSupervisor:
         self._ready = threading.Event()
         self._closing = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._worker_monitor: threading.Thread | None = None
+        self._workers_lock = threading.Lock()
+        self._workers_ok = threading.Event()
+        self._workers_ok.set()
+        self._known_workers: set[int] = set()
         self.generation = 0
         self.restarts = 0
+        self.worker_deaths = 0
         self.keys: TorchServeKeys | None = (
             TorchServeKeys(self.work_dir / KEY_FILE, self._current_management, 60 * options.token_expiration_min)
             if options.token_auth else None
@@ -278,8 +288,55 @@ class TorchServeSupervisor:
         return endpoints
 
     def ready(self) -> bool:
-        """True while TorchServe runs and its models were ready; False from the moment the process is gone."""
-        return self._ready.is_set() and self.alive()
+        """True while TorchServe runs and its models have ready workers; False from the moment the Java process or a
+        worker process is gone, until it is back."""
+        return self._ready.is_set() and self.alive() and self._workers_ok.is_set()
+
+    def worker_pids(self) -> set[int]:
+        """Process ids of TorchServe's Python workers (children of the Java frontend)."""
+        proc = self._proc
+        if proc is None:
+            return set()
+        pids = set()
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if any("model_service_worker" in part for part in child.cmdline()):
+                        pids.add(child.pid)
+        except psutil.Error:
+            return set()
+        return pids
+
+    def workers_lost(self) -> bool:
+        """Check the workers now: True when one died since they were last seen all ready (readiness is off until
+        TorchServe has restarted it and every model has a READY worker again)."""
+        with self._workers_lock:
+            if not self._ready.is_set():
+                self._known_workers = set()
+                return False
+            current = self.worker_pids()
+            if self._workers_ok.is_set() and self._known_workers - current:
+                self._workers_ok.clear()
+                self.worker_deaths += 1
+                log.error("a TorchServe worker process died; readiness is off until TorchServe has replaced it")
+            if self._workers_ok.is_set():
+                self._known_workers = current
+                return False
+            endpoints = self._endpoints
+            expected = {p.stem for p in self.options.model_store.glob("*.mar")}
+            if endpoints is not None and self._all_workers_ready(endpoints, expected):
+                self._known_workers = self.worker_pids()
+                self._workers_ok.set()
+                log.info("TorchServe workers are ready again")
+                return False
+            return True
+
+    def _watch_workers(self) -> None:
+        while not self._closing.wait(WORKER_POLL_S):
+            try:
+                self.workers_lost()
+            except Exception:  # the watcher must outlive any surprise; readiness stays as it was
+                log.exception("checking TorchServe's workers failed")
 
     def alive(self) -> bool:
         """Whether the Java frontend runs. Not ``Popen.poll()``: it answers None while the monitor thread waits."""
@@ -309,6 +366,8 @@ class TorchServeSupervisor:
             raise
         self._monitor = threading.Thread(target=self._watch, name="torchserve-supervisor", daemon=True)
         self._monitor.start()
+        self._worker_monitor = threading.Thread(target=self._watch_workers, name="torchserve-workers", daemon=True)
+        self._worker_monitor.start()
 
     def close(self) -> None:
         """Stop TorchServe and its workers (SIGTERM, then SIGKILL after 15 s); remove a temporary work dir."""
@@ -317,6 +376,8 @@ class TorchServeSupervisor:
         self._stop_group(self._proc)
         if self._monitor is not None:
             self._monitor.join(timeout=20)
+        if self._worker_monitor is not None:
+            self._worker_monitor.join(timeout=5)
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
@@ -456,6 +517,9 @@ class TorchServeSupervisor:
             self._stop_group(proc)
             raise
         self.generation += 1
+        with self._workers_lock:
+            self._known_workers = self.worker_pids()
+            self._workers_ok.set()
         self._set_ready(True)
         log.info("TorchServe ready (generation %d, grpc %s)", self.generation, endpoints.grpc_inference)
 
