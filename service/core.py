@@ -9,7 +9,9 @@ one caller: it is cancelled only when the last caller waiting for it has gone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib.metadata
 import logging
 import threading
 import time
@@ -98,6 +100,16 @@ class ScanRef:
 
 def _store_key(owner: str, digest: str) -> str:
     return f"{owner}\0{digest}"
+
+
+@functools.cache
+def registration_engine() -> str:
+    """The registration library that places ``auto``/``register`` scans, read from its package metadata (the gateway
+    never imports it): part of those scans' cache keys."""
+    try:
+        return "SimpleITK " + importlib.metadata.version("SimpleITK")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def check_dicom_request(request: PredictRequest | AttributeRequest, deidentify_key: bytes | None) -> None:
@@ -425,6 +437,8 @@ class Core:
 
     def _key(self, op: Operation, info: ModelInfo, scan: ScanInput | None, options: dict[str, Any]) -> str:
         scan_doc = None if scan is None else {"digest": scan.digest, **scan.options_key()}
+        if scan_doc is not None and scan.alignment in (Alignment.AUTO, Alignment.REGISTER):  # type: ignore[union-attr]
+            scan_doc["registration"] = registration_engine()  # a new SimpleITK may place the scan differently
         return cache_mod.cache_key(operation=op, model=info.name, model_version=info.version,
                                    weights_sha256=info.weights_sha256, spec_sha256=info.spec_sha256, scan=scan_doc,
                                    options=options)
