@@ -181,25 +181,6 @@ class _Source:
 # ---------------------------------------------------------------------------------------------------------------------
 # Logging hygiene
 
-_WITHHELD = "record withheld: DICOM library messages may quote header values (patient data)"
-
-
-class _Redact(logging.Filter):
-    """Drops DEBUG/INFO records and replaces the text of the rest by a fixed sentence."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return False
-        record.msg = f"{record.name} {record.levelname.lower()}: {_WITHHELD}"
-        record.args = ()
-        record.exc_info = None
-        record.exc_text = None
-        return True
-
-
-_FILTER = _Redact()
-
-
 def quiet_dicom_loggers() -> None:
     """Keep patient data out of logs: redact pydicom's and highdicom's loggers (idempotent; the gateway calls it
     at start, the builders again before each build).
@@ -210,15 +191,10 @@ def quiet_dicom_loggers() -> None:
     so theirs exist). Python ``warnings`` from pydicom's value validation are silenced by turning validation off
     while parsing (:func:`neuroexplain.dicom.privacy.quiet_pydicom`) and by building with validation set to ignore.
     """
-    from neuroexplain.dicom.privacy import quiet_pydicom
+    from neuroexplain.dicom.privacy import quiet_pydicom, redact_loggers
 
     quiet_pydicom()
-    names = ["highdicom", "pydicom",
-             *(n for n in logging.root.manager.loggerDict if n.startswith(("highdicom.", "pydicom.")))]
-    for name in names:
-        logger = logging.getLogger(name)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
+    redact_loggers("highdicom")
     # Loggers created later (a submodule imported afterwards) inherit this level, so their DEBUG/INFO never emit.
     for parent in ("highdicom", "pydicom"):
         if logging.getLogger(parent).level < logging.WARNING:
