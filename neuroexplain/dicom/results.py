@@ -181,9 +181,10 @@ class _Source:
 # ---------------------------------------------------------------------------------------------------------------------
 # Logging hygiene
 
+
 def quiet_dicom_loggers() -> None:
-    """Keep patient data out of logs: redact pydicom's and highdicom's loggers (idempotent; the gateway calls it
-    at start, the builders again before each build).
+    """Keep patient data out of logs: redact pydicom's and highdicom's loggers (idempotent and cheap; every builder
+    calls it before it builds).
 
     highdicom logs SOP Instance UIDs at INFO and pydicom quotes element values in DEBUG records and warnings. Every
     existing ``pydicom``/``highdicom`` logger gets a filter that drops DEBUG/INFO and blanks the rest (a filter on a
