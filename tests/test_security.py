@@ -432,7 +432,7 @@ def test_audit_lines_for_allowed_and_refused_calls(token_file: Path, servers: li
         _code(_say, channel, payload, token="not-a-valid-token-at-all")
     ok, not_found, refused = s.audit_lines.records()
     assert set(ok) == {"time", "event", "rpc", "caller", "auth", "cert_subject", "peer", "model", "scan_digest",
-                       "code", "duration_s"}
+                       "method", "target", "result_digest", "code", "duration_s"}
     assert ok["rpc"] == "/test.Echo/Say" and ok["caller"] == "alice" and ok["code"] == "OK"
     assert ok["model"] == "tiny" and ok["scan_digest"] == hashlib.sha256(payload).hexdigest()
     assert ok["time"].endswith("Z") and ok["duration_s"] >= 0 and ok["peer"].startswith("ipv4:127.0.0.1:")

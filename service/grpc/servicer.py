@@ -90,7 +90,6 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
         fields = convert.attribute_fields(request)
         scan = _resolve(self.core, convert.scan_ref(request.scan), context)
         domain = AttributeRequest(scan=scan, **fields)  # type: ignore[arg-type]
-        audit.annotate(method=request.method, target=request.target)
         result, cached = self.core.attribute(domain, caller(context))
         audit.annotate(target=result.target)  # the class explained (the predicted one when none was named)
         self.core.remember_scan(owner(context), scan)
@@ -104,7 +103,6 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
         scan = _resolve(self.core, convert.scan_ref(request.scan), context) if request.HasField("scan") else None
         digest = scan.digest if scan is not None else ""
         _annotate(request.model, digest or None)
-        audit.annotate(target=request.target)
         for job_id, event in self.core.visualize(VisualizeRequest(scan=scan, **fields), caller(context)):  # type: ignore[arg-type]
             if isinstance(event, Progress):
                 yield convert.visualize_progress(job_id, event)
