@@ -13,6 +13,7 @@ ignores.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -158,6 +159,7 @@ class DiskCache:
         if len(value) > self.max_value_bytes:
             return
         path = self._path(key)
+        tmp: str | None = None
         try:
             path.parent.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -165,6 +167,9 @@ class DiskCache:
                 fh.write(value)
             os.replace(tmp, path)
         except OSError as exc:
+            if tmp is not None:  # a full disk must not fill up further with partial entries
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             raise CacheError(f"cache write failed ({exc.strerror})") from None
         with self._lock:
             self._total -= self._index.pop(key, 0)
