@@ -254,3 +254,20 @@ def test_torchserve_gateway_with_redis_leaves_no_patient_data_in_redis_or_torchs
         assert_no_patient(path.name.encode(), f"a TorchServe file name ({path.name})")
         assert_no_patient(path.read_bytes(), f"TorchServe's {path.relative_to(work_dir)}")
     assert_no_patient("\n".join(logs.texts).encode(), "the gateway process's logs")
+
+
+def test_concurrent_callers_share_one_renewal(torchserve: Any) -> None:
+    # The key file says the inference key has expired: eight calls at once renew it once (a second renewal would
+    # invalidate the key the first one fetched) and all are answered.
+    import concurrent.futures
+
+    path = torchserve.supervisor.work_dir / "key_file.json"
+    doc = _key_file(torchserve)
+    doc["inference"]["expiration time"] = "2000-01-01T00:00:00Z"
+    path.write_text(json.dumps(doc))
+    renewals = torchserve.supervisor.keys.renewals
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: torchserve.predict(PredictRequest("tinyles", _scan()), CallContext()),
+                                range(8)))
+    assert all(r.predicted_class in ("healthy", "lesion") for r in results)
+    assert torchserve.supervisor.keys.renewals == renewals + 1

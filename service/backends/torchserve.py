@@ -152,6 +152,7 @@ class TorchServeBackend:
         flag = _Flag(self.supervisor.cancel_dir / job_id)
         stub = self._current_stub()
         metadata = self.supervisor.inference_metadata()
+        deaths_before = self.supervisor.worker_deaths
         call = stub.StreamPredictions(
             self._pb2.PredictionsRequest(model_name=request.model, input=fields), timeout=_remaining(ctx),
             metadata=metadata,
@@ -171,7 +172,7 @@ class TorchServeBackend:
         watcher.start()
         result: VisualizeResult | None = None
         try:
-            for message in _responses(call, self, request.model, flag, metadata):
+            for message in _responses(call, self, request.model, flag, metadata, deaths_before):
                 answer = env.decode(message.prediction)
                 if answer.kind is env.Kind.PROGRESS:
                     # Also after a cancel: the steps the worker still ran are observable (tests, logs).
@@ -238,6 +239,7 @@ class TorchServeBackend:
         flag = _Flag(self.supervisor.cancel_dir / job_id) if job_id else None
         stub = self._current_stub()
         metadata = self.supervisor.inference_metadata()
+        deaths_before = self.supervisor.worker_deaths
         future = stub.Predictions.future(
             self._pb2.PredictionsRequest(model_name=model, input=fields), timeout=_remaining(ctx), metadata=metadata
         )
@@ -263,7 +265,7 @@ class TorchServeBackend:
                         raise flag.reason from None
                     if _code(exc) is grpc.StatusCode.PERMISSION_DENIED:
                         raise _KeyRefused(metadata) from None
-                    error = self.map_rpc_error(exc, model)
+                    error = self.map_rpc_error(exc, model, deaths_before)
                     if flag is not None and isinstance(error, errors.DeadlineExceededError):
                         flag.raise_now(error)  # TorchServe let go of the call, not the worker: stop it too
                     raise error from None
@@ -276,8 +278,11 @@ class TorchServeBackend:
                 flag.lower()
         return env.raise_if_error(env.decode(response.prediction))
 
-    def map_rpc_error(self, exc: grpc.RpcError, model: str) -> errors.NeuroExplainError:
-        """The typed error for a failed call to TorchServe (decided by code and TorchServe's state)."""
+    def map_rpc_error(self, exc: grpc.RpcError, model: str, deaths_before: int | None = None) -> errors.NeuroExplainError:
+        """The typed error for a failed call to TorchServe (decided by code and TorchServe's state).
+
+        ``deaths_before``: the supervisor's ``worker_deaths`` when the call was sent; a worker that died since makes
+        the failure UNAVAILABLE even if TorchServe already reports a replacement ready."""
         code = _code(exc)
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return errors.DeadlineExceededError("the request ran past its deadline in the model server")
@@ -285,7 +290,9 @@ class TorchServeBackend:
             return errors.CancelledError("the request was cancelled")
         if code is grpc.StatusCode.NOT_FOUND:
             return errors.NotFoundError(f"model {model!r} is not served by the model server")
-        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED) and self.supervisor.workers_lost():
+        lost = self.supervisor.workers_lost()  # checks the worker processes now
+        died = deaths_before is not None and self.supervisor.worker_deaths > deaths_before
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED) and (lost or died):
             # A worker process died under the call (TorchServe answers that RESOURCE_EXHAUSTED or INTERNAL): it is
             # being replaced, so the call is retryable, and neither "too large" nor "queue full".
             return errors.UnavailableError("a model server worker stopped during the request and is being "
@@ -321,7 +328,7 @@ class _KeyRefused(Exception):
 
 
 def _responses(call: Any, backend: TorchServeBackend, model: str, flag: _Flag,
-               metadata: tuple[tuple[str, str], ...]) -> Iterator[Any]:
+               metadata: tuple[tuple[str, str], ...], deaths_before: int) -> Iterator[Any]:
     received = False
     try:
         for message in call:
@@ -332,7 +339,7 @@ def _responses(call: Any, backend: TorchServeBackend, model: str, flag: _Flag,
             raise flag.reason from None
         if not received and _code(exc) is grpc.StatusCode.PERMISSION_DENIED:
             raise _KeyRefused(metadata) from None
-        error = backend.map_rpc_error(exc, model)
+        error = backend.map_rpc_error(exc, model, deaths_before)
         if isinstance(error, errors.DeadlineExceededError):
             flag.raise_now(error)
         raise error from None

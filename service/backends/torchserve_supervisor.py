@@ -117,6 +117,7 @@ class TorchServeKeys:
         self._management_url = management_url
         self.margin_s = min(RENEW_MARGIN_S, lifetime_s / 4)
         self._lock = threading.Lock()
+        self._renew_lock = threading.Lock()  # one renewal at a time: a second would invalidate the first's key
         self._stat: tuple[int, int, int] | None = None
         self._doc: dict[str, dict[str, str]] = {}
         self.renewals = 0
@@ -157,7 +158,11 @@ class TorchServeKeys:
     def renew(self, kind: str, stale: str | None) -> str | None:
         """A fresh ``kind`` key: read the file again; if it still holds ``stale``, ask TorchServe for a new one
         (``/token?type=kind`` with the API key, which rewrites the file). Returns None when that fails (TorchServe
-        down or restarting: the caller's next try reads the new run's file)."""
+        down or restarting: the caller's next try reads the new run's file). Concurrent callers share one renewal."""
+        with self._renew_lock:
+            return self._renew(kind, stale)
+
+    def _renew(self, kind: str, stale: str | None) -> str | None:
         with self._lock:
             self._stat = None
         doc = self._read()
@@ -265,6 +270,7 @@ class TorchServeSupervisor:
         self._workers_ok = threading.Event()
         self._workers_ok.set()
         self._known_workers: set[int] = set()
+        self._lost_workers: set[int] = set()
         self.generation = 0
         self.restarts = 0
         self.worker_deaths = 0
@@ -318,13 +324,18 @@ class TorchServeSupervisor:
             if self._workers_ok.is_set() and self._known_workers - current:
                 self._workers_ok.clear()
                 self.worker_deaths += 1
+                self._lost_workers = set(self._known_workers)
                 log.error("a TorchServe worker process died; readiness is off until TorchServe has replaced it")
             if self._workers_ok.is_set():
                 self._known_workers = current
                 return False
             endpoints = self._endpoints
             expected = {p.stem for p in self.options.model_store.glob("*.mar")}
-            if endpoints is not None and self._all_workers_ready(endpoints, expected):
+            # Back when as many worker processes run as before, none of them one that was there when a worker died
+            # (TorchServe's management API may still call the dead one READY for a moment), and every model has a
+            # READY worker.
+            replaced = len(current) >= len(self._lost_workers) and not current & self._lost_workers
+            if replaced and endpoints is not None and self._all_workers_ready(endpoints, expected):
                 self._known_workers = self.worker_pids()
                 self._workers_ok.set()
                 log.info("TorchServe workers are ready again")
