@@ -222,7 +222,7 @@ def _planted_series(folder: Path) -> list[bytes]:
 
 def _without_patient_module(data: bytes) -> bytes:
     ds = pydicom.dcmread(io.BytesIO(data))
-    for tag in [t for t in ds.keys() if t.group == 0x0010]:
+    for tag in [elem.tag for elem in ds if elem.tag.group == 0x0010]:
         del ds[tag]
     buffer = io.BytesIO()
     ds.save_as(buffer)
