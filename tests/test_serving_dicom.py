@@ -38,6 +38,7 @@ from neuroexplain.lab.dicom_synth import write_series
 from neuroexplain.volumes import read_scan
 
 PM_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
+_UIDS_SEEN: dict[str, list[str]] = {}  # result UIDs by request, across the backend parameters
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
@@ -98,7 +99,10 @@ def test_attribute_returns_a_parametric_map_and_an_sr_that_file_into_the_source_
     assert json.loads(response.summary.json)["predicted_class"] in ("healthy", "lesion")
     # the same request again: served from the cache, the objects rebuilt with the same UIDs (nothing duplicated)
     again = gateway.stub.Attribute(request)
-    assert again.info.cached and [o.sop_instance_uid for o in again.dicom] == [o.sop_instance_uid for o in response.dicom]
+    uids = [o.sop_instance_uid for o in response.dicom]
+    assert again.info.cached and [o.sop_instance_uid for o in again.dicom] == uids
+    # and the other backend (the parameters run in turn in one session) made the very same objects' UIDs
+    assert _UIDS_SEEN.setdefault("attribute", uids) == uids
     dciodvfy = shutil.which("dciodvfy")
     if dciodvfy is None:
         pytest.skip("dciodvfy (dicom3tools) is not installed")
