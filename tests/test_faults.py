@@ -103,7 +103,8 @@ class Readiness:
 
 
 @pytest.fixture(scope="module")
-def ts_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+def ts_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str, CollectorRegistry, Any]]:
+    """The TorchServe backend, the gateway's address, its metrics registry and its core."""
     from conftest import require_binary
     from torchserve_models import tiny_scan_cnn
 
@@ -117,13 +118,14 @@ def ts_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, 
     store.mkdir()
     build_archive(folder / "spec.json", folder / "weights.pt", store / "tinyles.mar")
     settings = Settings(host="127.0.0.1", port=0, metrics_port=-1, health_port=-1, model_store=store, cache="none",
-                        torchserve_startup_timeout_s=120.0, workers=8)
+                        torchserve_startup_timeout_s=120.0, workers=8, max_queue=128)
     backend = TorchServeBackend(settings, build_archives=False)
     backend.start()
-    gateway, port = create_server(settings, backend, registry=CollectorRegistry())
+    registry = CollectorRegistry()
+    gateway, port = create_server(settings, backend, registry=registry)
     gateway.start()
     try:
-        yield backend, f"127.0.0.1:{port}"
+        yield backend, f"127.0.0.1:{port}", registry, gateway.core
     finally:
         gateway.stop(None).wait()
         gateway.close()
@@ -176,8 +178,8 @@ def _crash_mid_attribute(backend: Any, target: str, kill: Any, what: str) -> Non
 
 
 @pytest.mark.torchserve
-def test_torchserve_sigkilled_mid_attribute(ts_gateway: tuple[Any, str]) -> None:
-    backend, target = ts_gateway
+def test_torchserve_sigkilled_mid_attribute(ts_gateway: tuple[Any, str, CollectorRegistry, Any]) -> None:
+    backend, target, _registry, _core = ts_gateway
     generation = backend.supervisor.generation
     _crash_mid_attribute(backend, target, lambda: os.kill(backend.supervisor._proc.pid, signal.SIGKILL),
                          "torchserve java SIGKILL mid-Attribute")
@@ -185,8 +187,8 @@ def test_torchserve_sigkilled_mid_attribute(ts_gateway: tuple[Any, str]) -> None
 
 
 @pytest.mark.torchserve
-def test_one_worker_sigkilled_mid_attribute(ts_gateway: tuple[Any, str]) -> None:
-    backend, target = ts_gateway
+def test_one_worker_sigkilled_mid_attribute(ts_gateway: tuple[Any, str, CollectorRegistry, Any]) -> None:
+    backend, target, _registry, _core = ts_gateway
     workers = backend.supervisor.worker_pids()
     assert len(workers) == 1, workers
     deaths, generation = backend.supervisor.worker_deaths, backend.supervisor.generation
@@ -195,6 +197,44 @@ def test_one_worker_sigkilled_mid_attribute(ts_gateway: tuple[Any, str]) -> None
     assert backend.supervisor.worker_deaths == deaths + 1
     assert backend.supervisor.generation == generation  # TorchServe itself replaced the worker
     assert backend.supervisor.worker_pids() and not backend.supervisor.worker_pids() & workers
+
+
+@pytest.mark.torchserve
+def test_100_cancelled_visualize_calls_on_torchserve_free_the_worker(
+        ts_gateway: tuple[Any, str, CollectorRegistry, Any]) -> None:
+    backend, target, registry, core = ts_gateway
+    deadline = time.monotonic() + 60
+    while not backend.ready():  # after the crash tests above, TorchServe may still be replacing a worker
+        assert time.monotonic() < deadline, "TorchServe is not ready"
+        time.sleep(0.2)
+    stub = pb_grpc.NeuroExplainStub(grpc.insecure_channel(target))
+    workers = backend.supervisor.worker_pids()
+    drained = cancelled_wave(stub, registry, core, "tinyles", 0)
+    # The worker stopped on its cancel flags: the same process, free again, no flag left behind.
+    assert backend.supervisor.worker_pids() == workers, "a worker was restarted (or leaked) by the cancellations"
+    deadline = time.monotonic() + 20
+    while list(backend.supervisor.cancel_dir.iterdir()):
+        assert time.monotonic() < deadline, "cancel flags were left behind"
+        time.sleep(0.1)
+    started = time.monotonic()
+    assert stub.Predict(pb.PredictRequest(model="tinyles", scan=_ts_scan()), timeout=TIMEOUT).predicted_class
+    report("100 Visualize calls cancelled on TorchServe", in_flight_back_to_0_s=drained,
+           next_predict_s=time.monotonic() - started)
+
+
+@pytest.mark.torchserve
+def test_a_visualize_the_worker_refuses_keeps_the_worker(ts_gateway: tuple[Any, str, CollectorRegistry, Any]) -> None:
+    # An error before the first step (a channel the layer does not have): the stream's only answer is final, and
+    # TorchServe 0.12 drops the worker unless that answer says ts_stream_next=false (the handler marks it).
+    backend, target, _registry, _core = ts_gateway
+    stub = pb_grpc.NeuroExplainStub(grpc.insecure_channel(target))
+    workers, deaths = backend.supervisor.worker_pids(), backend.supervisor.worker_deaths
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Visualize(pb.VisualizeRequest(model="tinyles", target="channel:conv1:7", preset="none", steps=4),
+                            timeout=TIMEOUT))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    time.sleep(1.0)
+    assert backend.supervisor.worker_deaths == deaths and backend.supervisor.worker_pids() == workers
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -383,35 +423,38 @@ def test_disk_cache_full_is_bypassed(tmp_path: Path) -> None:
             subprocess.run(["umount", "-l", str(cache_dir)], check=False)
 
 
+def cancelled_wave(stub: Any, registry: CollectorRegistry, core: Any, model: str, offset: int) -> float:
+    """Start 100 long Visualize calls, cancel them all once every one reached the server; returns the seconds until
+    nothing is in flight (computations, RPCs, the core's pending count)."""
+    calls = [stub.Visualize(pb.VisualizeRequest(model=model, target="class:lesion", preset="none", steps=4096,
+                                                seed=offset + i), timeout=TIMEOUT) for i in range(100)]
+    steps = _metric(registry, "neuroexplain_visualize_steps_total")
+    deadline = time.monotonic() + 30
+    while (_metric(registry, "neuroexplain_requests_in_flight") < 100
+           or _metric(registry, "neuroexplain_visualize_steps_total") <= steps):  # all arrived, some are running
+        assert time.monotonic() < deadline, "not every Visualize call reached the server, or none ran"
+        time.sleep(0.05)
+    cancelled_at = time.monotonic()
+    for call in calls:
+        call.cancel()
+    deadline = time.monotonic() + 40
+    while (_metric(registry, "neuroexplain_computations_in_flight") or
+           _metric(registry, "neuroexplain_requests_in_flight") or core._pending):
+        assert time.monotonic() < deadline, "computations or RPCs stayed in flight after every caller left"
+        time.sleep(0.05)
+    drained = time.monotonic() - cancelled_at
+    assert all(call.code() is grpc.StatusCode.CANCELLED for call in calls)
+    return drained
+
+
 def test_100_cancelled_visualize_calls_leave_nothing_in_flight(tmp_path: Path) -> None:
     gateway, target, registry = _gateway(tmp_path, cache="none", max_concurrency=4, max_queue=128)
     channel = grpc.insecure_channel(target)
     stub = pb_grpc.NeuroExplainStub(channel)
-
-    def wave(offset: int) -> float:
-        calls = [stub.Visualize(pb.VisualizeRequest(model="tiny", target="class:lesion", preset="none", steps=4096,
-                                                    seed=offset + i), timeout=TIMEOUT) for i in range(100)]
-        assert next(iter(calls[0])).WhichOneof("event") is not None  # computations are running
-        deadline = time.monotonic() + 10
-        while _metric(registry, "neuroexplain_requests_in_flight") < 100:
-            assert time.monotonic() < deadline, "not every Visualize call reached the server"
-            time.sleep(0.05)
-        cancelled_at = time.monotonic()
-        for call in calls:
-            call.cancel()
-        deadline = time.monotonic() + 30
-        while (_metric(registry, "neuroexplain_computations_in_flight") or
-               _metric(registry, "neuroexplain_requests_in_flight") or gateway.core._pending):
-            assert time.monotonic() < deadline, "computations or RPCs stayed in flight after every caller left"
-            time.sleep(0.05)
-        drained = time.monotonic() - cancelled_at
-        assert all(call.code() is grpc.StatusCode.CANCELLED for call in calls)
-        return drained
-
     try:
-        first = wave(0)
+        first = cancelled_wave(stub, registry, gateway.core, "tiny", 0)
         threads_after_first = threading.active_count()  # grpc's and the core's pools have grown to their size
-        second = wave(1000)
+        second = cancelled_wave(stub, registry, gateway.core, "tiny", 1000)
         time.sleep(0.5)
         threads_after_second = threading.active_count()
         assert threads_after_second <= threads_after_first + 4, "each wave of cancelled calls leaves threads behind"

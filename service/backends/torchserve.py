@@ -159,35 +159,50 @@ class TorchServeBackend:
         )
         stop = threading.Event()
 
+        progressed = threading.Event()
+
         def watch() -> None:
             # Raise the worker's cancel flag once every caller has gone or the deadline passed, then give the worker
-            # CANCEL_GRACE_S to notice it (it checks every step) before giving up on the stream.
+            # CANCEL_GRACE_S to notice it (it checks every step) before giving up on the stream. A job that has sent
+            # no step yet (queued in TorchServe, or starting) is let go at once, flag raised: TorchServe 0.12 drops
+            # the worker when a stream's only answer is final (GRPCJob.response reads a ts_stream_next header that
+            # only intermediate answers set), unless the call was cancelled first. The worker still stops at its
+            # first step.
             while not stop.wait(POLL_S):
                 if flag.raise_if_stopped(ctx, "visualization"):
-                    if not stop.wait(CANCEL_GRACE_S):
+                    if not progressed.is_set() or not stop.wait(CANCEL_GRACE_S):
                         call.cancel()
                     return
 
         watcher = threading.Thread(target=watch, name=f"visualize-watch-{job_id[:8]}", daemon=True)
         watcher.start()
         result: VisualizeResult | None = None
+        refused: errors.NeuroExplainError | None = None
         try:
             for message in _responses(call, self, request.model, flag, metadata, deaths_before):
                 answer = env.decode(message.prediction)
                 if answer.kind is env.Kind.PROGRESS:
+                    progressed.set()
                     # Also after a cancel: the steps the worker still ran are observable (tests, logs).
                     ctx.on_progress(answer.load(Progress))
                     continue
                 flag.answered = True
                 if flag.reason is not None:
                     raise flag.reason
-                result = env.raise_if_error(answer).load(VisualizeResult)
+                try:
+                    result = env.raise_if_error(answer).load(VisualizeResult)
+                except errors.NeuroExplainError as exc:
+                    # Read the stream to its end before raising: TorchServe restarts the worker of a stream whose
+                    # client cancelled it, so leaving early would cost a worker per refused visualization.
+                    refused = exc
         finally:
             stop.set()
             watcher.join()
             flag.lower()
         if flag.reason is not None:
             raise flag.reason
+        if refused is not None:
+            raise refused
         if result is None:
             raise errors.UnavailableError("the model server ended the visualization without a result")
         return result
