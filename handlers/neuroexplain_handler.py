@@ -121,6 +121,7 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
                 watch.lower()
             self._report_cancel(context, task, job_id, watch)
         self._record_metrics(context, parsed, answers, time.perf_counter() - started)
+        _mark_last_frames(context, len(data))
         return [a if a is not None else env.encode_error(RuntimeError()) for a in answers]
 
     @staticmethod
@@ -192,3 +193,19 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
             outcome = "error" if answer and env.decode(answer).kind is env.Kind.ERROR else "ok"
             requests.add_or_update(1, [name, task.value, outcome])
         busy.add_or_update(seconds, [name])
+
+
+def _mark_last_frames(context: Context, rows: int) -> None:
+    """Mark each answer as its call's last frame where no progress frame did (``ts_stream_next: false``).
+
+    TorchServe sets that header on a streamed call's final answer only after an intermediate one was sent; a
+    Visualize refused before its first step would otherwise reach the frontend without it, which then fails on the
+    missing header and kills the worker (a restart per refused visualization). Unary calls ignore the header.
+    """
+    for idx in range(rows):
+        try:
+            headers = context.get_response_headers(idx)
+        except (AttributeError, IndexError, KeyError, TypeError):  # a context without per-request headers (tests)
+            return
+        if "ts_stream_next" not in (headers or {}):
+            context.set_response_header(idx, "ts_stream_next", "false")

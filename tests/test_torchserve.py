@@ -143,6 +143,18 @@ def test_worker_errors_arrive_as_the_same_typed_errors(backend: Any, scan: bytes
         backend.predict(PredictRequest("no-such-model", _scan(scan)), CallContext())
 
 
+def test_a_visualization_refused_before_its_first_step_keeps_the_worker(backend: Any) -> None:
+    """The worker's answer to a refused Visualize is the stream's last frame (``ts_stream_next: false``): TorchServe
+    used to fail on the missing header and restart the worker for every such refusal."""
+    deaths = backend.supervisor.worker_deaths
+    for _ in range(2):
+        with pytest.raises(errors.InvalidOptionError, match="out of range"):
+            backend.visualize(VisualizeRequest("tinyles", "channel:conv1:99", steps=2), CallContext())
+        assert backend.ready()
+    time.sleep(1.0)  # the supervisor notices a dead worker within a poll
+    assert backend.ready() and backend.supervisor.worker_deaths == deaths
+
+
 def test_an_expired_deadline_never_reaches_torchserve(backend: Any, scan: bytes) -> None:
     with pytest.raises(errors.DeadlineExceededError):
         backend.predict(PredictRequest("tinyles", _scan(scan)), CallContext(deadline=time.monotonic() - 1))
