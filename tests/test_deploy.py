@@ -313,7 +313,7 @@ BUILTIN_KINDS = {
     "PodDisruptionBudget", "NetworkPolicy", "StatefulSet",  # StatefulSet: the PACS bridge (its spool volume)
 }
 RBAC_KINDS = {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
-SECRETS = {"neuroexplain-tls", "neuroexplain-tokens", "neuroexplain-redis"}
+SECRETS = {"neuroexplain-tls", "neuroexplain-tokens", "neuroexplain-redis", "neuroexplain-scan-store"}
 
 
 def _pod_specs() -> list[tuple[str, dict[str, Any]]]:

@@ -138,6 +138,10 @@ def _start(tmp: Path, backend: str, startup_s: float, redis_port: int | None = N
         "NEUROEXPLAIN_TLS_KEY": str(key),
         "NEUROEXPLAIN_TOKENS_FILE": str(tokens),
     }
+    scan_key = tmp / "scan-store-key"
+    scan_key.write_text(os.urandom(32).hex() + "\n")
+    scan_key.chmod(0o600)
+    swaps["NEUROEXPLAIN_SCAN_STORE_KEY_FILE"] = str(scan_key)
     if redis_port is None:
         swaps["NEUROEXPLAIN_CACHE"] = "disk"
     else:

@@ -19,7 +19,6 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -39,6 +38,7 @@ from service.grpc.metrics import MetricsInterceptor
 from service.grpc.servicer import NeuroExplainServicer
 from service.grpc.status import ErrorInterceptor, status_code
 from service.metrics import Metrics
+from service.scans import redis_password
 
 log = logging.getLogger("neuroexplain.service")
 
@@ -176,16 +176,6 @@ def create_server(
     return GatewayServer(grpc_server=server, core=core, metrics=metrics, health=health_servicer), port
 
 
-def redis_password(settings: Settings) -> str | None:
-    """The Redis password from ``redis_password`` or the first line of ``redis_password_file`` (never logged)."""
-    password = settings.redis_password
-    path = settings.redis_password_file
-    if not password and path:
-        try:
-            password = Path(path).read_text().splitlines()[0].strip()
-        except (OSError, IndexError):
-            raise InvalidOptionError("redis_password_file cannot be read or is empty") from None
-    return password or None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ def register(sub: Any) -> None:
     sec.add_argument("--redis-password-file", default=None, metavar="F",
                      help="file holding the Redis password, kept out of the --cache URL "
                      "(alternative: NEUROEXPLAIN_REDIS_PASSWORD)")
+    sec.add_argument("--scan-store-key-file", default=None, metavar="F",
+                     help="AES keys of the scan store in Redis (hex or base64, one per line; the last encrypts)")
     sec.add_argument("--deidentify-key-file", default=None, metavar="F",
                      help="key (16-4096 bytes) of the UID remapping of de-identified DICOM results; without it, "
                      "deidentify requests are refused")
@@ -92,6 +94,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "max_calls_per_caller": args.max_calls_per_caller,
         "redis_password_file": args.redis_password_file,
         "deidentify_key_file": args.deidentify_key_file,
+        "scan_store_key_file": args.scan_store_key_file,
         "input_check": args.input_check,
     }
 
