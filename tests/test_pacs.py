@@ -65,21 +65,49 @@ def wait_for(cond: Callable[[], object], seconds: float, what: str) -> object:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    models = write_tiny_model(tmp_path_factory.mktemp("models"))
-    port = free_port()
+def start_gateway(port: int, tmp: Path) -> subprocess.Popen[str]:
+    """A real gateway (in-process backend, the tiny model) on ``port``; returns once it printed ``ready``."""
+    models = write_tiny_model(tmp / "models")
     env = {**os.environ, "NEUROEXPLAIN_MODEL_DIRS": str(models), "NEUROEXPLAIN_AUDIT_LOG": "off"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "neuroexplain.cli.main", "serve", "--backend", "inprocess", "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", "-1", "--health-port", "-1",
-         "--cache-dir", str(tmp_path_factory.mktemp("cache"))],
+         "--port", str(port), "--metrics-port", "-1", "--health-port", "-1", "--cache-dir", str(tmp / "cache")],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    port = free_port()
+    proc = start_gateway(port, tmp_path_factory.mktemp("gateway"))
     yield port
     proc.terminate()
     proc.wait(60)
+
+
+def brain_series(folder: Path, seed: str) -> tuple[list[Path], str, str]:
+    """A brain in the tiny model's space as a 30 x 36 x 30 MR series (UIDs from ``seed``): files, study, series."""
+    from test_service_support import make_scan
+
+    from neuroexplain.lab.dicom_synth import write_series as write_volume
+    from neuroexplain.volumes import read_scan
+
+    volume = read_scan(make_scan(8))
+    write_volume(volume.data, volume.affine, folder, orientation=None, rescale=(0.01, 0.0),
+                 patient_name=NAME, patient_id=PID, uid_seed=seed)
+    files = sorted(folder.glob("*.dcm"))
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return files, str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line of a Prometheus text page (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 class BridgeProc:
@@ -206,19 +234,136 @@ def test_sigkill_after_acknowledging_resumes_after_restart(tmp_path: Path, gatew
 
 
 def test_orthanc_routes_a_series_to_the_bridge(tmp_path: Path, gateway: int) -> None:
-    """Orthanc as the PACS: it sends a stored series to the bridge, and the bridge's answer lands in the study."""
+    """Orthanc as the PACS: it sends a stored brain series to the bridge, and the Parametric Map (on the series'
+    geometry) and the SRs land in the study."""
     bridge_port = free_port()
     with orthanc(tmp_path / "orthanc", {"bridge": ("NEUROEXPLAIN", "127.0.0.1", bridge_port)}) as node:
         bridge = BridgeProc(tmp_path / "spool", gateway, f"ORTHANC@127.0.0.1:{node.dicom_port}",
-                            "--allow-ae", "ORTHANC", "--quiet-seconds", "1", port=bridge_port)
+                            "--allow-ae", "ORTHANC", "--quiet-seconds", "1", "--method", "gradient",
+                            port=bridge_port)
         try:
-            study = generate_uid()
-            for path in write_series(tmp_path / "in", study, generate_uid(), 5):
+            files, study, _ = brain_series(tmp_path / "in", "routes")
+            for path in files:
                 node.post("/instances", path.read_bytes())
             node.post("/modalities/bridge/store", node.get("/studies")[0])
-            wait_for(lambda: [t for t in node.instances_tags() if t.get("Modality") == "SR"], 60, "SR in Orthanc")
+            maps = wait_for(lambda: [t for t in node.instances_tags() if t.get("SOPClassUID") == PM_SOP_CLASS],
+                            120, "the Parametric Map in Orthanc")
+            assert isinstance(maps, list) and len(maps) == 1
+            assert maps[0]["StudyInstanceUID"] == study
+            assert int(maps[0]["Rows"]) == 36 and int(maps[0]["Columns"]) == 30
+            assert int(maps[0]["NumberOfFrames"]) == 30
+            wait_for(lambda: len([t for t in node.instances_tags() if t.get("Modality") == "SR"]) == 2, 60,
+                     "both SRs")
         finally:
             bridge.stop()
+
+
+def results_in(node: Orthanc, study: str) -> list[dict[str, object]]:
+    """The result objects (anything but the source MR images) in ``study``."""
+    return [t for t in node.instances_tags() if t.get("StudyInstanceUID") == study and t.get("Modality") != "MR"]
+
+
+def test_gateway_down_for_a_while_is_retried_then_delivered(tmp_path: Path, pacs: Orthanc) -> None:
+    """The bridge points at a port where the gateway starts only after the series came in and failed once."""
+    port = free_port()
+    files, study, _ = brain_series(tmp_path / "in", "gateway-down")
+    bridge = BridgeProc(tmp_path / "spool", port, f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "--allow-ae", "MODALITY",
+                        "--quiet-seconds", "0.5", "--max-tries", "100", "--retry-max-seconds", "1")
+    late = None
+    try:
+        assert storescu(bridge.port, files).returncode == 0
+        wait_for(lambda: metric(bridge.metrics_text(), 'neuroexplain_pacs_series_retried_total{stage="service"}')
+                 >= 2, 60, "retries while the gateway is down")
+        assert not results_in(pacs, study)
+        late = start_gateway(port, tmp_path / "late-gateway")
+        wait_for(lambda: metric(bridge.metrics_text(), "neuroexplain_pacs_series_stored_total") == 1, 120,
+                 "results stored once the gateway is up")
+        assert [t["Modality"] for t in results_in(pacs, study)] == ["SR"]  # predict only: its SR
+        assert not list((tmp_path / "spool" / "failed").glob("*"))
+    finally:
+        bridge.stop()
+        if late is not None:
+            late.terminate()
+            late.wait(60)
+
+
+def test_destination_down_is_retried_then_delivered(tmp_path: Path, gateway: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Orthanc starts only after the bridge failed to reach it a few times, on the port the bridge was given."""
+    import orthanc as orthanc_module
+
+    dicom_port, http_port = free_port(), free_port()
+    files, study, _ = brain_series(tmp_path / "in", "destination-down")
+    bridge = BridgeProc(tmp_path / "spool", gateway, f"ORTHANC@127.0.0.1:{dicom_port}", "--allow-ae", "MODALITY",
+                        "--quiet-seconds", "0.5", "--max-tries", "100", "--retry-max-seconds", "1")
+    try:
+        assert storescu(bridge.port, files).returncode == 0
+        wait_for(lambda: metric(bridge.metrics_text(),
+                                'neuroexplain_pacs_series_retried_total{stage="destination"}') >= 2,
+                 120, "retries while the destination is down")
+        ports = iter((dicom_port, http_port))
+        monkeypatch.setattr(orthanc_module, "free_port", lambda: next(ports))
+        with orthanc(tmp_path / "orthanc") as node:
+            assert node.dicom_port == dicom_port
+            wait_for(lambda: metric(bridge.metrics_text(), "neuroexplain_pacs_series_stored_total") == 1, 60,
+                     "results stored once Orthanc is up")
+            assert [t["Modality"] for t in results_in(node, study)] == ["SR"]
+    finally:
+        bridge.stop()
+    assert not list((tmp_path / "spool" / "failed").glob("*"))
+
+
+def test_destination_rejects_moves_the_series_to_failed_with_the_reason(tmp_path: Path, gateway: int) -> None:
+    """A destination that answers every C-STORE with a failure status (a real pynetdicom SCP, 0xC000)."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    scp = AE(ae_title="REJECTER")
+    scp.supported_contexts = AllStoragePresentationContexts
+    refused: list[int] = []
+
+    def refuse(event: object) -> int:
+        refused.append(1)
+        return 0xC000
+
+    dest_port = free_port()
+    server = scp.start_server(("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, refuse)])
+    files, _, _ = brain_series(tmp_path / "in", "destination-rejects")
+    spool = tmp_path / "spool"
+    bridge = BridgeProc(spool, gateway, f"REJECTER@127.0.0.1:{dest_port}", "--allow-ae", "MODALITY",
+                        "--quiet-seconds", "0.5")
+    try:
+        assert storescu(bridge.port, files).returncode == 0
+        reasons = wait_for(lambda: list((spool / "failed").glob("*/reason.txt")), 120, "failed/ reason")
+        assert isinstance(reasons, list) and len(reasons) == 1
+        reason = reasons[0].read_text()
+        assert reason.count("\n") == 1 and "destination" in reason and "0xC000" in reason
+        assert refused  # the results did reach the destination, which refused them
+        assert list(reasons[0].parent.glob("out/*.dcm"))  # the refused results are kept beside the reason
+        assert 'neuroexplain_pacs_series_failed_total{stage="destination"} 1.0' in bridge.metrics_text()
+        assert not list((spool / "series").glob("*/in/*.dcm"))
+    finally:
+        bridge.stop()
+        server.shutdown()
+
+
+def test_series_sent_again_in_full_gives_no_duplicate_results(tmp_path: Path, gateway: int, pacs: Orthanc) -> None:
+    files, study, _ = brain_series(tmp_path / "in", "sent-twice")
+    bridge = BridgeProc(tmp_path / "spool", gateway, f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "--allow-ae",
+                        "MODALITY", "--quiet-seconds", "0.5", "--method", "gradient")
+    try:
+        assert storescu(bridge.port, files).returncode == 0
+        wait_for(lambda: metric(bridge.metrics_text(), "neuroexplain_pacs_series_stored_total") == 1, 120,
+                 "the first results")
+        first = sorted(str(t["SOPInstanceUID"]) for t in results_in(pacs, study))
+        assert len(first) == 3  # predict's SR, attribute's SR and the Parametric Map
+        assert storescu(bridge.port, files).returncode == 0
+        wait_for(lambda: metric(bridge.metrics_text(), "neuroexplain_pacs_series_stored_total") == 2, 120,
+                 "the second results")
+        again = sorted(str(t["SOPInstanceUID"]) for t in results_in(pacs, study))
+        assert again == first
+        assert len(pacs.get("/instances")) == 3  # Orthanc holds only the results: the same UIDs overwrote
+    finally:
+        bridge.stop()
 
 
 def test_parametric_map_lands_in_the_source_study(tmp_path: Path, gateway: int, pacs: Orthanc) -> None:

@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ImageType values skipped (default LOCALIZER SCOUT DERIVED)")
     p.add_argument("--max-tries", type=int, default=8, help="tries of a transient failure before failed/")
     p.add_argument("--retry-base-seconds", type=float, default=2.0, help="first backoff (doubles, with jitter)")
+    p.add_argument("--retry-max-seconds", type=float, default=300.0, help="longest backoff (default 300)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics and /ready")
     p.add_argument("--metrics-port", type=int, default=9465, help="port of /metrics and /ready (default 9465)")
     p.add_argument("--dicom-tls-cert", default=None, metavar="F", help="DICOM TLS certificate (turns TLS on)")
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise errors.InvalidOptionError("pacs-bridge talks to a server: --local is not allowed")
     if bool(args.dicom_tls_cert) != bool(args.dicom_tls_key):
         raise errors.InvalidOptionError("--dicom-tls-cert and --dicom-tls-key go together")
-    for name in ("quiet_seconds", "retry_base_seconds"):
+    for name in ("quiet_seconds", "retry_base_seconds", "retry_max_seconds"):
         if not getattr(args, name) >= 0:
             raise errors.InvalidOptionError(f"--{name.replace('_', '-')} must be >= 0")
     if args.spool_max_bytes < 1 or args.max_tries < 1 or args.min_slices < 1:
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         quiet_seconds=args.quiet_seconds, spool_max_bytes=args.spool_max_bytes,
         failed_retention_days=args.failed_retention_days, modalities=args.modality or ("MR", "CT"),
         min_slices=args.min_slices, skip_image_types=args.skip_image_type or ("LOCALIZER", "SCOUT", "DERIVED"),
-        max_tries=args.max_tries, retry_base_seconds=args.retry_base_seconds, metrics_host=args.metrics_host,
+        max_tries=args.max_tries, retry_base_seconds=args.retry_base_seconds,
+        retry_max_seconds=args.retry_max_seconds, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port, tls_cert=args.dicom_tls_cert, tls_key=args.dicom_tls_key,
         tls_ca=args.dicom_tls_ca, extras=args.dicom_extra,
     )
