@@ -567,3 +567,305 @@ def to_json(ev: Evaluation) -> dict[str, Any]:
         "settings": {"dilate_voxels": DILATE_VOXELS, "curve_steps": CURVE_STEPS,
                      "curve_max_fraction": CURVE_MAX_FRACTION, "sanity_threshold": SANITY_THRESHOLD},
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reviewer's protocol (issue 19): tuned on a validation split, scored on a test split and on a shifted test set.
+#
+# Seed ranges (neuroexplain/lab/train.py, the bundled specs): validation 3_000_000..3_000_199 (training generator),
+# test 1_000_000..1_000_199 (training generator), shift 0..199 of the independent generator
+# (neuroexplain.lab.synthetic_shift, its own random stream). Positive scans are the odd seeds of each range.
+
+VALIDATION_SEED_START = 3_000_000
+TEST_SEED_START = 1_000_000
+SHIFT_SEED_START = 0
+SEED_RANGE_SIZE = 200
+EPSILON_GRID = (0.01, 1.0, 10.0, 100.0, 1000.0)
+PROTOCOL_METHODS: tuple[Method | str, ...] = (RANDOM, *CHEAP)
+BOOTSTRAP = 1000
+
+
+def split_seeds(split: str, n: int) -> list[int]:
+    """The first ``n`` positive (odd) seeds of a split: ``validation``, ``test`` or ``shift``.
+
+    Raises:
+        InvalidOptionError: an unknown split, or ``n`` beyond the split's 100 positive seeds.
+    """
+    starts = {"validation": VALIDATION_SEED_START, "test": TEST_SEED_START, "shift": SHIFT_SEED_START}
+    if split not in starts:
+        raise InvalidOptionError(f"unknown split {split!r}; expected one of {sorted(starts)}", field="split")
+    if not 0 < n <= SEED_RANGE_SIZE // 2:
+        raise InvalidOptionError(f"{n} scans asked of split {split!r}; 1..{SEED_RANGE_SIZE // 2} allowed", field="n")
+    return [starts[split] + 1 + 2 * i for i in range(n)]
+
+
+def protocol_case(task: Any, split: str, seed: int, dilate: int = DILATE_VOXELS) -> _Case:
+    """One positive scan of a split, on the model grid (the shifted generator for ``shift``)."""
+    from neuroexplain.lab.synthetic import make_sample
+    from neuroexplain.lab.synthetic_shift import make_shifted_sample
+    from neuroexplain.volumes import normalise
+
+    s = make_shifted_sample(task, seed) if split == "shift" else make_sample(task, seed)
+    x = normalise(s.image)
+    brain = x > 0
+    mask = s.mask & brain
+    return _Case(seed, x, mask, ndimage.binary_dilation(mask, iterations=dilate) & brain, brain)
+
+
+def chance_levels(mask: np.ndarray, dilated: np.ndarray, brain: np.ndarray) -> dict[str, float]:
+    """What a map uniform over the brain scores: the mask's share of the brain (undilated and dilated).
+
+    The expected share of relevance, the expected rank accuracy and the probability that a uniformly drawn peak
+    falls in the mask are all this fraction; voxels outside the brain do not count (no map puts relevance there).
+    """
+    n = float(brain.sum())
+    if n == 0:
+        return {"share": 0.0, "share_dilated": 0.0, "pointing": 0.0, "pointing_dilated": 0.0, "rank_acc": 0.0}
+    f, fd = float((mask & brain).sum()) / n, float((dilated & brain).sum()) / n
+    return {"share": f, "share_dilated": fd, "pointing": f, "pointing_dilated": fd, "rank_acc": f}
+
+
+def localisation_both(rel: np.ndarray, c: _Case) -> dict[str, float]:
+    """Relevance share and pointing game in the undilated mask and in the dilated one, and rank accuracy."""
+    und = localisation(rel, c.mask, c.mask, c.brain)
+    dil = localisation(rel, c.mask, c.dilated, c.brain)
+    return {"share": und["share"], "share_dilated": dil["share"], "pointing": und["pointing"],
+            "pointing_dilated": dil["pointing"], "rank_acc": und["rank_acc"]}
+
+
+def mean_ci(values: Sequence[float], seed: int = 0) -> dict[str, float]:
+    """Mean and a 95 % percentile-bootstrap interval (``BOOTSTRAP`` resamples, seeded)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    idx = np.random.default_rng(seed).integers(0, v.size, (BOOTSTRAP, v.size))
+    boots = v[idx].mean(axis=1)
+    return {"mean": float(v.mean()), "low": float(np.percentile(boots, 2.5)),
+            "high": float(np.percentile(boots, 97.5)), "n": int(v.size)}
+
+
+def correct_only(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of scans the model classified correctly (``correct`` true)."""
+    return [r for r in records if r["correct"]]
+
+
+def cascade_steps(module: nn.Module) -> list[list[str]]:
+    """Cumulative randomisation steps, top layer first: [[top], [top, next], ..., all layers]."""
+    order = randomisation_order(module)
+    return [order[: i + 1] for i in range(len(order))]
+
+
+def _protocol_maps(module: nn.Module, model: LoadedModel, cases: Sequence[_Case], method: Method | str, target: int,
+                   options: dict[str, Any] | None = None) -> list[np.ndarray]:
+    if method == RANDOM:
+        return [_random_map(c.seed, c.x.shape) for c in cases]
+    m = Method(method)
+    opts = parse_options(m, options)
+    x = torch.from_numpy(np.stack([c.x for c in cases]))[:, None]  # (B, 1, D, H, W)
+    out = attribute_tensor(private_copy(module, m), x, m, target, opts, grid=model.spec.grid,
+                           layer_names=[layer.name for layer in model.spec.layers])
+    return [a[0].numpy() for a in out]
+
+
+def tune_epsilon(model: LoadedModel, task: Any, seeds: Sequence[int], log: Callable[[str], None] = print,
+                 grid: Sequence[float] = EPSILON_GRID) -> dict[str, Any]:
+    """Choose lrp_epsilon's ε on validation scans: the largest mean relevance share in the undilated mask."""
+    target = len(model.spec.classes) - 1
+    cases = [protocol_case(task, "validation", s) for s in seeds]
+    scores: dict[str, float] = {}
+    for eps in grid:
+        vals = []
+        for i in range(0, len(cases), 4):
+            block = cases[i : i + 4]
+            for c, rel in zip(block, _protocol_maps(model.module, model, block, Method.LRP_EPSILON, target,
+                                                    {"epsilon": eps})):
+                vals.append(localisation_both(rel, c)["share"])
+        scores[repr(eps)] = float(np.mean(vals))
+        log(f"validation: lrp_epsilon epsilon={eps}: share {scores[repr(eps)]:.3f} (n={len(vals)})")
+    best = max(grid, key=lambda e: scores[repr(e)])
+    return {"chosen": best, "criterion": "mean share of positive relevance in the undilated mask",
+            "scores": scores, "seeds": list(seeds)}
+
+
+def score_split(model: LoadedModel, task: Any, split: str, seeds: Sequence[int], options: dict[str, dict[str, Any]],
+                cascade_n: int, methods: Sequence[Method | str] = PROTOCOL_METHODS,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Per-scan localisation of every method on a split, the model's answer, and the layer-by-layer cascade."""
+    target = len(model.spec.classes) - 1
+    module = model.module
+    cases = [protocol_case(task, split, s) for s in seeds]
+    records: dict[str, list[dict[str, Any]]] = {(m if isinstance(m, str) else m.value): [] for m in methods}
+    probs = target_probability(module, np.stack([c.x for c in cases]), target)
+    chance = [chance_levels(c.mask, c.dilated, c.brain) for c in cases]
+    for m in methods:
+        name = m if isinstance(m, str) else m.value
+        for i in range(0, len(cases), 4):
+            block = cases[i : i + 4]
+            for j, (c, rel) in enumerate(zip(block, _protocol_maps(module, model, block, m, target, options.get(name)))):
+                p = probs[i + j]
+                records[name].append({"seed": c.seed, "p_target": p, "correct": p > 0.5, **localisation_both(rel, c)})
+        log(f"{split}: {name} on {len(cases)} scans")
+    steps = cascade_steps(module)
+    cascade: dict[str, list[list[float]]] = {}
+    for m in [m for m in methods if m != RANDOM]:
+        name = m.value if isinstance(m, Method) else m
+        per_scan = []
+        for c in cases[:cascade_n]:
+            trained = _protocol_maps(module, model, [c], m, target, options.get(name))[0]
+            row = []
+            for names in steps:
+                rnd = private_copy(module)
+                randomise(rnd, names, seed=c.seed)
+                row.append(spearman_abs(trained, _protocol_maps(rnd, model, [c], m, target, options.get(name))[0],
+                                        c.brain))
+            per_scan.append(row)
+        cascade[name] = per_scan
+        log(f"{split}: {name} cascade on {min(cascade_n, len(cases))} scans")
+    return {"split": split, "seeds": list(seeds), "records": records, "chance": chance,
+            "cascade_steps": [s[-1] for s in steps], "cascade": cascade}
+
+
+_PROTOCOL_METRICS = ("share", "share_dilated", "pointing", "pointing_dilated", "rank_acc")
+
+
+def summarise_split(raw: dict[str, Any]) -> dict[str, Any]:
+    """Means with 95 % bootstrap intervals, on all scans and on correctly classified scans, plus chance levels."""
+    out: dict[str, Any] = {"split": raw["split"], "n_scans": len(raw["seeds"]), "seeds": raw["seeds"], "rows": {}}
+    for name, recs in raw["records"].items():
+        out["rows"][name] = {
+            subset: {k: mean_ci([r[k] for r in rs]) for k in _PROTOCOL_METRICS}
+            for subset, rs in (("all", recs), ("correct", correct_only(recs)))
+        }
+    first = next(iter(raw["records"].values()))
+    out["accuracy"] = mean_ci([float(r["correct"]) for r in first])
+    out["chance"] = {k: mean_ci([c[k] for c in raw["chance"]]) for k in _PROTOCOL_METRICS}
+    out["cascade"] = {
+        name: {step: float(np.mean([row[i] for row in rows])) for i, step in enumerate(raw["cascade_steps"])}
+        for name, rows in raw["cascade"].items() if rows
+    }
+    out["cascade_n"] = max((len(rows) for rows in raw["cascade"].values()), default=0)
+    out["cascade_order"] = raw["cascade_steps"]
+    return out
+
+
+def run_protocol(model: LoadedModel, *, validation_n: int = 12, test_n: int = 30, shift_n: int = 30,
+                 cascade_n: int = 3, methods: Sequence[Method | str] = PROTOCOL_METHODS,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Tune on validation, score on test and on the shifted test set; the drop is shift minus test."""
+    task = _task_of(model)
+    t0 = time.monotonic()
+    tuning = tune_epsilon(model, task, split_seeds("validation", validation_n), log)
+    options = {Method.LRP_EPSILON.value: {"epsilon": tuning["chosen"]}}
+    test = summarise_split(score_split(model, task, "test", split_seeds("test", test_n), options, cascade_n, methods, log))
+    shift = summarise_split(score_split(model, task, "shift", split_seeds("shift", shift_n), options, cascade_n,
+                                        methods, log))
+    drop = {name: {k: shift["rows"][name]["all"][k]["mean"] - test["rows"][name]["all"][k]["mean"]
+                   for k in _PROTOCOL_METRICS} for name in test["rows"]}
+    return {"model": model.spec.name, "model_version": model.spec.version, "weights_sha256": model.spec.weights_sha256,
+            "tuning": {"lrp_epsilon": tuning}, "test": test, "shift": shift, "drop_shift_minus_test": drop,
+            "settings": {"dilate_voxels": DILATE_VOXELS, "dilate_mm": 2 * DILATE_VOXELS, "bootstrap": BOOTSTRAP,
+                         "brain": "normalised input > 0 (the skull-stripped head of each scan)"},
+            "seconds": time.monotonic() - t0}
+
+
+def _span(s: dict[str, Any]) -> str:
+    return f"{s['seeds'][0]}..{s['seeds'][-1]}"
+
+
+def _cell(v: dict[str, float]) -> str:
+    return "—" if not v["n"] else f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+
+
+def protocol_markdown(res: dict[str, Any], command: str) -> str:
+    """The protocol's tables as Markdown."""
+    d = res["settings"]["dilate_voxels"]
+    t = res["tuning"]["lrp_epsilon"]
+    lines = [
+        (f"# Attribution evaluation (validation-tuned, test and shifted test) — model `{res['model']}` "
+        f"{res['model_version']}"), "",
+        (f"Generated by `{command}` ({res['seconds']:.0f} s). Weights SHA-256 `{res['weights_sha256'][:16]}…`. "
+        "Each cell: mean [95 % bootstrap interval] over positive scans; target class = the ground-truth class."), "",
+        (f"- **Tuning (validation split, seeds {t['seeds'][0]}..{t['seeds'][-1]} odd, n = {len(t['seeds'])})**: "
+        f"lrp_epsilon's ε chosen from {list(EPSILON_GRID)} by {t['criterion']}: ε = {t['chosen']} "
+        f"(scores {', '.join(f'{k}: {v:.3f}' for k, v in t['scores'].items())}). Every other method uses its "
+        "documented defaults (no tuning)."),
+        (f"- **Test split**: seeds {_span(res['test'])} odd of the training generator (n = {res['test']['n_scans']}); "
+        f"**shifted test set**: seeds {_span(res['shift'])} odd of `neuroexplain.lab.synthetic_shift` "
+        f"(n = {res['shift']['n_scans']}); neither was used for tuning."),
+        (f"- share: positive relevance in the mask / all positive relevance; pointing: the most relevant brain voxel is "
+        f"in the mask. \"undilated\" = the ground-truth mask itself; \"dilated {d}\" = the mask dilated by {d} voxels "
+        f"({2 * d} mm), clipped to the brain. rank acc.: of the K most relevant brain voxels (K = mask size), the "
+        "fraction in the undilated mask."),
+        ("- chance (inside the brain): the mask's share of the brain's voxels, per scan, averaged: what a map uniform "
+        "over the brain scores on share, rank accuracy and pointing. The `random` row is a seeded random map."),
+        ("- all = every positive scan; correct = the positive scans the model calls positive (p > 0.5). The pointing "
+        "game on all scans also measures the model; on correct scans, the method."), "",
+    ]
+    for key, title in (("test", "Test split"), ("shift", "Shifted test set")):
+        s = res[key]
+        lines += [f"## {title} (model accuracy on these positives: {_cell(s['accuracy'])})", "",
+                  "| method | scans | share undilated | share dilated " + str(d) + " | pointing undilated | pointing "
+                  "dilated " + str(d) + " | rank acc. |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines.append("| chance (brain) | all | " + " | ".join(_cell(s["chance"][k]) for k in _PROTOCOL_METRICS) + " |")
+        for name, row in s["rows"].items():
+            for subset in ("all", "correct"):
+                r = row[subset]
+                lines.append(f"| `{name}` | {subset} (n={r['share']['n']}) | "
+                             + " | ".join(_cell(r[k]) for k in _PROTOCOL_METRICS) + " |")
+        lines.append("")
+    lines += ["## Drop on the shifted set (shift − test, all scans, means)", "",
+              "| method | share undilated | share dilated | pointing undilated | pointing dilated | rank acc. |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, dr in res["drop_shift_minus_test"].items():
+        lines.append(f"| `{name}` | " + " | ".join(f"{dr[k]:+.3f}" for k in _PROTOCOL_METRICS) + " |")
+    for key, title in (("test", "test split"), ("shift", "shifted test set")):
+        s = res[key]
+        if not s["cascade"]:
+            continue
+        steps = s["cascade_order"]
+        lines += ["", f"## Cascading randomisation, {title} (Adebayo et al. 2018; n = {s['cascade_n']} scans)", "",
+                  ("Mean Spearman ρ of |map| (brain voxels) between the trained model and the model with the layers "
+                  "up to and including the column's re-initialised, top layer first, cumulative."), "",
+                  "| method | " + " | ".join(f"+{x}" for x in steps) + " |", "| --- | " + " | ".join("---" for _ in steps) + " |"]
+        for name, casc in s["cascade"].items():
+            lines.append(f"| `{name}` | " + " | ".join(f"{casc[x]:.3f}" for x in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m neuroexplain.lab.evaluate_attribution --model lesion`` (the protocol; docs/attribution-protocol-*)."""
+    import argparse
+    import shlex
+    import sys
+
+    from neuroexplain.models import load_model
+
+    p = argparse.ArgumentParser(prog="python -m neuroexplain.lab.evaluate_attribution")
+    p.add_argument("--model", required=True)
+    p.add_argument("--validation-scans", type=int, default=12)
+    p.add_argument("--test-scans", type=int, default=30)
+    p.add_argument("--shift-scans", type=int, default=30)
+    p.add_argument("--cascade-scans", type=int, default=3)
+    p.add_argument("--out-dir", type=Path, default=Path("docs"))
+    args = p.parse_args(argv)
+    try:
+        model = load_model(args.model)
+        res = run_protocol(model, validation_n=args.validation_scans, test_n=args.test_scans,
+                           shift_n=args.shift_scans, cascade_n=args.cascade_scans,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    except InvalidOptionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    command = "python -m neuroexplain.lab.evaluate_attribution " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"attribution-protocol-{model.spec.name}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    table = protocol_markdown(res, command)
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
