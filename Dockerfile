@@ -67,6 +67,45 @@ RUN /opt/neuroexplain/venv/bin/python -c "from service.backends import torchserv
  && /opt/neuroexplain/venv/bin/python -m pip uninstall -y pip
 
 # ---------------------------------------------------------------------------------------------------------------
+# The PACS bridge image (`docker build --target bridge -t REGISTRY/neuroexplain-bridge:0.1.0 .`): the light client
+# plus the [pacs] extra, no torch, numpy or Java. These stages come before the gateway's final stage, so a plain
+# `docker build` still builds the gateway image; k8s/pacs-bridge-statefulset.yaml runs it (args only).
+FROM os AS bridge-build
+WORKDIR /src
+COPY . /src
+# The install must stay torch- and numpy-free: the build fails if either got pulled in.
+RUN python3.11 -m venv /opt/neuroexplain-bridge/venv \
+ && /opt/neuroexplain-bridge/venv/bin/pip install --no-cache-dir ".[pacs]" \
+ && /opt/neuroexplain-bridge/venv/bin/python -c "import neuroexplain.pacs.bridge, neuroexplain.cli.commands.pacs_bridge" \
+ && ! /opt/neuroexplain-bridge/venv/bin/python -c "import torch" 2>/dev/null \
+ && ! /opt/neuroexplain-bridge/venv/bin/python -c "import numpy" 2>/dev/null \
+ && /opt/neuroexplain-bridge/venv/bin/python -m compileall -q /opt/neuroexplain-bridge/venv/lib \
+ && /opt/neuroexplain-bridge/venv/bin/python -m pip uninstall -y pip
+
+FROM os AS bridge
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
+ && groupadd --system --gid 10001 neuroexplain \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /home/neuroexplain --create-home \
+        --shell /usr/sbin/nologin neuroexplain \
+ && install -d -o 10001 -g 10001 /var/spool/neuroexplain
+COPY --from=bridge-build /opt/neuroexplain-bridge /opt/neuroexplain-bridge
+# The only writable path is the spool (the StatefulSet's PersistentVolumeClaim; readOnlyRootFilesystem there).
+ENV PATH=/opt/neuroexplain-bridge/venv/bin:$PATH \
+    HOME=/home/neuroexplain \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /var/spool/neuroexplain
+USER 10001:10001
+EXPOSE 11112 9465
+HEALTHCHECK --interval=30s --timeout=6s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import sys,urllib.request as u;sys.exit(u.urlopen('http://127.0.0.1:9465/ready',timeout=5).status!=200)"]
+# tini forwards SIGTERM to the bridge, which finishes the C-STOREs in flight and keeps the spool.
+ENTRYPOINT ["/usr/bin/tini", "--", "neuroexplain", "pacs-bridge"]
+CMD ["--help"]
+
+# ---------------------------------------------------------------------------------------------------------------
 # Final stage: Java 17 runtime for TorchServe, tini as PID 1, the venv and the archives; no compilers, no caches.
 FROM os AS final
 ARG VARIANT

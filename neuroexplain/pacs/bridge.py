@@ -135,6 +135,9 @@ class Metrics:
         self.latency = prom.Histogram(
             "neuroexplain_pacs_results_stored_seconds", "seconds from the last instance to results stored",
             buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600), registry=r)
+        for stage in ("service", "destination"):  # exported at 0 from the start, so alerts' rate() has a series
+            self.failed.labels(stage)
+            self.retried.labels(stage)
 
 
 class Spool:
