@@ -8,6 +8,7 @@ place and the side-by-side test starts a second one. With ``CI=true`` a missing 
 # ruff: noqa: F811  (pytest fixtures imported from torchserve_models are redefined as parameters)
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import sys
@@ -160,13 +161,28 @@ def test_an_expired_deadline_never_reaches_torchserve(backend: Any, scan: bytes)
         backend.predict(PredictRequest("tinyles", _scan(scan)), CallContext(deadline=time.monotonic() - 1))
 
 
-def test_internal_is_a_full_queue_only_while_workers_are_ready(backend: Any) -> None:
+def test_internal_is_a_full_queue_only_when_the_gateway_has_filled_it(backend: Any) -> None:
+    """TorchServe answers INTERNAL for a full job queue, and for other failures: the gateway tells them apart by the
+    calls it has outstanding there (it is TorchServe's only client), never by the message."""
     class Internal(grpc.RpcError, grpc.Call):  # type: ignore[misc]
         def code(self) -> grpc.StatusCode:
             return grpc.StatusCode.INTERNAL
 
-    assert isinstance(backend.map_rpc_error(Internal(), "tinyles"), errors.LimitExceededError)
-    assert isinstance(backend.map_rpc_error(Internal(), "not-registered"), errors.UnavailableError)
+        def details(self) -> str:
+            return "the model's job queue is full"  # the text must not decide
+
+    idle = backend.map_rpc_error(Internal(), "tinyles")
+    assert isinstance(idle, errors.UnavailableError) and "queue not full" in str(idle)
+    with contextlib.ExitStack() as calls:
+        for _ in range(backend.engine.job_queue_size - 1):
+            calls.enter_context(backend._outstanding_call("tinyles"))
+        assert not isinstance(backend.map_rpc_error(Internal(), "tinyles"), errors.LimitExceededError)
+        calls.enter_context(backend._outstanding_call("tinyles"))
+        full = backend.map_rpc_error(Internal(), "tinyles")
+        assert isinstance(full, errors.LimitExceededError) and "queue" in str(full)
+        other = backend.map_rpc_error(Internal(), "not-registered")
+        assert isinstance(other, errors.UnavailableError)
+    assert isinstance(backend.map_rpc_error(Internal(), "tinyles"), errors.UnavailableError)
 
 
 def test_torchserve_listens_on_loopback_only(backend: Any) -> None:

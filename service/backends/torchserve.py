@@ -25,6 +25,7 @@ installed torchserve package, see :mod:`service.backends.torchserve_proto`):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -85,6 +86,8 @@ class TorchServeBackend:
         self.build_archives = build_archives
         self.supervisor = TorchServeSupervisor(self.engine)
         self._lock = threading.Lock()
+        # Calls this gateway has outstanding at TorchServe, per model: what it knows of TorchServe's job queue.
+        self._outstanding: collections.Counter[str] = collections.Counter()
         self._channel: grpc.Channel | None = None
         self._stub: Any = None
         self._channel_generation = -1
@@ -140,7 +143,8 @@ class TorchServeBackend:
         fields = env.encode_request(Operation.VISUALIZE, request, job_id=job_id)
         for attempt in range(2):
             try:
-                return self._visualize_once(request, ctx, job_id, fields)
+                with self._outstanding_call(request.model):
+                    return self._visualize_once(request, ctx, job_id, fields)
             except _KeyRefused as refused:  # before any step ran: renew the key and send the request once more
                 if attempt or not self.supervisor.inference_key_refused(refused.metadata):
                     raise errors.UnavailableError(
@@ -227,6 +231,22 @@ class TorchServeBackend:
                 self._channel_generation = self.supervisor.generation
             return self._stub
 
+    @contextlib.contextmanager
+    def _outstanding_call(self, model: str) -> Iterator[None]:
+        with self._lock:
+            self._outstanding[model] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._outstanding[model] -= 1
+
+    def _queue_may_be_full(self, model: str) -> bool:
+        """Whether TorchServe's job queue for ``model`` can be full: this gateway (TorchServe's only client) has at
+        least ``job_queue_size`` calls outstanding there, the one that failed included."""
+        with self._lock:
+            return self._outstanding[model] >= self.engine.job_queue_size
+
     def _check_model(self, model: str) -> None:
         served = sorted(m.name for m in self._infos)
         if model not in served:
@@ -243,7 +263,8 @@ class TorchServeBackend:
         fields = env.encode_request(task, request, job_id=job_id)
         for attempt in range(2):
             try:
-                return self._unary_once(model, fields, ctx, job_id)
+                with self._outstanding_call(model):
+                    return self._unary_once(model, fields, ctx, job_id)
             except _KeyRefused as refused:
                 if attempt or not self.supervisor.inference_key_refused(refused.metadata):
                     raise errors.UnavailableError(
@@ -314,9 +335,13 @@ class TorchServeBackend:
                                            "restarted; retry shortly")
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             return errors.LimitExceededError("the request or its answer exceeds the model server's message size limit")
-        if code is grpc.StatusCode.INTERNAL and self.supervisor.alive() and self._has_ready_worker(model):
-            # TorchServe answers INTERNAL when the model's job queue is full.
+        if code is grpc.StatusCode.INTERNAL and self._queue_may_be_full(model):
+            # TorchServe answers INTERNAL when the model's job queue is full (decided by what this gateway has
+            # outstanding there, never by TorchServe's message text).
             return errors.LimitExceededError(f"the model server's queue for model {model!r} is full; retry later")
+        if code is grpc.StatusCode.INTERNAL and self.supervisor.alive() and self._has_ready_worker(model):
+            return errors.UnavailableError("the model server (TorchServe) failed the request with its queue not full "
+                                           "and its workers ready; retry shortly")
         return errors.UnavailableError("the model server (TorchServe) is unavailable or restarting; retry shortly")
 
     def _has_ready_worker(self, model: str) -> bool:
