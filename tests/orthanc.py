@@ -42,6 +42,14 @@ class Orthanc:
     def instances_tags(self) -> list[dict[str, Any]]:
         return [self.get(f"/instances/{i}/simplified-tags") for i in self.get("/instances")]
 
+    def instance_files(self) -> list[bytes]:
+        """Every stored instance as its DICOM file (simplified-tags shows long text values as null)."""
+        out = []
+        for i in self.get("/instances"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/instances/{i}/file", timeout=30) as r:
+                out.append(r.read())
+        return out
+
 
 @contextmanager
 def orthanc(tmp: Path, modalities: Mapping[str, tuple[str, str, int]] | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
@@ -185,6 +187,9 @@ def test_refusal_gives_failed_reason_and_not_analysed_sr_localizer_skipped_no_pa
         srs = wait_for(lambda: [t for t in pacs.instances_tags() if t.get("Modality") == "SR"], 60, "SR in Orthanc")
         assert isinstance(srs, list) and len(srs) == 1
         assert srs[0]["StudyInstanceUID"] == study and srs[0]["PatientID"] == PID
+        [sr] = [d for d in (pydicom.dcmread(io.BytesIO(b)) for b in pacs.instance_files()) if d.Modality == "SR"]
+        text = sr.ContentSequence[0].TextValue  # the SR says "not analysed", and why
+        assert text.startswith("Not analysed by neuroexplain") and "INVALID_ARGUMENT" in text
         metrics = bridge.metrics_text()
         assert "neuroexplain_pacs_instances_received_total 6.0" in metrics
         assert 'neuroexplain_pacs_instances_filtered_total{reason="image_type"} 6.0' in metrics
@@ -231,6 +236,71 @@ def test_sigkill_after_acknowledging_resumes_after_restart(tmp_path: Path, gatew
                  "the result after restart")
     finally:
         second.stop()
+
+
+def test_spool_full_refuses_a_second_series_which_is_delivered_when_sent_again(
+        tmp_path: Path, gateway: int, pacs: Orthanc) -> None:
+    """Nothing lost: series A fills the spool, series B is refused (0xA700) while A waits; once A's results are
+    stored its files are gone, and B, sent again by the modality, is accepted in full and delivered too."""
+    files_a, study_a, _ = brain_series(tmp_path / "a", "spool-full-a")
+    files_b, study_b, _ = brain_series(tmp_path / "b", "spool-full-b")
+    size_a = sum(f.stat().st_size for f in files_a)
+    spool = tmp_path / "spool"
+    bridge = BridgeProc(spool, gateway, f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "--allow-ae", "MODALITY",
+                        "--quiet-seconds", "4", "--spool-max-bytes", str(size_a + files_b[0].stat().st_size // 2))
+    try:
+        assert storescu(bridge.port, files_a).returncode == 0
+        refused = storescu(bridge.port, files_b)  # at once, while A is still in the spool (quiet for 4 s)
+        assert refused.returncode != 0 or "0xa700" in (refused.stdout + refused.stderr).lower()
+        assert metric(bridge.metrics_text(), "neuroexplain_pacs_series_stored_total") == 0, "A went too fast"
+        assert metric(bridge.metrics_text(), 'neuroexplain_pacs_instances_refused_total{reason="spool_full"}') >= 1
+        assert bridge.proc.poll() is None
+        assert len(list((spool / "series").glob("*/in/*.dcm"))) == len(files_a)  # all of A, nothing of B
+        wait_for(lambda: metric(bridge.metrics_text(), "neuroexplain_pacs_series_stored_total") == 1, 120,
+                 "A's results")
+        assert not list((spool / "series").glob("*/in/*.dcm"))  # A's files deleted: room again
+        assert storescu(bridge.port, files_b).returncode == 0
+        wait_for(lambda: metric(bridge.metrics_text(), "neuroexplain_pacs_series_stored_total") == 2, 120,
+                 "B's results")
+        assert [t["Modality"] for t in results_in(pacs, study_a)] == ["SR"]
+        assert [t["Modality"] for t in results_in(pacs, study_b)] == ["SR"]
+        assert metric(bridge.metrics_text(), "neuroexplain_pacs_instances_received_total") == 2 * len(files_a)
+        assert not list((spool / "failed").glob("*"))
+    finally:
+        bridge.stop()
+
+
+def test_sigkill_with_results_received_but_not_stored_delivers_them_after_restart(
+        tmp_path: Path, gateway: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed in state ``sent`` (results fsynced in out/, the destination down): after a restart the bridge delivers
+    the results it kept, without asking the service again, and exactly once."""
+    import orthanc as orthanc_module
+
+    dicom_port, http_port = free_port(), free_port()
+    files, study, _ = brain_series(tmp_path / "in", "killed-when-sent")
+    spool = tmp_path / "spool"
+    send_to = f"ORTHANC@127.0.0.1:{dicom_port}"
+    first = BridgeProc(spool, gateway, send_to, "--allow-ae", "MODALITY", "--quiet-seconds", "0.5",
+                       "--max-tries", "100", "--retry-max-seconds", "1")
+    assert storescu(first.port, files).returncode == 0
+    wait_for(lambda: metric(first.metrics_text(), 'neuroexplain_pacs_series_retried_total{stage="destination"}') >= 1,
+             120, "a failed delivery")
+    first.stop(signal.SIGKILL)
+    states = [json.loads(p.read_text())["state"] for p in (spool / "series").glob("*/state.json")]
+    assert states == ["sent"] and list((spool / "series").glob("*/out/*.dcm"))
+    ports = iter((dicom_port, http_port))
+    monkeypatch.setattr(orthanc_module, "free_port", lambda: next(ports))
+    with orthanc(tmp_path / "orthanc") as node:
+        second = BridgeProc(spool, gateway, send_to, "--allow-ae", "MODALITY", "--quiet-seconds", "0.5")
+        try:
+            wait_for(lambda: metric(second.metrics_text(), "neuroexplain_pacs_series_stored_total") == 1, 60,
+                     "the kept results stored after restart")
+            assert [t["Modality"] for t in results_in(node, study)] == ["SR"]
+            assert len(node.get("/instances")) == 1
+        finally:
+            second.stop()
+    assert ": sent," not in second.log.read_text()  # delivered from the spool, not analysed again
+    assert not list((spool / "series").glob("*/*/*.dcm")) and not list((spool / "failed").glob("*"))
 
 
 def test_orthanc_routes_a_series_to_the_bridge(tmp_path: Path, gateway: int) -> None:
