@@ -56,6 +56,9 @@ _ALLOWED_DTYPES = {
 }
 _MGH_DTYPES: dict[int, np.dtype] = {0: np.dtype(">u1"), 1: np.dtype(">i4"), 3: np.dtype(">f4"), 4: np.dtype(">i2")}
 _MGH_HEADER_BYTES = 284
+# Geometry sanity bounds (far beyond any scanner): larger values are header corruption, not anatomy.
+MAX_VOXEL_MM = 1000.0
+MAX_ORIGIN_MM = 1e6
 _HEAD_BYTES = 1024  # enough for any NIfTI-2 (540) or MGH (284) header
 
 
@@ -399,6 +402,15 @@ def _check_affine(affine: np.ndarray) -> None:
         raise ScanGeometryError(
             f"affine is singular (determinant {det:.3g}); expected non-zero voxel sizes along three independent axes"
         )
+    # Finite is not enough: a 1e308 mm voxel overflows every extent computed from it (registration, resampling).
+    step = float(np.abs(affine[:3, :3]).max())  # the largest step along any axis, in mm
+    if step > MAX_VOXEL_MM:
+        raise ScanGeometryError(f"affine steps {step:.3g} mm between neighbouring voxels; the most allowed is "
+                                f"{MAX_VOXEL_MM:g} mm")
+    origin = float(np.abs(affine[:3, 3]).max())
+    if origin > MAX_ORIGIN_MM:
+        raise ScanGeometryError(f"affine puts the first voxel {origin:.3g} mm from the origin; the most allowed is "
+                                f"{MAX_ORIGIN_MM:g} mm")
 
 
 def _check_finite(data: np.ndarray, nonfinite: NonFinite) -> np.ndarray:

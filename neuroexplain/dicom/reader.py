@@ -217,7 +217,7 @@ def read_series(
     nvox = geometry.rows * geometry.columns * geometry.n_slices
     if nvox > limits.max_voxels:
         raise LimitExceededError(f"volume has {nvox} voxels {geometry.shape}; the limit is {limits.max_voxels} voxels")
-    decoded = nvox * (4 + max(int(ds.BitsAllocated) for ds in images) // 8)
+    decoded = nvox * (4 + max(_header_int(ds, "BitsAllocated", 0) for ds in images) // 8)
     if decoded > limits.max_decompressed_bytes:
         raise LimitExceededError(
             f"volume would decode to {decoded} bytes; the limit is {limits.max_decompressed_bytes} bytes"
@@ -241,9 +241,32 @@ def read_series(
     return DicomScan(data=data, affine=geometry.affine, digest=digest, format="dicom", geometry=geometry)
 
 
+def _header_int(ds: Dataset, keyword: str, default: int) -> int:
+    """A pixel-layout element as one non-negative integer (``default`` when absent or empty), else a typed refusal
+    naming the element (its value is never shown)."""
+    try:
+        value = ds.get(keyword)
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - pydicom converts raw values on access and raises many types for bad ones
+        value = _UNREADABLE
+    if value is None or value == "":
+        return default
+    try:
+        out = int(value) if value is not _UNREADABLE else -1
+    except (TypeError, ValueError, OverflowError):
+        out = -1
+    if out < 0:
+        raise PixelDataError(f"{keyword} is not a single non-negative integer; expected one whole number")
+    return out
+
+
+_UNREADABLE = object()
+
+
 def _check_pixel_header(ds: Dataset, dicom_limits: DicomLimits, limits: ScanLimits) -> None:
     """Refuse unsupported pixel layouts and transfer syntaxes, and oversized images, from the header alone."""
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = _header_int(ds, "SamplesPerPixel", 1) or 1
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if samples != 1 or photometric not in ("MONOCHROME2", "MONOCHROME1"):
         raise PixelDataError(
@@ -252,11 +275,11 @@ def _check_pixel_header(ds: Dataset, dicom_limits: DicomLimits, limits: ScanLimi
         )
     if photometric == "MONOCHROME1":
         raise PixelDataError("images are MONOCHROME1 (inverted greyscale); expected MONOCHROME2 as MR and CT use")
-    bits = int(ds.get("BitsAllocated", 0) or 0)
+    bits = _header_int(ds, "BitsAllocated", 0)
     if bits not in (8, 16, 32):
         raise PixelDataError(f"images have BitsAllocated {bits}; expected 8, 16 or 32")
-    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, columns = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+    n_frames = _header_int(ds, "NumberOfFrames", 1) or 1
     if rows * columns > dicom_limits.max_image_pixels:
         raise LimitExceededError(
             f"images are {rows}x{columns} pixels; the limit is {dicom_limits.max_image_pixels} pixels per image"
@@ -276,7 +299,7 @@ def _check_pixel_header(ds: Dataset, dicom_limits: DicomLimits, limits: ScanLimi
             f"transfer syntax {syntax.name if syntax.is_valid else 'missing'} has no installed decoder; accepted: "
             "uncompressed, RLE Lossless, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K"
         )
-    if syntax == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
+    if syntax == JPEGExtended12Bit and (_header_int(ds, "BitsStored", 8) or 8) > 8:
         # Pillow and python-gdcm decode only 8-bit JPEG Extended; the one 12-bit decoder (pylibjpeg-libjpeg) is GPL.
         raise TransferSyntaxError(
             "12-bit JPEG Extended (lossy) has no installed decoder; accepted: uncompressed, RLE Lossless, JPEG "
@@ -284,10 +307,11 @@ def _check_pixel_header(ds: Dataset, dicom_limits: DicomLimits, limits: ScanLimi
         )
     if not syntax.is_compressed:
         needed = rows * columns * n_frames * bits // 8
-        if len(ds.PixelData) < needed:
-            raise PixelDataError(
-                f"pixel data is truncated: {len(ds.PixelData)} bytes where the header declares {needed}"
-            )
+        pixels = ds.get("PixelData")
+        if not isinstance(pixels, bytes | bytearray):
+            raise PixelDataError("pixel data is empty; expected the image's pixel values")
+        if len(pixels) < needed:
+            raise PixelDataError(f"pixel data is truncated: {len(pixels)} bytes where the header declares {needed}")
 
 
 def _check_codestreams(images: Sequence[Dataset], geometry: SeriesGeometry) -> None:
@@ -303,8 +327,8 @@ def _check_codestreams(images: Sequence[Dataset], geometry: SeriesGeometry) -> N
             continue
         # RLE decoders grow their output with the input (up to 64x): a frame may not be larger than its raw size
         # plus RLE's worst-case overhead, which bounds what decoding it can allocate.
-        rle_cap = geometry.rows * geometry.columns * (int(ds.BitsAllocated) // 8) * 130 // 128 + 64 + 16
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rle_cap = geometry.rows * geometry.columns * (_header_int(ds, "BitsAllocated", 0) // 8) * 130 // 128 + 64 + 16
+        n_frames = _header_int(ds, "NumberOfFrames", 1) or 1
         try:
             frames = generate_frames(ds.PixelData, number_of_frames=n_frames)
             for index, data in enumerate(frames):
