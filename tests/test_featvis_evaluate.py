@@ -110,3 +110,93 @@ def test_uses_template_follows_the_resolved_options() -> None:
     assert ev.uses_template(ev.RunConfig("x", "none", {"prior": 1.0}))
     assert not ev.uses_template(ev.RunConfig("robust", "robust"))
     assert not ev.uses_template(ev.RunConfig("x", "full", {"anchor": "none"}))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reviewer's protocol (issue 19): feature amplification of held-out scans, full's decay tuned on validation
+
+
+def _scene() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    shape = (24, 24, 24)
+    brain = _ball(shape, (12, 12, 12), 10.0)
+    scan = np.where(brain, 1.0, 0.0)
+    mask = _ball(shape, (9, 12, 12), 2.0)
+    dilated = ndimage.binary_dilation(mask, iterations=2) & brain
+    return scan, mask, dilated, brain
+
+
+def test_amplification_inside_the_mask_scores_one_and_a_uniform_one_scores_chance() -> None:
+    from neuroexplain.lab.evaluate_attribution import chance_levels
+
+    scan, mask, dilated, brain = _scene()
+    inside = np.where(mask, 2.0 * scan, scan)
+    m = ev.amplification_metrics(inside, scan, mask, dilated, brain)
+    assert m["share"] == pytest.approx(1.0) and m["share_dilated"] == pytest.approx(1.0)
+    assert m["rank_acc"] == pytest.approx(1.0) and m["max_change"] == pytest.approx(1.0)
+    uniform = 1.1 * scan  # the same relative brightening everywhere in the brain
+    u = ev.amplification_metrics(uniform, scan, mask, dilated, brain)
+    chance = chance_levels(mask, dilated, brain)
+    assert u["share"] == pytest.approx(chance["share"]) and u["share_dilated"] == pytest.approx(chance["share_dilated"])
+    # a change outside the brain (background brightened) counts against the share
+    spill = inside + np.where(brain, 0.0, 0.01)
+    assert ev.amplification_metrics(spill, scan, mask, dilated, brain)["share"] < 0.5
+    assert ev.amplification_metrics(scan, scan, mask, dilated, brain)["share"] == 0.0  # no change at all
+
+
+def test_choose_takes_the_best_then_the_shipped_candidate() -> None:
+    assert ev.choose({"a": 0.1, "b": 0.3, "c": 0.2}, shipped="c") == "b"
+    assert ev.choose({"a": 0.3, "b": 0.3, "c": 0.3}, shipped="b") == "b"
+    assert ev.choose({"a": 0.3, "b": 0.3, "c": 0.1}, shipped="c") == "a"
+    with pytest.raises(ValueError, match="no candidate"):
+        ev.choose({}, shipped="a")
+
+
+def test_protocol_tunes_on_validation_only_and_scores_test_and_shift(monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_featvis import GRID, _tiny_model
+
+    from neuroexplain.lab.evaluate_attribution import _Case
+
+    rng = np.random.default_rng(0)
+
+    def case(seed: int) -> _Case:
+        x = (0.5 + 0.2 * rng.random(GRID.shape)).astype(np.float32)
+        mask = np.zeros(GRID.shape, dtype=bool)
+        mask[8:12, 8:12, 8:12] = True
+        return _Case(seed, x, mask, ndimage.binary_dilation(mask, iterations=1), np.ones(GRID.shape, dtype=bool))
+
+    cases = {"validation": [case(1), case(3)], "test": [case(11)], "shift": [case(21), case(23)]}
+    seen: list[tuple[str, int, str]] = []
+    real = ev._amplify
+
+    def spy(model, run, target, split, c, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((split, c.seed, run.name))
+        return real(model, run, target, split, c, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "_amplify", spy)
+    res = ev.run_featvis_protocol(_tiny_model(), "pattern", cases, steps=2, decays=(0.5, 1.0), log=lambda _l: None)
+    t = res["tuning"]
+    assert t["chosen"] == max(t["scores"], key=lambda k: (t["scores"][k], k == t["shipped"]))
+    assert t["seeds"] == [1, 3] and t["shipped"] == "full, decay 1"
+    # the choice is made before any test or shifted scan is touched, and only the chosen candidate is scored there
+    first_scored = next(i for i, s in enumerate(seen) if s[0] != "validation")
+    assert {s[0] for s in seen[:first_scored]} == {"validation"} and len(seen[:first_scored]) == 4
+    assert {s[2] for s in seen[first_scored:]} == {"none", t["chosen"]}
+    assert res["test"]["seeds"] == [11] and res["shift"]["seeds"] == [21, 23]
+    assert res["shift"]["rows"][t["chosen"]]["share"]["n"] == 2
+    for name in ("none", t["chosen"], "chance (brain)"):
+        for k in res["test"]["rows"][name]:
+            drop = res["shift"]["rows"][name][k]["mean"] - res["test"]["rows"][name][k]["mean"]
+            assert res["drop_shift_minus_test"][name][k] == pytest.approx(drop)
+    table = ev.protocol_markdown(res, "cmd")
+    assert "## Shifted test set (n = 2)" in table and f"**{t['chosen']}**" in table
+
+
+def test_protocol_cli_refuses_a_model_without_synthetic_ground_truth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from test_featvis import _install_tiny_model
+
+    monkeypatch.setenv("NEUROEXPLAIN_MODEL_DIRS", str(_install_tiny_model(tmp_path)))
+    assert ev.main(["--model", "tinyfv", "--out-dir", str(tmp_path / "docs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no synthetic ground truth" in err[0]
+    assert not (tmp_path / "docs").exists()
