@@ -3,6 +3,8 @@ every refusal. Known answers come from moving the template itself by a chosen af
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -10,7 +12,7 @@ from scipy.spatial.transform import Rotation
 
 pytest.importorskip("SimpleITK")
 
-from neuroexplain.errors import InvalidOptionError, ScanDataError
+from neuroexplain.errors import InvalidOptionError, ScanDataError, status_name
 from neuroexplain.registration import (
     RegistrationError,
     RegistrationSettings,
@@ -154,8 +156,40 @@ def test_no_signal_in_the_templates_field_of_view_is_refused() -> None:
         register(blank, MNI_2MM)
     blob = np.zeros((60, 60, 60), np.float32)
     blob[5:12, 5:12, 5:12] = 1.0  # a small bright cube: nothing that could cover the template's brain
-    with pytest.raises(RegistrationError):
+    # (its signal is moved onto the template by the centre-of-mass start, then covers ~1 % of the brain)
+    with pytest.raises(RegistrationError, match="covers only [0-9]+% of the template's brain"):
         register(Scan(data=blob, affine=np.diag([3.0, 3.0, 3.0, 1.0]), digest="0" * 64, format="nifti1"), MNI_2MM)
+
+
+def test_a_scan_without_anatomy_does_not_converge_and_is_refused() -> None:
+    # Signal everywhere, structure nowhere: the optimiser ends somewhere, and the result check refuses it.
+    noise = np.random.default_rng(0).random((60, 60, 60)).astype(np.float32)
+    with pytest.raises(RegistrationError, match="did not converge: the result correlates"):
+        register(Scan(data=noise, affine=np.diag([3.0, 3.0, 3.0, 1.0]), digest="0" * 64, format="nifti1"), MNI_2MM)
+
+
+def test_registration_refusals_are_invalid_argument() -> None:
+    assert issubclass(RegistrationError, ScanDataError)
+    assert status_name(RegistrationError("x")) == "INVALID_ARGUMENT"
+
+
+def test_cli_refuses_a_slab_with_one_clear_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import nibabel as nib
+
+    from neuroexplain.cli.main import main
+
+    t1 = anatomy(MNI_2MM).t1.copy()
+    t1[:, :, :45] = 0
+    t1[:, :, 52:] = 0
+    slab = _native(t1, W, mm=2.0)
+    path = tmp_path / "slab.nii.gz"
+    nib.save(nib.Nifti1Image(slab.data, slab.affine), str(path))
+    # auto (the default) registers it, since it is not in the model's space, and refuses the result
+    assert main(["predict", "--model", "lesion", "--local", str(path)]) != 0
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "covers only" in errors[0] and "a slab" in errors[0]
+    assert "Traceback" not in err
 
 
 def test_settings_are_checked_by_the_result() -> None:
