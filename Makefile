@@ -14,7 +14,7 @@ EDITABLE ?= -e
 # Where `make models` writes the archives (serve's --model-store default; the image uses its own path).
 MODEL_STORE ?= model_store
 
-.PHONY: install models serve test bench lint clean
+.PHONY: install models serve test bench fuzz lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# The long fuzz run (>= 10,000 seeded malformed scans through a real gateway on both backends; ~25 min on 2 cores):
+# counts per status code, hangs, worker deaths, peak RSS per process. `make test` runs a short one (tests/fuzz).
+# FUZZ_ARGS: e.g. --cases inprocess=4000,torchserve=6000 --seed 1 --save-failures
+FUZZ_ARGS ?=
+fuzz: install
+	$(BIN)/python tests/fuzz/run.py $(FUZZ_ARGS)
 
 lint: install
 	$(BIN)/ruff check neuroexplain service handlers tests bench
