@@ -22,7 +22,7 @@ import grpc
 import pytest
 from conftest import require_binary
 from test_security_gateway import PATIENT, _Records, assert_no_patient, expand, identifying_scan
-from torchserve_models import tiny_scan_cnn
+from torchserve_models import tiny_archive_store
 
 from neuroexplain import errors
 from neuroexplain.serving.types import Alignment, AttributeRequest, CallContext, PredictRequest, ScanInput
@@ -35,16 +35,11 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 @pytest.fixture(scope="module")
 def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from handlers.archive import build_archive
     from service.backends.torchserve import TorchServeBackend
     from service.config import Settings
 
     require_binary("java", "TorchServe needs Java 17")
-    root = tmp_path_factory.mktemp("ts-hygiene")
-    folder = tiny_scan_cnn(root / "models" / "tinyles")
-    store = root / "store"
-    store.mkdir()
-    build_archive(folder / "spec.json", folder / "weights.pt", store / "tinyles.mar")
+    store = tiny_archive_store(tmp_path_factory.mktemp("ts-hygiene"))
     backend = TorchServeBackend(Settings(model_store=store, torchserve_startup_timeout_s=240.0,
                                          torchserve_token_expiration_min=EXPIRATION_MIN), build_archives=False)
     backend.start()

@@ -64,6 +64,17 @@ def tiny_scan_cnn(folder: Path, name: str = "tinyles", seed: int = 0) -> Path:
     return _save(folder, module, spec)
 
 
+def tiny_archive_store(root: Path) -> Path:
+    """A TorchServe model store under ``root`` holding one archive, ``tinyles.mar`` (:func:`tiny_scan_cnn`)."""
+    from handlers.archive import build_archive
+
+    folder = tiny_scan_cnn(root / "models" / "tinyles")
+    store = root / "store"
+    store.mkdir()
+    build_archive(folder / "spec.json", folder / "weights.pt", store / "tinyles.mar")
+    return store
+
+
 def user_model(folder: Path, name: str = "mynet") -> Path:
     """A user's model: architecture in ``mynet.py`` beside the spec (``mynet.py:MyNet``), three classes."""
     folder.mkdir(parents=True, exist_ok=True)
