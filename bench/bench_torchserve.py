@@ -5,6 +5,8 @@ Latency (cache off, p50/p95 over ``N`` requests, each on a distinct scan):
 - ``gateway_torchserve``: NeuroExplain.Predict through the gRPC gateway -> TorchServe gRPC -> custom handler;
 - ``stock_rest``: TorchServe's stock REST ``POST /predictions/lesion`` with the same handler and the same payload
   (what a client would do without the gateway) — the baseline;
+- ``stock_grpc``: TorchServe's own gRPC ``Predictions`` with the same handler and payload (no gateway), the
+  baseline whenever stock REST cannot answer (``stock_rest_problem`` says why);
 - ``gateway_inprocess``: NeuroExplain.Predict through the gateway with the in-process backend.
 
 The TorchServe paths are measured interleaved (one call of each per scan, in rotating order), so a change of machine
@@ -91,12 +93,53 @@ def _rest_fn(backend: Any) -> Any:
     session = requests.Session()
     session.trust_env = False  # loopback: no proxies
 
+    def call(scan: bytes, timeout: float = 120) -> None:
+        request = PredictRequest(MODEL, ScanInput(data=scan, digest=hashlib.sha256(scan).hexdigest()))
+        fields = env.encode_request(Operation.PREDICT, request)
+        headers = backend.supervisor.keys.header("inference") if backend.supervisor.keys else {}
+        response = session.post(url, files={k: (None, v) for k, v in fields.items()}, headers=headers, timeout=timeout)
+        response.raise_for_status()
+        env.raise_if_error(env.decode(response.content))
+
+    return call
+
+
+REST_PROBE_TIMEOUT_S = 20.0
+
+
+def _rest_answers(call: Any, scan: bytes) -> str:
+    """"" when stock REST answers a Predict; else why not. The handler marks unary answers ``ts_stream_next: false``
+    (for refused Visualize streams); TorchServe 0.12's REST job then treats the only answer as a stream's last one and
+    sends the body without ever sending the response head, so the client waits until its timeout."""
+    import requests
+
+    try:
+        call(scan, timeout=REST_PROBE_TIMEOUT_S)
+    except requests.exceptions.ReadTimeout:
+        return (f"stock REST gave no response within {REST_PROBE_TIMEOUT_S:.0f} s (the handler sets ts_stream_next=false "
+                "on unary answers; TorchServe's REST job then never sends the response head)")
+    return ""
+
+
+def _stock_grpc_fn(backend: Any) -> Any:
+    """TorchServe's own gRPC ``Predictions`` with the same payload and the inference key (no gateway in between)."""
+    from neuroexplain.serving import codec as env
+    from neuroexplain.serving.types import Operation, PredictRequest, ScanInput
+    from service.backends.torchserve_proto import load
+
+    pb2, pb2_grpc = load()
+    channel = grpc.insecure_channel(backend.supervisor.endpoints.grpc_inference,
+                                    options=[("grpc.max_send_message_length", 1 << 30),
+                                             ("grpc.max_receive_message_length", 1 << 30),
+                                             ("grpc.enable_http_proxy", 0)])  # fmt: skip
+    stub = pb2_grpc.InferenceAPIsServiceStub(channel)
+
     def call(scan: bytes) -> None:
         request = PredictRequest(MODEL, ScanInput(data=scan, digest=hashlib.sha256(scan).hexdigest()))
         fields = env.encode_request(Operation.PREDICT, request)
-        response = session.post(url, files={k: (None, v) for k, v in fields.items()}, timeout=120)
-        response.raise_for_status()
-        env.raise_if_error(env.decode(response.content))
+        reply = stub.Predictions(pb2.PredictionsRequest(model_name=MODEL, input=fields), timeout=120,
+                                 metadata=backend.supervisor.inference_metadata())
+        env.raise_if_error(env.decode(reply.prediction))
 
     return call
 
@@ -250,12 +293,15 @@ def run(device: str, card: str) -> None:
             try:
                 predict = _predict_fn(stub)
                 if label == "unbatched":
-                    paths = {"gateway_torchserve": predict, "stock_rest": _rest_fn(backend)}
+                    rest = _rest_fn(backend)
+                    result["stock_rest_problem"] = _rest_answers(rest, scans[-1])
+                    paths = {"gateway_torchserve": predict, "stock_grpc": _stock_grpc_fn(backend)}
+                    if not result["stock_rest_problem"]:
+                        paths["stock_rest"] = rest
                     raw: dict[str, list[float]] = {}
                     result["latency"].update(_latency(paths, scans, raw))
-                    result["paired"] = {
-                        "gateway_torchserve_vs_stock_rest": _paired(raw, "gateway_torchserve", "stock_rest"),
-                    }
+                    result["paired"] = {f"gateway_torchserve_vs_{b}": _paired(raw, "gateway_torchserve", b)
+                                        for b in paths if b != "gateway_torchserve"}
                 result["throughput_rps"][label] = {str(c): _throughput(predict, scans, c) for c in CLIENTS}
             finally:
                 gateway.stop(None).wait()
@@ -271,8 +317,8 @@ def run(device: str, card: str) -> None:
         gateway.close()
     lat = result["latency"]
     result["ratios"] = {
-        "gateway_torchserve_vs_stock_rest_p50": round(lat["gateway_torchserve"]["p50_ms"] / lat["stock_rest"]["p50_ms"], 3),
-        "gateway_torchserve_vs_stock_rest_p95": round(lat["gateway_torchserve"]["p95_ms"] / lat["stock_rest"]["p95_ms"], 3),
+        **{f"gateway_torchserve_vs_{b}_{q}": round(lat["gateway_torchserve"][f"{q}_ms"] / lat[b][f"{q}_ms"], 3)
+           for b in ("stock_rest", "stock_grpc") if b in lat for q in ("p50", "p95")},
         "gateway_torchserve_vs_inprocess_p50": round(lat["gateway_torchserve"]["p50_ms"] / lat["gateway_inprocess"]["p50_ms"], 3),
         "batched_vs_unbatched_at_16": round(
             result["throughput_rps"]["batched"]["16"] / result["throughput_rps"]["unbatched"]["16"], 3
