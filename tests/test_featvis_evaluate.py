@@ -141,6 +141,13 @@ def test_amplification_inside_the_mask_scores_one_and_a_uniform_one_scores_chanc
     spill = inside + np.where(brain, 0.0, 0.01)
     assert ev.amplification_metrics(spill, scan, mask, dilated, brain)["share"] < 0.5
     assert ev.amplification_metrics(scan, scan, mask, dilated, brain)["share"] == 0.0  # no change at all
+    # atrophy darkens: a darkening inside the mask counts with change="absolute", not as a positive departure
+    darker = np.where(mask, 0.5 * scan, scan)
+    assert ev.amplification_metrics(darker, scan, mask, dilated, brain, "absolute")["share"] == pytest.approx(1.0)
+    assert ev.amplification_metrics(darker, scan, mask, dilated, brain, "absolute")["rank_acc"] == pytest.approx(1.0)
+    assert ev.amplification_metrics(darker, scan, mask, dilated, brain)["share"] == 0.0
+    with pytest.raises(ValueError, match="'signed' is unknown"):
+        ev.amplification_metrics(darker, scan, mask, dilated, brain, "signed")
 
 
 def test_choose_takes_the_best_then_the_shipped_candidate() -> None:
@@ -188,7 +195,7 @@ def test_protocol_tunes_on_validation_only_and_scores_test_and_shift(monkeypatch
             drop = res["shift"]["rows"][name][k]["mean"] - res["test"]["rows"][name][k]["mean"]
             assert res["drop_shift_minus_test"][name][k] == pytest.approx(drop)
     table = ev.protocol_markdown(res, "cmd")
-    assert "## Shifted test set (n = 2)" in table and f"**{t['chosen']}**" in table
+    assert "## Shifted test set (n = 2)" in table and f"**{t['chosen']}**" in table and "positive part" in table
 
 
 def test_protocol_cli_refuses_a_model_without_synthetic_ground_truth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

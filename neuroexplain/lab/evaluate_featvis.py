@@ -493,18 +493,26 @@ def candidate_runs(decays: Sequence[float] = PROTOCOL_DECAYS) -> list[RunConfig]
 
 
 def amplification_metrics(volume: np.ndarray, scan: np.ndarray, mask: np.ndarray, dilated: np.ndarray,
-                          brain: np.ndarray) -> dict[str, float]:
+                          brain: np.ndarray, change: str = "positive") -> dict[str, float]:
     """Where an amplification of ``scan`` (both on the model grid, normalised) changed it, against the ground truth.
 
-    On the departure ``(volume - scan) / max(scan, 0.1)`` (:func:`departure`): ``share`` and ``share_dilated``, the
-    positive departure inside the mask (undilated, dilated) over all positive departure (anywhere in the box: a
-    change outside the brain counts against it); ``rank_acc``, of the K brain voxels with the largest departure
-    (K = mask size), the fraction inside the mask; ``hf_change``, :func:`hf_energy_ratio` of ``volume - scan``
-    (speckle); ``max_change``, the largest relative brightening. Chance for the first three is the mask's share of
-    the brain (see :func:`neuroexplain.lab.evaluate_attribution.chance_levels`).
+    On the departure ``(volume - scan) / max(scan, 0.1)`` (:func:`departure`), counted as its positive part
+    (``change="positive"``: lesions are hyperintense) or its magnitude (``"absolute"``: atrophy darkens and moves
+    tissue): ``share`` and ``share_dilated``, the counted departure inside the mask (undilated, dilated) over all of
+    it (anywhere in the box: a change outside the brain counts against it); ``rank_acc``, of the K brain voxels with
+    the largest counted departure (K = mask size), the fraction inside the mask; ``hf_change``,
+    :func:`hf_energy_ratio` of ``volume - scan`` (speckle); ``max_change``, the largest relative brightening. Chance
+    for the first three is the mask's share of the brain (see
+    :func:`neuroexplain.lab.evaluate_attribution.chance_levels`).
+
+    Raises:
+        ValueError: ``change`` is neither ``positive`` nor ``absolute``.
     """
-    dep = departure(volume, scan)
-    pos = np.clip(dep, 0, None)
+    if change not in ("positive", "absolute"):
+        raise ValueError(f"change {change!r} is unknown; expected 'positive' or 'absolute'")
+    raw = departure(volume, scan)
+    dep = np.clip(raw, 0, None) if change == "positive" else np.abs(raw)
+    pos = dep
     total = float(pos.sum())
     k = int((mask & brain).sum())
     inside = dep[brain]
@@ -518,7 +526,7 @@ def amplification_metrics(volume: np.ndarray, scan: np.ndarray, mask: np.ndarray
         "share_dilated": float(pos[dilated].sum()) / total if total > 0 else 0.0,
         "rank_acc": rank,
         "hf_change": hf_energy_ratio(np.asarray(volume, dtype=np.float64) - scan),
-        "max_change": float(dep.max()),
+        "max_change": float(raw.max()),
     }
 
 
@@ -570,12 +578,13 @@ def _amplify(model: LoadedModel, run: RunConfig, target: str, split: str, case: 
 
 def run_featvis_protocol(model: LoadedModel, cls: str, cases: Mapping[str, Sequence[Any]], *, steps: int = PROTOCOL_STEPS,
                          decays: Sequence[float] = PROTOCOL_DECAYS, seed: int = PROTOCOL_SEED,
-                         cache_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                         change: str = "positive", cache_dir: Path | None = None,
+                         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Tune full's decay on ``cases["validation"]``, then score it (and ``none``) on ``"test"`` and ``"shift"``.
 
     ``cases`` maps each split to its positive scans (``x`` normalised on the model grid, ``mask``, ``dilated``,
     ``brain``, ``seed``, as :func:`neuroexplain.lab.evaluate_attribution.protocol_case` makes them). Only the
-    validation scans are seen before the choice is made.
+    validation scans are seen before the choice is made. ``change``: see :func:`amplification_metrics`.
     """
     from neuroexplain.lab.evaluate_attribution import chance_levels, mean_ci
 
@@ -587,7 +596,8 @@ def run_featvis_protocol(model: LoadedModel, cls: str, cases: Mapping[str, Seque
     for case in cases["validation"]:
         for c in candidates:
             v, anchor, _ = _amplify(model, c, target, "validation", case, steps, seed, cache_dir, log)
-            tuning[c.name].append(amplification_metrics(v, anchor, case.mask, case.dilated, case.brain)["share"])
+            tuning[c.name].append(amplification_metrics(v, anchor, case.mask, case.dilated, case.brain,
+                                                        change)["share"])
     scores = {name: float(np.mean(v)) for name, v in tuning.items()}
     chosen_name = choose(scores, shipped)
     chosen = next(c for c in candidates if c.name == chosen_name)
@@ -600,7 +610,7 @@ def run_featvis_protocol(model: LoadedModel, cls: str, cases: Mapping[str, Seque
             chance.append(chance_levels(case.mask, case.dilated, case.brain))
             for r in rows_cfg:
                 v, anchor, final = _amplify(model, r, target, split, case, steps, seed, cache_dir, log)
-                m = amplification_metrics(v, anchor, case.mask, case.dilated, case.brain)
+                m = amplification_metrics(v, anchor, case.mask, case.dilated, case.brain, change)
                 m["logit_start"] = _class_logit(model, anchor, cls)
                 m["logit_final"] = final
                 m["logit_gain"] = final - m["logit_start"]
@@ -617,9 +627,9 @@ def run_featvis_protocol(model: LoadedModel, cls: str, cases: Mapping[str, Seque
                    for k in test["rows"][name]} for name in test["rows"]}
     return {
         "model": model.spec.name, "model_version": model.spec.version, "weights_sha256": model.spec.weights_sha256,
-        "target": target, "steps": steps, "seed": seed,
+        "target": target, "steps": steps, "seed": seed, "change": change,
         "tuning": {"weight": "decay", "preset": "full", "grid": [float(d) for d in decays], "shipped": shipped,
-                   "criterion": "mean share of positive departure in the undilated mask",
+                   "criterion": f"mean share of the {change} departure in the undilated mask",
                    "scores": scores, "chosen": chosen_name,
                    "seeds": [int(c.seed) for c in cases["validation"]]},
         "test": test, "shift": shift, "drop_shift_minus_test": drop,
@@ -636,7 +646,15 @@ def featvis_protocol(model: LoadedModel, *, validation_n: int, test_n: int, shif
     task = _task_of(model)
     cases = {split: [protocol_case(task, split, s) for s in split_seeds(split, n)]
              for split, n in (("validation", validation_n), ("test", test_n), ("shift", shift_n))}
-    return run_featvis_protocol(model, task.value, cases, steps=steps, decays=decays, cache_dir=cache_dir, log=log)
+    from neuroexplain.lab.synthetic import Task
+
+    change = "positive" if task is Task.LESION else "absolute"  # lesions brighten; atrophy darkens and moves tissue
+    return run_featvis_protocol(model, task.value, cases, steps=steps, decays=decays, change=change,
+                                cache_dir=cache_dir, log=log)
+
+
+_CHANGE_WORDS = {"positive": "positive part (lesions are hyperintense)",
+                 "absolute": "magnitude (atrophy darkens and moves tissue)"}
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -665,9 +683,9 @@ def protocol_markdown(res: dict[str, Any], command: str) -> str:
         (f"- **Test split**: seeds {_seeds(res['test']['seeds'])} of the training generator (n = "
         f"{res['test']['n_scans']}); **shifted test set**: seeds {_seeds(res['shift']['seeds'])} of "
         f"`neuroexplain.lab.synthetic_shift` (n = {res['shift']['n_scans']}); neither was used for tuning."),
-        ("- On the departure (volume − scan) / max(scan, 0.1): *share*, positive departure inside the mask over all "
-        "positive departure (anywhere in the box); *dilated 2*, the mask dilated by 2 voxels (4 mm), clipped to the "
-        "brain; *rank acc.*, of the K brain voxels with the largest departure (K = mask size) the fraction in the "
+        (f"- On the departure (volume − scan) / max(scan, 0.1), counted as its {_CHANGE_WORDS[res['change']]}: "
+        "*share*, the counted departure inside the mask over all of it (anywhere in the box); *dilated 2*, the mask dilated by 2 voxels (4 mm), clipped to the "
+        "brain; *rank acc.*, of the K brain voxels with the largest counted departure (K = mask size) the fraction in the "
         "mask. *HF of change*: share of the change's spectral energy above 0.25 cycles/voxel (speckle). *logit "
         "gain*: class logit of the final volume minus the scan's own. Chance: the mask's share of the brain."),
         "",
