@@ -308,6 +308,8 @@ class Core:
         """
         if not request.return_dicom:
             return ()
+        from pydicom.errors import BytesLengthException
+
         from neuroexplain.dicom import read_series
         from neuroexplain.dicom.results import build_results, relevance_from_nifti
         from neuroexplain.volumes import NonFinite as LibraryNonFinite
@@ -340,8 +342,10 @@ class Core:
                 )
         except NeuroExplainError:
             raise
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # pydicom/highdicom refusing a source value:
-            # their messages quote the value (patient data), so only the type is logged
+        except (ValueError, TypeError, LookupError, AttributeError, OverflowError, BytesLengthException) as exc:
+            # pydicom/highdicom refusing a source value (pydicom converts elements lazily: a value of the wrong length
+            # raises BytesLengthException only when the builder copies it); their messages quote the value (patient
+            # data), so only the type is logged
             log.error("building DICOM results failed (%s); the source series digest is %s", type(exc).__name__,
                       request.scan.digest[:12])
             raise InvalidInputError("the source series holds a value that cannot be copied into a DICOM result (a "

@@ -241,7 +241,20 @@ def _resize(raw: bytearray, rng: random.Random) -> str:
     return f"append:{extra}"
 
 
+def _nifti_extension(kind: str, raw: bytearray, rng: random.Random) -> str:
+    """Declare a NIfTI extension after the header: its esize may be negative, odd, huge or past vox_offset."""
+    at = 348 if kind.startswith("nifti1") else 540
+    if len(raw) < at + 16:
+        raw.extend(b"\0" * (at + 16 - len(raw)))
+    esize = rng.choice([0, 8, 15, 16, 32, -16, 1 << 20, 2 ** 31 - 1, len(raw)])
+    struct.pack_into("<4B", raw, at, 1, 0, 0, 0)
+    struct.pack_into("<ii", raw, at + 4, esize, rng.choice([0, 2, 4, 6, 40, -1]))
+    return f"extension:esize={esize}"
+
+
 def _header_mutation(kind: str, raw: bytearray, rng: random.Random) -> str:
+    if kind.startswith("nifti") and rng.random() < 0.1:
+        return _nifti_extension(kind, raw, rng)
     if kind.startswith("nifti1"):
         return _set_field(raw, "<", NIFTI1_FIELDS, rng)
     if kind.startswith("nifti2"):
@@ -443,6 +456,31 @@ def _pixel_mutation(raw: bytes, rng: random.Random) -> tuple[bytes, str]:
     return bytes(body), "pixels:" + _flip(body, rng, start)
 
 
+_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
+             "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+             "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90",
+             "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.5", "1.2.3.4", "")
+
+
+def _transfer_syntax(raw: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """Another TransferSyntaxUID in the file meta, the dataset's bytes left as they are (codec/encoding mismatch)."""
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    if len(raw) < 144 or raw[128:132] != b"DICM":
+        return _byte_mutation(raw, rng)
+    (group_length,) = struct.unpack_from("<I", raw, 140)
+    end = 144 + group_length
+    meta = pydicom.dcmread(io.BytesIO(raw), force=True).file_meta
+    syntax = rng.choice(_SYNTAXES)
+    meta.TransferSyntaxUID = syntax
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_file_meta_info(buffer, meta, enforce_standard=False)
+    return raw[:132] + buffer.getvalue() + raw[end:], f"syntax:{syntax or 'empty'}"
+
+
 def _byte_mutation(raw: bytes, rng: random.Random) -> tuple[bytes, str]:
     body = bytearray(raw)
     if rng.random() < 0.3:
@@ -475,7 +513,7 @@ def _composition(instances: tuple[bytes, ...], rng: random.Random) -> tuple[tupl
     items = list(instances)
     choice = rng.randrange(9)
     if choice == 0 and len(items) > 2:
-        for _ in range(rng.choice([1, 2, 5])):
+        for _ in range(min(rng.choice([1, 2, 5]), len(items) - 1)):
             items.pop(rng.randrange(len(items)))
         return tuple(items), "series:drop"
     if choice == 1:
@@ -512,10 +550,12 @@ def dicom_case(rng: random.Random) -> Case:
     for _ in range(rng.choice([1, 1, 2, 3])):
         r = rng.random()
         mutate: Callable[[bytes, random.Random], tuple[bytes, str]]
-        if r < 0.55:
+        if r < 0.5:
             mutate = _dicom_element
-        elif r < 0.75:
+        elif r < 0.68:
             mutate = _pixel_mutation
+        elif r < 0.76:
+            mutate = _transfer_syntax
         elif r < 0.85:
             mutate = _byte_mutation
         else:
