@@ -166,6 +166,24 @@ def test_unlisted_calling_ae_is_rejected_and_nothing_is_spooled(tmp_path: Path, 
     assert "every association will be rejected" in quiet.log.read_text()
 
 
+def test_more_than_ten_modalities_may_send_at_once(tmp_path: Path, gateway: int, pacs: Orthanc) -> None:
+    """pynetdicom accepts 10 associations at once by default; the bridge accepts --max-associations (32)."""
+    from pynetdicom import AE
+
+    bridge = BridgeProc(tmp_path / "spool", gateway, f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "--allow-ae", "MODALITY",
+                        "--quiet-seconds", "600")
+    scu = AE(ae_title="MODALITY")
+    scu.add_requested_context(MR)
+    assocs = [scu.associate("127.0.0.1", bridge.port, ae_title="NEUROEXPLAIN") for _ in range(16)]
+    try:
+        assert [a.is_established for a in assocs] == [True] * 16
+    finally:
+        for a in assocs:
+            if a.is_established:
+                a.release()
+        bridge.stop()
+
+
 def test_refusal_gives_failed_reason_and_not_analysed_sr_localizer_skipped_no_patient_data_in_logs(
         tmp_path: Path, gateway: int, pacs: Orthanc) -> None:
     """A series the gateway refuses (16 x 16 x 6 mm of ramps: nothing a brain model can place, INVALID_ARGUMENT): a

@@ -94,6 +94,7 @@ class Config:
     send_to: str | None = None
     stow_url: str | None = None
     quiet_seconds: float = 10.0
+    max_associations: int = 32
     spool_max_bytes: int = 10 << 30
     failed_retention_days: float = 30.0
     modalities: Sequence[str] = ("MR", "CT")
@@ -492,6 +493,8 @@ class Bridge:
             if ctx.abstract_syntax and ctx.abstract_syntax not in STORAGE_CLASSES and len(ae.supported_contexts) < 120:
                 ae.add_supported_context(ctx.abstract_syntax)
         ae.add_supported_context(Verification)
+        # pynetdicom's default is 10 at once; more modalities sending together get "local limit exceeded"
+        ae.maximum_associations = self.config.max_associations
         if self.config.allow_ae:
             ae.require_calling_aet = list(self.config.allow_ae)
         else:

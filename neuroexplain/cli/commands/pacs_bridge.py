@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stow-url", default=None, metavar="URL", help="DICOMweb base URL for STOW-RS instead")
     p.add_argument("--spool", type=Path, required=True, metavar="DIR", help="spool folder (a persistent volume)")
     p.add_argument("--spool-max-bytes", type=int, default=10 << 30, help="beyond it stores are refused (10 GiB)")
+    p.add_argument("--max-associations", type=int, default=32,
+                   help="associations accepted at once (default 32); more are rejected, the sender retries")
     p.add_argument("--quiet-seconds", type=float, default=10.0, help="a series is complete after S quiet seconds")
     p.add_argument("--failed-retention-days", type=float, default=30.0, help="how long failed/ keeps a series")
     p.add_argument("--modality", action="append", default=None, help="modalities analysed (default MR and CT)")
@@ -67,12 +69,13 @@ def run(args: argparse.Namespace) -> int:
     for name in ("quiet_seconds", "retry_base_seconds", "retry_max_seconds"):
         if not getattr(args, name) >= 0:
             raise errors.InvalidOptionError(f"--{name.replace('_', '-')} must be >= 0")
-    if args.spool_max_bytes < 1 or args.max_tries < 1 or args.min_slices < 1:
-        raise errors.InvalidOptionError("--spool-max-bytes, --max-tries and --min-slices must be >= 1")
+    if args.spool_max_bytes < 1 or args.max_tries < 1 or args.min_slices < 1 or args.max_associations < 1:
+        raise errors.InvalidOptionError(
+            "--spool-max-bytes, --max-tries, --min-slices and --max-associations must be >= 1")
     config = Config(
         spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port, allow_ae=args.allow_ae,
         model=args.model, methods=args.method, send_to=args.send_to, stow_url=args.stow_url,
-        quiet_seconds=args.quiet_seconds, spool_max_bytes=args.spool_max_bytes,
+        quiet_seconds=args.quiet_seconds, max_associations=args.max_associations, spool_max_bytes=args.spool_max_bytes,
         failed_retention_days=args.failed_retention_days, modalities=args.modality or ("MR", "CT"),
         min_slices=args.min_slices, skip_image_types=args.skip_image_type or ("LOCALIZER", "SCOUT", "DERIVED"),
         max_tries=args.max_tries, retry_base_seconds=args.retry_base_seconds,
