@@ -342,9 +342,10 @@ class Core:
                 )
         except NeuroExplainError:
             raise
-        except (ValueError, TypeError, LookupError, AttributeError, OverflowError, BytesLengthException) as exc:
+        except (ValueError, TypeError, LookupError, AttributeError, OverflowError, NotImplementedError,
+                BytesLengthException) as exc:
             # pydicom/highdicom refusing a source value (pydicom converts elements lazily: a value of the wrong length
-            # raises BytesLengthException only when the builder copies it); their messages quote the value (patient
+            # or an unknown VR raises only when the builder copies it); their messages quote the value (patient
             # data), so only the type is logged
             log.error("building DICOM results failed (%s); the source series digest is %s", type(exc).__name__,
                       request.scan.digest[:12])

@@ -17,16 +17,19 @@ pylibjpeg-openjpeg decodes JPEG 2000 and HTJ2K; pyjpegls decodes JPEG-LS; python
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.errors import BytesLengthException
 from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as _pixel_array
 from pydicom.uid import UID, JPEGExtended12Bit, RLELossless
@@ -124,6 +127,27 @@ def _stripped(ds: Dataset) -> Dataset:
     return out
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _refuse_unreadable_elements(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """pydicom converts elements lazily, when first used: an element whose value cannot be converted (an unknown VR
+    after a corrupt length, a value of the wrong byte length) raises then, far from ``dcmread``. Those two types are
+    refused here as malformed input (nothing else is caught)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        except (NotImplementedError, BytesLengthException):
+            raise DicomError("an instance holds an element that cannot be read (unknown value representation or a "
+                             "value of the wrong length); expected valid DICOM Part 10 files") from None
+
+    return wrapper
+
+
+@_refuse_unreadable_elements
 def read_series(
     instances: Sequence[bytes],
     *,
