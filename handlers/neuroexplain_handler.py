@@ -121,7 +121,7 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
                 watch.lower()
             self._report_cancel(context, task, job_id, watch)
         self._record_metrics(context, parsed, answers, time.perf_counter() - started)
-        _mark_last_frames(context, len(data))
+        _mark_last_frames(context, [i for i, row in enumerate(data) if _streamed(row, parsed.get(i))])
         return [a if a is not None else env.encode_error(RuntimeError()) for a in answers]
 
     @staticmethod
@@ -195,14 +195,27 @@ class NeuroExplainHandler(BaseHandler):  # type: ignore[misc]
         busy.add_or_update(seconds, [name])
 
 
-def _mark_last_frames(context: Context, rows: int) -> None:
-    """Mark each answer as its call's last frame where no progress frame did (``ts_stream_next: false``).
+def _streamed(row: dict[str, Any], parsed: tuple[Operation, Any, str | None] | None) -> bool:
+    """Whether a row is a Visualize (a streamed call): by its parsed task, or, for a row that did not parse, by its
+    raw ``task`` field."""
+    if parsed is not None:
+        return parsed[0] is Operation.VISUALIZE
+    raw = row.get("task") if isinstance(row, dict) else None
+    if isinstance(raw, (bytes, bytearray)):
+        raw = bytes(raw).decode("ascii", errors="replace")
+    return isinstance(raw, str) and raw.strip() == Operation.VISUALIZE.value
+
+
+def _mark_last_frames(context: Context, rows: list[int]) -> None:
+    """Mark each streamed (Visualize) answer as its call's last frame where no progress frame did
+    (``ts_stream_next: false``).
 
     TorchServe sets that header on a streamed call's final answer only after an intermediate one was sent; a
     Visualize refused before its first step would otherwise reach the frontend without it, which then fails on the
-    missing header and kills the worker (a restart per refused visualization). Unary calls ignore the header.
+    missing header and kills the worker (a restart per refused visualization). Unary answers must not carry it:
+    TorchServe's REST job then takes the only answer for a stream's last chunk and never sends the response head.
     """
-    for idx in range(rows):
+    for idx in rows:
         try:
             headers = context.get_response_headers(idx)
         except (AttributeError, IndexError, KeyError, TypeError):  # a context without per-request headers (tests)

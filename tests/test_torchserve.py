@@ -156,6 +156,29 @@ def test_a_visualization_refused_before_its_first_step_keeps_the_worker(backend:
     assert backend.ready() and backend.supervisor.worker_deaths == deaths
 
 
+def test_stock_rest_answers_a_predict_with_the_key(backend: Any, scan: bytes) -> None:
+    """TorchServe's own REST API still answers the handler (what `python -m bench torchserve` compares against): the
+    last-frame header is set on streamed answers only; on a unary answer it left the REST job without a response."""
+    import hashlib
+    import urllib.request
+
+    from neuroexplain.serving import codec as env
+    from neuroexplain.serving.types import Operation
+
+    request = PredictRequest("tinyles", _scan(scan))
+    fields = env.encode_request(Operation.PREDICT, request)
+    boundary = hashlib.sha256(scan).hexdigest()
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'.encode() + v + b"\r\n"
+                    for k, v in fields.items()) + f"--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
+               **(backend.supervisor.keys.header("inference") if backend.supervisor.keys else {})}
+    url = f"{backend.supervisor.endpoints.rest_inference}/predictions/tinyles"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urllib.request.Request(url, data=body, headers=headers), timeout=60) as reply:
+        answer = env.raise_if_error(env.decode(reply.read()))
+    assert answer.kind is env.Kind.RESULT
+
+
 def test_an_expired_deadline_never_reaches_torchserve(backend: Any, scan: bytes) -> None:
     with pytest.raises(errors.DeadlineExceededError):
         backend.predict(PredictRequest("tinyles", _scan(scan)), CallContext(deadline=time.monotonic() - 1))
