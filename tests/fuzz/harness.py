@@ -10,6 +10,7 @@ no message carries a traceback or the synthetic patient's identity.
 from __future__ import annotations
 
 import collections
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,12 +39,15 @@ class Tally:
     codes: collections.Counter[str] = field(default_factory=collections.Counter)
     hangs: int = 0
     failures: list[Verdict] = field(default_factory=list)
+    messages: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     cases: int = 0
     slowest_s: float = 0.0
 
     def add(self, verdict: Verdict) -> None:
         self.cases += 1
         self.codes[verdict.code.name] += 1
+        if verdict.code != grpc.StatusCode.OK:  # which refusals: the message with its numbers blanked
+            self.messages[(verdict.code.name, re.sub(r"[0-9][0-9.e+x-]*", "#", verdict.message)[:90])] += 1
         self.slowest_s = max(self.slowest_s, verdict.seconds)
         if verdict.code == grpc.StatusCode.DEADLINE_EXCEEDED:
             self.hangs += 1

@@ -198,6 +198,10 @@ def fuzz_backend(kind: str, seed: int, first: int, count: int, deadline_s: float
     print(f"   INTERNAL/UNKNOWN {internal}, hangs {tally.hangs}, oracle failures {len(tally.failures)}, "
           f"worker deaths {len(watch.workers_lost)} (workers seen {len(watch.workers_seen)}), "
           f"ready at the end: {ready}")
+    for code in ("RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"):
+        reasons = [(m, n) for (c, m), n in tally.messages.most_common() if c == code]
+        for message, n in reasons[:8]:
+            print(f"   {code} {n:>5}x  {message}")
     for role, peak in sorted(watch.peaks.items()):
         print(f"   peak RSS {role:<18} {peak / MiB:8.0f} MiB")
     return not tally.failures and not watch.workers_lost and ready
