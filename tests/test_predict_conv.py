@@ -1,0 +1,48 @@
+"""Predict's oneDNN Conv3d path: the same numbers as the module as loaded (within 1e-5), the loaded module untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from neuroexplain.models import load_model
+from neuroexplain.predict import inference_module, predict_arrays
+
+
+@pytest.mark.parametrize("name", ["lesion", "atrophy"])
+def test_onednn_path_matches_the_loaded_module(name: str) -> None:
+    model = load_model(name)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    rng = np.random.default_rng(0)
+    arrays = [rng.random(model.spec.grid.shape, dtype=np.float32) * 1.5 for _ in range(3)]
+    fast = predict_arrays(model, arrays, batch_size=1, with_features=True)
+    batched = predict_arrays(model, arrays, batch_size=3, with_features=True)
+    with torch.inference_mode():
+        x = torch.from_numpy(np.stack(arrays))[:, None]
+        reference = model.module(x)
+    for i, p in enumerate(fast):
+        assert np.allclose(p.logits, reference[i].tolist(), rtol=0, atol=1e-5)
+        assert np.allclose(p.logits, batched[i].logits, rtol=0, atol=1e-5)
+        assert np.allclose(p.features, batched[i].features, rtol=0, atol=1e-5)
+        assert len(p.features) > 0
+
+
+def test_onednn_path_runs_onednn_and_leaves_the_loaded_module_alone() -> None:
+    model = load_model("lesion")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    fast = inference_module(model)
+    assert fast is not model.module and inference_module(model) is fast  # built once
+    for m in model.module.modules():
+        assert "forward" not in m.__dict__  # the shared module keeps nn.Conv3d.forward
+    convs = [m for m in fast.modules() if isinstance(m, nn.Conv3d)]
+    assert convs and all("forward" in m.__dict__ for m in convs)
+    assert all(a is b for a, b in zip(fast.parameters(), model.module.parameters(), strict=True))  # shared weights
+    x = torch.rand((1, 1, *model.spec.grid.shape))
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        fast(x)
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in names and "aten::slow_conv3d_forward" not in names
