@@ -24,7 +24,7 @@ import random
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -49,7 +49,6 @@ class Case:
     instances: tuple[bytes, ...] = ()
     rpc: str = "predict"
     return_dicom: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_dicom(self) -> bool:

@@ -90,7 +90,7 @@ _VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+          suppress_health_check=[HealthCheck.too_slow])
 @given(field=st.sampled_from([f for f in NIFTI1_FIELDS if not f[2].endswith("s")]), index=st.integers(0, 7),
        value=_VALUES, gzipped=st.booleans())
 def test_any_single_nifti1_header_field_value_is_answered_or_refused(
