@@ -184,10 +184,12 @@ def test_protocol_tunes_on_validation_only_and_scores_test_and_shift(monkeypatch
     t = res["tuning"]
     assert t["chosen"] == max(t["scores"], key=lambda k: (t["scores"][k], k == t["shipped"]))
     assert t["seeds"] == [1, 3] and t["shipped"] == "full, decay 1"
-    # the choice is made before any test or shifted scan is touched, and only the chosen candidate is scored there
+    # the choice is made before any test or shifted scan is touched; there only none, the chosen candidate and (as a
+    # reference, when it was not chosen) the shipped one are scored
     first_scored = next(i for i, s in enumerate(seen) if s[0] != "validation")
     assert {s[0] for s in seen[:first_scored]} == {"validation"} and len(seen[:first_scored]) == 4
-    assert {s[2] for s in seen[first_scored:]} == {"none", t["chosen"]}
+    assert {s[2] for s in seen[first_scored:]} == {"none", t["chosen"], t["shipped"]}
+    assert set(res["test"]["rows"]) == {"none", t["chosen"], t["shipped"], "chance (brain)"}
     assert res["test"]["seeds"] == [11] and res["shift"]["seeds"] == [21, 23]
     assert res["shift"]["rows"][t["chosen"]]["share"]["n"] == 2
     for name in ("none", t["chosen"], "chance (brain)"):

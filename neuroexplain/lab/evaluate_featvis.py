@@ -601,7 +601,8 @@ def run_featvis_protocol(model: LoadedModel, cls: str, cases: Mapping[str, Seque
     scores = {name: float(np.mean(v)) for name, v in tuning.items()}
     chosen_name = choose(scores, shipped)
     chosen = next(c for c in candidates if c.name == chosen_name)
-    rows_cfg = [RunConfig("none", "none"), chosen]
+    # the shipped setting is scored beside the chosen one when they differ (a reference; it played no part in the choice)
+    rows_cfg = [RunConfig("none", "none"), chosen] + [c for c in candidates if c.name == shipped != chosen_name]
 
     def score(split: str) -> dict[str, Any]:
         records: dict[str, list[dict[str, float]]] = {r.name: [] for r in rows_cfg}
@@ -662,6 +663,10 @@ def _num(x: float, digits: int = 3) -> str:
     return f"{x:.2g}" if 0 < abs(x) < 10 ** (1 - digits) else f"{x:.{digits}f}"
 
 
+def _signed(x: float) -> str:
+    return f"{x:+.2g}" if 0 < abs(x) < 0.01 else f"{x:+.3f}"
+
+
 def _ci(v: dict[str, float], digits: int = 3) -> str:
     return f"{_num(v['mean'], digits)} [{_num(v['low'], digits)}, {_num(v['high'], digits)}]"
 
@@ -708,11 +713,11 @@ def protocol_markdown(res: dict[str, Any], command: str) -> str:
               "| run | share undilated | share dilated 2 | rank acc. | HF of change | logit gain |",
               "| --- | --- | --- | --- | --- | --- |"]
     for name, d in res["drop_shift_minus_test"].items():
-        hf = f"{d['hf_change']:+.3f}" if "hf_change" in d else "—"
+        hf = _signed(d["hf_change"]) if "hf_change" in d else "—"
         gain = f"{d['logit_gain']:+.1f}" if "logit_gain" in d else "—"
         label = name if name == "chance (brain)" else f"`{name}`"
-        lines.append(f"| {label} | {d['share']:+.3f} | {d['share_dilated']:+.3f} | {d['rank_acc']:+.3f} | {hf} | "
-                     f"{gain} |")
+        lines.append(f"| {label} | {_signed(d['share'])} | {_signed(d['share_dilated'])} | {_signed(d['rank_acc'])} | "
+                     f"{hf} | {gain} |")
     return "\n".join(lines) + "\n"
 
 
