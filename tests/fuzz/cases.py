@@ -40,7 +40,8 @@ class Case:
         name: the mutation chain, e.g. ``nifti1.gz/field:vox_offset=-inf`` (what a report prints).
         data: file bytes for ``Scan.data`` (empty for a DICOM series).
         instances: DICOM instances for ``Scan.dicom`` (empty for a file scan).
-        rpc: ``predict`` or ``attribute``.
+        rpc: ``predict``, ``attribute`` or ``visualize`` (started from the scan; never drawn by :func:`make_case`,
+            chosen by the caller).
         return_dicom: ask for DICOM results (only meaningful for a series).
     """
 

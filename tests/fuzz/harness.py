@@ -60,6 +60,8 @@ def request_for(case: Case, model: str) -> tuple[str, object]:
         scan = pb.Scan(dicom=pb.DicomSeries(instances=list(case.instances)))
     else:
         scan = pb.Scan(data=case.data)
+    if case.rpc == "visualize":  # a visualization started from the scan: two steps, the stream read to its end
+        return "Visualize", pb.VisualizeRequest(model=model, target="class:lesion", steps=2, start="scan", scan=scan)
     if case.rpc == "attribute":
         return "Attribute", pb.AttributeRequest(model=model, scan=scan, method="gradient",
                                                 return_dicom=case.return_dicom)
@@ -85,7 +87,10 @@ def send(stub: object, case: Case, model: str, deadline_s: float) -> Verdict:
     method, request = request_for(case, model)
     started = time.monotonic()
     try:
-        getattr(stub, method)(request, timeout=deadline_s)
+        answer = getattr(stub, method)(request, timeout=deadline_s)
+        if method == "Visualize":
+            for _event in answer:
+                pass
         code, message = grpc.StatusCode.OK, ""
     except grpc.RpcError as exc:
         code, message = exc.code(), exc.details() or ""

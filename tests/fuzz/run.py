@@ -15,6 +15,7 @@ Exit status 1 if any case broke the oracle, a worker died or the backend was not
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import sys
@@ -134,7 +135,8 @@ def _ready(port: int) -> bool:
     return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def fuzz_backend(kind: str, seed: int, first: int, count: int, deadline_s: float, save: bool) -> bool:
+def fuzz_backend(kind: str, seed: int, first: int, count: int, deadline_s: float, save: bool,
+                 visualize_every: int = 0) -> bool:
     import grpc
     from cases import make_case, save_case
     from harness import Tally, send
@@ -165,6 +167,8 @@ def fuzz_backend(kind: str, seed: int, first: int, count: int, deadline_s: float
         began = time.monotonic()
         for index in range(first, first + count):
             case = make_case(seed, index)
+            if visualize_every and index % visualize_every == 0:
+                case = dataclasses.replace(case, rpc="visualize", return_dicom=False)
             verdict = send(stub, case, TINY, deadline_s)
             tally.add(verdict)
             if verdict.problem:
@@ -225,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--deadline", type=float, default=30.0, help="seconds each call may take")
     parser.add_argument("--save-failures", action="store_true", help="write failing cases to tests/fuzz/regressions")
+    parser.add_argument("--visualize-every", type=int, default=0, metavar="K",
+                        help="send every K-th case as a Visualize started from the scan (0: none)")
     parser.add_argument("--replay", metavar="SEED:INDEX")
     args = parser.parse_args(argv)
     if args.replay:
@@ -233,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fuzz: {sum(n for _, n in plan)} cases, seed {args.seed}, pid {os.getpid()}", flush=True)
     clean, first = True, 0
     for kind, count in plan:
-        clean &= fuzz_backend(kind, args.seed, first, count, args.deadline, args.save_failures)
+        clean &= fuzz_backend(kind, args.seed, first, count, args.deadline, args.save_failures,
+                              args.visualize_every)
         first += count
     print("\nfuzz: " + ("clean" if clean else "FAILED"))
     return 0 if clean else 1

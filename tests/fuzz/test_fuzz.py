@@ -9,6 +9,7 @@ fails either run is saved under ``tests/fuzz/regressions/`` and replayed here fr
 # ruff: noqa: F811  (pytest fixtures imported from test_service_support are redefined as parameters)
 from __future__ import annotations
 
+import dataclasses
 import struct
 import sys
 from collections.abc import Iterator
@@ -29,7 +30,8 @@ from test_service_support import TINY, Running, backend, start_gateway, tiny_mod
 
 REGRESSIONS = Path(__file__).parent / "regressions"
 SEED = 20
-CASES_PER_BACKEND = 60  # two backends: 120 seeded cases, plus the regressions and the hypothesis examples
+CASES_PER_BACKEND = 50  # two backends: 100 seeded cases, plus the Visualize ones, the regressions and hypothesis
+VISUALIZE_PER_BACKEND = 20
 DEADLINE_S = 30.0
 
 
@@ -68,6 +70,17 @@ def test_seeded_cases_get_only_allowed_answers(fuzz_gateway: Running, backend: A
     _assert_backend_kept(backend, before)
 
 
+def test_seeded_cases_as_visualize_start_scans_get_only_allowed_answers(fuzz_gateway: Running, backend: Any) -> None:
+    before = _workers(backend)
+    tally = Tally()
+    for index in range(VISUALIZE_PER_BACKEND):
+        case = dataclasses.replace(make_case(SEED + 1, index), rpc="visualize", return_dicom=False)
+        tally.add(send(fuzz_gateway.stub, case, TINY, DEADLINE_S))
+    _assert_clean(tally)
+    assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0, dict(tally.codes)
+    _assert_backend_kept(backend, before)
+
+
 def _regressions() -> list[Path]:
     return sorted(REGRESSIONS.glob("*.bin"))
 
@@ -89,7 +102,7 @@ _VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
                     st.integers(min_value=-(2 ** 31), max_value=2 ** 31 - 1))
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+@settings(max_examples=20, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(field=st.sampled_from([f for f in NIFTI1_FIELDS if not f[2].endswith("s")]), index=st.integers(0, 7),
        value=_VALUES, gzipped=st.booleans())
