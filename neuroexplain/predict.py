@@ -55,7 +55,48 @@ def prepare(scan: Scan, model: LoadedModel, alignment: Alignment = Alignment.AUT
     """Resample a scan onto the model's grid and normalise it as the model was trained."""
     grid = model.spec.grid
     placement = place(scan, grid, anatomy(grid).com_mm, alignment)
-    return ModelInput(array=normalise(placement.to_model(scan.data)), placement=placement)
+    return ModelInput(array=normalise(to_model(placement, scan.data)), placement=placement)
+
+
+def to_model(placement: Placement, data: np.ndarray) -> np.ndarray:
+    """``placement.to_model(data)`` (trilinear), faster where the scan's voxel axes run along the model grid's (no
+    rotation or shear: ``mni`` and ``center`` placements of scans stored in RAS/LAS/... orientation, e.g. a 1 mm MNI
+    scan onto a 2 mm grid). Trilinear interpolation is then separable: three passes of 1D linear interpolation, one
+    per axis, each shrinking the volume — the same samples and the same edge rule (0 outside ``[0, n-1]`` along any
+    axis) as the scipy reference, in a fraction of the time of the 3D ``grid_sample`` (which runs on one thread for
+    one volume). Other placements go to ``placement.to_model``."""
+    if placement.world is not None or placement.model_mask is not None:
+        return placement.to_model(data)
+    t = np.eye(4)
+    t[:3, 3] = placement.shift_mm
+    m = np.linalg.inv(placement.scan_affine) @ np.linalg.inv(t) @ placement.grid.affine  # model voxel -> scan voxel
+    linear = m[:3, :3]
+    if np.abs(linear - np.diag(np.diag(linear))).max() > 1e-9 * np.abs(linear).max() or data.ndim != 3:
+        return placement.to_model(data)
+    return _separable_trilinear(data, m, tuple(placement.grid.shape))
+
+
+def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``out[o] = data[m @ o]`` with trilinear weights for a diagonal ``m``; 0 where a sample falls outside
+    ``[0, n-1]`` along any axis (scipy's ``mode="constant"``, ``cval=0``)."""
+    out = torch.from_numpy(np.asarray(data, dtype=np.float32))
+    # The axis that shrinks the volume most goes first: every later pass reads less.
+    order = sorted(range(3), key=lambda a: shape[a] / max(int(data.shape[a]), 1))
+    for axis in order:
+        n = int(data.shape[axis])
+        pos = m[axis, axis] * np.arange(shape[axis], dtype=np.float64) + m[axis, 3]
+        inside = (pos >= 0) & (pos <= n - 1)
+        p = np.clip(pos, 0, n - 1)
+        lo = np.minimum(np.floor(p).astype(np.int64), max(n - 2, 0))
+        hi = np.minimum(lo + 1, n - 1)
+        w_hi = np.where(inside, p - lo, 0.0).astype(np.float32)
+        w_lo = np.where(inside, 1.0 - (p - lo), 0.0).astype(np.float32)
+        view = [1, 1, 1]
+        view[axis] = -1
+        a = out.index_select(axis, torch.from_numpy(lo))
+        b = out.index_select(axis, torch.from_numpy(hi))
+        out = a.mul_(torch.from_numpy(w_lo).view(view)).add_(b.mul_(torch.from_numpy(w_hi).view(view)))
+    return np.ascontiguousarray(out.numpy())
 
 
 def penultimate_layer(module: nn.Module) -> nn.Linear | None:
