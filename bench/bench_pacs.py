@@ -18,7 +18,8 @@ Measured:
   plus a Parametric Map and an SR per method), distinct SOP Instance UIDs, no other instance, nothing in ``failed/``;
 - the bridge's peak RSS (VmHWM of its process) and the gateway's.
 
-``NEUROEXPLAIN_BENCH_PACS_SERIES`` changes the number of series (default 20).
+``NEUROEXPLAIN_BENCH_PACS_SERIES`` changes the number of series (default 20). Results go to ``bench/out/pacs.json``
+(``pacs-METHOD.json`` with a method), the bridge's log beside it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ SERIES = int(os.environ.get("NEUROEXPLAIN_BENCH_PACS_SERIES", "20"))
 METHOD = os.environ.get("NEUROEXPLAIN_BENCH_PACS_METHOD", "")
 MODEL = "lesion"
 QUIET_SECONDS = 10.0  # the bridge's default
+NAME = f"pacs-{METHOD}" if METHOD else "pacs"  # bench/out/NAME.json
 
 
 def _free_port() -> int:
@@ -208,7 +210,7 @@ def main() -> dict[str, Any]:
             gateway.wait(120)
             dest.stop()
         OUT.mkdir(exist_ok=True)
-        shutil.copy(bridge_log, OUT / "pacs-bridge.log")  # series digests and states only
+        shutil.copy(bridge_log, OUT / f"{NAME}-bridge.log")  # series digests and states only
         lasts = [float(json.loads(f.read_text())["last"]) for f in (spool / "series").glob("*/state.json")]
         latencies = []
         for state_file in (spool / "series").glob("*/state.json"):
@@ -255,7 +257,7 @@ def main() -> dict[str, Any]:
             "bridge_series_stored_total": next((float(line.split()[-1]) for line in metrics.splitlines()
                                                 if line.startswith("neuroexplain_pacs_series_stored_total ")), 0.0),
         }
-    save("pacs", result)
+    save(NAME, result)
     if not all_stored:
         raise SystemExit("bench pacs: results missing, extra or failed (see above)")
     return result
