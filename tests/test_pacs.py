@@ -265,10 +265,10 @@ def test_spool_full_refuses_a_second_series_which_is_delivered_when_sent_again(
     size_a = sum(f.stat().st_size for f in files_a)
     spool = tmp_path / "spool"
     bridge = BridgeProc(spool, gateway, f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "--allow-ae", "MODALITY",
-                        "--quiet-seconds", "4", "--spool-max-bytes", str(size_a + files_b[0].stat().st_size // 2))
+                        "--quiet-seconds", "10", "--spool-max-bytes", str(size_a + files_b[0].stat().st_size // 2))
     try:
         assert storescu(bridge.port, files_a).returncode == 0
-        refused = storescu(bridge.port, files_b)  # at once, while A is still in the spool (quiet for 4 s)
+        refused = storescu(bridge.port, files_b)  # at once, while A is still in the spool (quiet for 10 s)
         assert refused.returncode != 0 or "0xa700" in (refused.stdout + refused.stderr).lower()
         assert metric(bridge.metrics_text(), "neuroexplain_pacs_series_stored_total") == 0, "A went too fast"
         assert metric(bridge.metrics_text(), 'neuroexplain_pacs_instances_refused_total{reason="spool_full"}') >= 1
