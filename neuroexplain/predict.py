@@ -84,6 +84,10 @@ def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...]
     order = sorted(range(3), key=lambda a: shape[a] / max(int(data.shape[a]), 1))
     for axis in order:
         n = int(data.shape[axis])
+        strided = _strided_lerp(out, axis, n, float(m[axis, axis]), float(m[axis, 3]), int(shape[axis]))
+        if strided is not None:
+            out = strided
+            continue
         pos = m[axis, axis] * np.arange(shape[axis], dtype=np.float64) + m[axis, 3]
         inside = (pos >= 0) & (pos <= n - 1)
         p = np.clip(pos, 0, n - 1)
@@ -97,6 +101,37 @@ def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...]
         b = out.index_select(axis, torch.from_numpy(hi))
         out = a.mul_(torch.from_numpy(w_lo).view(view)).add_(b.mul_(torch.from_numpy(w_hi).view(view)))
     return np.ascontiguousarray(out.numpy())
+
+
+def _strided_lerp(x: torch.Tensor, axis: int, n: int, step: float, offset: float, size: int) -> torch.Tensor | None:
+    """One axis of :func:`_separable_trilinear` where the samples are ``step * j + offset`` with a positive whole
+    ``step`` (e.g. 1 mm onto 2 mm): every sample has the same fractional position, so the two neighbours are strided
+    views (no gather); None for any other step."""
+    k = round(step)
+    if k < 1 or abs(step - k) > 1e-9:
+        return None
+    j = np.arange(size, dtype=np.float64)
+    pos = step * j + offset
+    valid = np.flatnonzero((pos >= 0) & (pos <= n - 1))
+    out_shape = list(x.shape)
+    out_shape[axis] = size
+    out = torch.zeros(out_shape, dtype=x.dtype)
+    if valid.size == 0:
+        return out
+    j0, count = int(valid[0]), int(valid.size)
+    first = float(pos[j0])
+    lo = int(np.floor(first))
+    frac = first - lo
+    if abs(frac) <= 1e-9 * max(1.0, abs(first)):  # samples on voxel centres: a strided copy
+        frac = 0.0
+    a = x.narrow(axis, lo, k * (count - 1) + 1)[(slice(None),) * axis + (slice(None, None, k),)]
+    target = out.narrow(axis, j0, count)
+    if frac == 0.0:
+        target.copy_(a)
+        return out
+    b = x.narrow(axis, lo + 1, k * (count - 1) + 1)[(slice(None),) * axis + (slice(None, None, k),)]
+    torch.add(a.mul(1.0 - frac), b, alpha=frac, out=target)
+    return out
 
 
 def penultimate_layer(module: nn.Module) -> nn.Linear | None:

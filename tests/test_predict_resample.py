@@ -38,6 +38,8 @@ def _flipped_anisotropic() -> np.ndarray:
 
 @pytest.mark.parametrize("make,shape,alignment", [
     (_one_mm, (160, 192, 160), Alignment.MNI),
+    (_one_mm, (150, 200, 130), Alignment.MNI),  # samples past the scan's far edges
+    (_one_mm, (150, 200, 130), Alignment.CENTER),  # a fractional shift: every fraction, partial coverage
     (lambda: MNI_2MM.affine.copy(), (80, 96, 80), Alignment.MNI),
     (_flipped_anisotropic, (150, 230, 60), Alignment.MNI),
     (_flipped_anisotropic, (150, 230, 60), Alignment.CENTER),
