@@ -15,6 +15,10 @@ load affects them alike. ``gateway_parts_ms`` profiles what the gateway adds per
 Throughput (requests/s through the gateway -> TorchServe at 1, 4 and 16 concurrent clients), with TorchServe
 batching off (batch size 1) and on (batch size 8, 10 ms delay); one worker in both, so only batching differs.
 
+CPU budget (``cpu_budget``): user + sys CPU seconds per Predict of the gateway (this process), TorchServe's Java
+frontend and its workers, read from /proc over a single-client run of distinct scans; ``cores / that`` is the rate
+the cores allow, and ``unbatched_at_16_vs_rate_the_cores_allow`` the 16-client throughput over it (target >= 0.85).
+
 Ratios: ``gateway_torchserve / stock_rest`` (target <= 1: the typed gRPC path no slower than stock REST) and
 ``batched / unbatched`` throughput; ``paired``: medians over scans of the per-scan difference and ratio between two
 interleaved paths (what a shared, loaded machine can still resolve). Bounded: ~5 min on 2 CPU cores. Model: the bundled ``lesion`` (80x96x80).
@@ -205,6 +209,41 @@ def _gateway_parts(scans: list[bytes]) -> dict[str, float]:
     }
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """user + sys CPU seconds of these processes so far (from /proc/PID/stat; a process gone counts 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+    return total
+
+
+def _cpu_per_predict(call: Any, scans: list[bytes], backend: Any) -> dict[str, Any]:
+    """CPU seconds per Predict over a single-client run: this process (the gateway; the bench's client thread too,
+    which only serialises the request), TorchServe's Java frontend and its worker processes."""
+    import psutil
+
+    java = backend.supervisor._proc.pid
+    procs = {"gateway_and_client": [os.getpid()], "java": [java],
+             "workers": [c.pid for c in psutil.Process(java).children(recursive=True)]}  # fmt: skip
+    count = min(len(scans), 30)
+    before = {k: _cpu_seconds(v) for k, v in procs.items()}
+    t0 = time.perf_counter()
+    for scan in scans[:count]:
+        call(scan)
+    wall = time.perf_counter() - t0
+    per = {k: round((_cpu_seconds(v) - before[k]) / count, 4) for k, v in procs.items()}
+    total = sum(per.values())
+    cores = os.cpu_count() or 1
+    return {"cpu_s_per_predict": per, "cpu_s_per_predict_total": round(total, 4), "requests": count,
+            "single_client_rps": round(count / wall, 2), "cores": cores,
+            "rate_the_cores_allow_rps": round(cores / total, 2) if total else None}
+
+
 def _throughput(call: Any, scans: list[bytes], clients: int) -> float:
     total = max(8, 2 * clients)
     with ThreadPoolExecutor(clients) as pool:
@@ -302,6 +341,8 @@ def run(device: str, card: str) -> None:
                     result["latency"].update(_latency(paths, scans, raw))
                     result["paired"] = {f"gateway_torchserve_vs_{b}": _paired(raw, "gateway_torchserve", b)
                                         for b in paths if b != "gateway_torchserve"}
+                if batch == 1:
+                    result["cpu_budget"] = _cpu_per_predict(predict, scans, backend)
                 result["throughput_rps"][label] = {str(c): _throughput(predict, scans, c) for c in CLIENTS}
             finally:
                 gateway.stop(None).wait()
@@ -320,6 +361,9 @@ def run(device: str, card: str) -> None:
         **{f"gateway_torchserve_vs_{b}_{q}": round(lat["gateway_torchserve"][f"{q}_ms"] / lat[b][f"{q}_ms"], 3)
            for b in ("stock_rest", "stock_grpc") if b in lat for q in ("p50", "p95")},
         "gateway_torchserve_vs_inprocess_p50": round(lat["gateway_torchserve"]["p50_ms"] / lat["gateway_inprocess"]["p50_ms"], 3),
+        "unbatched_at_16_vs_rate_the_cores_allow": round(
+            result["throughput_rps"]["unbatched"]["16"] / result["cpu_budget"]["rate_the_cores_allow_rps"], 3
+        ),
         "batched_vs_unbatched_at_16": round(
             result["throughput_rps"]["batched"]["16"] / result["throughput_rps"]["unbatched"]["16"], 3
         ),
