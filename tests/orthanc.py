@@ -13,6 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def require_file(path: Path, why: str) -> str:
+    """``path`` if it exists; else skip (or fail under CI=true, where .ci/run installs it)."""
+    import os
+
+    import pytest
+
+    if path.exists():
+        return str(path)
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{path} is missing ({why}); .ci/run installs it")
+    pytest.skip(f"{path} is missing ({why})")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -53,20 +68,25 @@ class Orthanc:
 
 @contextmanager
 def orthanc(tmp: Path, modalities: Mapping[str, tuple[str, str, int]] | None = None,
-            aet: str = "ORTHANC") -> Iterator[Orthanc]:
-    """Start Orthanc; ``modalities`` = name -> (AE, host, port) it may send to."""
+            aet: str = "ORTHANC", dicomweb: bool = False) -> Iterator[Orthanc]:
+    """Start Orthanc; ``modalities`` = name -> (AE, host, port) it may send to; ``dicomweb``: with Debian's DICOMweb
+    plugin (``orthanc-dicomweb``) serving STOW-RS at ``/dicom-web``."""
     from conftest import require_binary  # a missing Orthanc skips, or fails under CI=true
 
     binary = require_binary("Orthanc", "the PACS of the bridge tests")
+    plugins = []
+    if dicomweb:
+        plugins = [require_file(DICOMWEB_PLUGIN, "Orthanc's DICOMweb plugin (Debian orthanc-dicomweb), for STOW-RS")]
     dicom_port, http_port = free_port(), free_port()
     (tmp / "storage").mkdir(parents=True, exist_ok=True)
     config = {
         "Name": "neuroexplain-test", "StorageDirectory": str(tmp / "storage"), "IndexDirectory": str(tmp / "storage"),
         "DicomAet": aet, "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
-        "DicomAlwaysAllowEcho": True, "Plugins": [], "HttpServerEnabled": True, "StorageCompression": False,
+        "DicomAlwaysAllowEcho": True, "Plugins": plugins, "HttpServerEnabled": True, "StorageCompression": False,
         "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
         "DicomScpTimeout": 30, "OverwriteInstances": True,
+        "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
     }
     cfg = tmp / "orthanc.json"
     cfg.write_text(json.dumps(config))

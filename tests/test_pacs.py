@@ -119,7 +119,8 @@ class BridgeProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "neuroexplain.pacs", "--spool", str(spool), "--host", "127.0.0.1",
              "--port", str(self.port), "--metrics-port", str(self.metrics), "--server", f"127.0.0.1:{gateway}",
-             "--model", TINY, "--send-to", send_to, "--min-slices", "4", "--retry-base-seconds", "0.2", *extra],
+             "--model", TINY, *(("--send-to", send_to) if send_to else ()), "--min-slices", "4",
+             "--retry-base-seconds", "0.2", *extra],
             stdout=subprocess.PIPE, stderr=open(self.log, "wb"), text=True)  # noqa: SIM115
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
@@ -452,6 +453,26 @@ def test_series_sent_again_in_full_gives_no_duplicate_results(tmp_path: Path, ga
         assert len(pacs.get("/instances")) == 3  # Orthanc holds only the results: the same UIDs overwrote
     finally:
         bridge.stop()
+
+
+def test_results_go_by_stow_rs_to_a_dicomweb_server(tmp_path: Path, gateway: int) -> None:
+    """``--stow-url`` instead of ``--send-to``: the results are POSTed (STOW-RS) to Orthanc's DICOMweb plugin."""
+    with orthanc(tmp_path / "orthanc", dicomweb=True) as node:
+        files, study, _ = brain_series(tmp_path / "in", "stow")
+        bridge = BridgeProc(tmp_path / "spool", gateway, "", "--allow-ae", "MODALITY",
+                            "--quiet-seconds", "0.5", "--method", "gradient", "--max-tries", "2",
+                            "--stow-url", f"http://127.0.0.1:{node.http_port}/dicom-web")
+        try:
+            assert storescu(bridge.port, files).returncode == 0
+            wait_for(lambda: metric(bridge.metrics_text(), "neuroexplain_pacs_series_stored_total") == 1, 120,
+                     "the results stored by STOW-RS")
+            found = results_in(node, study)
+            assert len(found) == 3  # predict's SR, attribute's SR and the Parametric Map
+            assert sum(t.get("SOPClassUID") == PM_SOP_CLASS for t in found) == 1
+            assert sum(t.get("Modality") == "SR" for t in found) == 2
+            assert not list((tmp_path / "spool" / "failed").glob("*"))
+        finally:
+            bridge.stop()
 
 
 def test_parametric_map_lands_in_the_source_study(tmp_path: Path, gateway: int, pacs: Orthanc) -> None:
