@@ -14,7 +14,7 @@ EDITABLE ?= -e
 # Where `make models` writes the archives (serve's --model-store default; the image uses its own path).
 MODEL_STORE ?= model_store
 
-.PHONY: install models serve test bench fuzz lint clean
+.PHONY: install models serve test bench fuzz gpu-wheels lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ bench: install
 FUZZ_ARGS ?=
 fuzz: install
 	$(BIN)/python tests/fuzz/run.py $(FUZZ_ARGS)
+
+# The pure-Python wheels bench/gpu.sh carries to the GPU machine (into the ignored bench/wheels/; needs PyPI here).
+gpu-wheels: install
+	PYTHON=$(BIN)/python bench/gpu.sh --download-wheels
 
 lint: install
 	$(BIN)/ruff check neuroexplain service handlers tests bench
