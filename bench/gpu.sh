@@ -6,8 +6,9 @@
 #   bench/gpu.sh --download-wheels    # here (with internet): fetch the missing pure-Python wheels into bench/wheels/
 #
 # The GPU machine has Python 3.12, torch with CUDA, numpy, scipy, grpcio, protobuf, matplotlib, scikit-learn,
-# prometheus-client, tqdm and packaging, but no nibabel, captum, isal or pydicom and no internet: those travel as
-# wheels in bench/wheels/ (git-ignored) and are installed with pip --no-index --target into a private folder.
+# prometheus-client, tqdm and packaging, but no nibabel, captum, isal, pydicom or nilearn and no internet: those
+# travel as wheels in bench/wheels/ (git-ignored) and are installed with pip --no-index --target into a private
+# folder; instead of nilearn, its MNI152 images travel as bench/wheels/mni152.npz (NEUROEXPLAIN_TEMPLATE_FILE).
 # Without CUDA the script exits with code 2 and reports nothing (unless --allow-cpu-dry-run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ if [[ "${1:-}" == "--download-wheels" ]]; then
   $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d "$WHEELS" $PURE $BINARY
+  PYTHONPATH="$PWD" $PY -c "from neuroexplain.template import save_template_file; save_template_file('$WHEELS/mni152.npz')"
   ls -l "$WHEELS"
   exit 0
 fi
@@ -36,5 +38,6 @@ else
   echo "bench/gpu.sh: no wheels in $WHEELS (run bench/gpu.sh --download-wheels where there is internet)" >&2
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+if [[ -f "$WHEELS/mni152.npz" ]]; then export NEUROEXPLAIN_TEMPLATE_FILE="$PWD/$WHEELS/mni152.npz"; fi
 export PYTHONUNBUFFERED=1 NEUROEXPLAIN_AUDIT_LOG=off
 exec timeout 235 "$PY" -m bench.gpu "$@"

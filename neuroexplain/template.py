@@ -7,7 +7,10 @@ cerebrospinal fluid near the midline) and the hippocampi (grey matter inside ell
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -39,8 +42,25 @@ class Anatomy:
     com_mm: np.ndarray  # (3,) intensity centre of mass of the T1 template, world mm
 
 
+#: A machine without nilearn (the GPU bench machine) reads the same images from a file made by
+#: :func:`save_template_file`, named by this variable (read when the template is first used, not at import).
+TEMPLATE_FILE_ENV = "NEUROEXPLAIN_TEMPLATE_FILE"
+_IMAGE_KEYS = ("affine", "t1", "gm", "wm", "brain")
+
+
+def save_template_file(path: str | Path) -> None:
+    """Write nilearn's MNI152 2 mm template, GM, WM and brain mask to one compressed ``.npz`` (for machines that
+    have no nilearn: set ``NEUROEXPLAIN_TEMPLATE_FILE`` to it)."""
+    images: dict[str, Any] = dict(zip(_IMAGE_KEYS, _nilearn_images(), strict=True))
+    np.savez_compressed(path, **images)
+
+
 @functools.lru_cache(maxsize=4)
 def _nilearn_images() -> tuple[np.ndarray, ...]:
+    path = os.environ.get(TEMPLATE_FILE_ENV)
+    if path:
+        with np.load(path) as images:
+            return tuple(np.asarray(images[k]) for k in _IMAGE_KEYS)
     from nilearn import datasets
 
     images = [

@@ -24,3 +24,33 @@ def test_gpu_script_refuses_without_cuda(tmp_path: Path) -> None:
     assert "refusing to report CPU numbers as GPU numbers" in done.stderr
     assert "[GPU:" not in done.stdout  # no figure line
     assert (out.stat().st_mtime_ns if out.exists() else None) == before  # and no GPU table written
+
+
+def test_the_template_file_replaces_nilearn(tmp_path: Path) -> None:
+    """Where nilearn is missing (the GPU machine), the MNI152 images come from the file gpu.sh carries: the same
+    anatomy, bit for bit, with nilearn unimportable."""
+    import numpy as np
+
+    from neuroexplain.template import MNI_2MM, TEMPLATE_FILE_ENV, anatomy, save_template_file
+
+    path = tmp_path / "mni152.npz"
+    save_template_file(path)
+    code = (
+        "import sys, numpy as np\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'nilearn':\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from neuroexplain.template import MNI_2MM, anatomy\n"
+        "a = anatomy(MNI_2MM)\n"
+        f"np.savez({str(tmp_path / 'out.npz')!r}, t1=a.t1, brain=a.brain, com=a.com_mm)\n"
+    )
+    env = {**os.environ, TEMPLATE_FILE_ENV: str(path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    here = anatomy(MNI_2MM)
+    with np.load(tmp_path / "out.npz") as there:
+        assert np.array_equal(there["t1"], here.t1) and np.array_equal(there["brain"], here.brain)
+        assert np.array_equal(there["com"], here.com_mm)
