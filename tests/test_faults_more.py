@@ -34,17 +34,12 @@ pytestmark = pytest.mark.torchserve
 def idle_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str, CollectorRegistry]]:
     """The TorchServe backend (tiny model, one worker) behind a gateway, its address and its metrics registry."""
     from conftest import require_binary
-    from torchserve_models import tiny_scan_cnn
+    from torchserve_models import tiny_archive_store
 
-    from handlers.archive import build_archive
     from service.backends.torchserve import TorchServeBackend
 
     require_binary("java", "TorchServe needs Java 17")
-    root = tmp_path_factory.mktemp("faults-idle")
-    folder = tiny_scan_cnn(root / "models" / "tinyles")
-    store = root / "store"
-    store.mkdir()
-    build_archive(folder / "spec.json", folder / "weights.pt", store / "tinyles.mar")
+    store = tiny_archive_store(tmp_path_factory.mktemp("faults-idle"))
     settings = Settings(host="127.0.0.1", port=0, metrics_port=-1, health_port=-1, model_store=store, cache="none",
                         torchserve_startup_timeout_s=120.0, workers=8)
     backend = TorchServeBackend(settings, build_archives=False)
