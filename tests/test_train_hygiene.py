@@ -50,3 +50,25 @@ def test_cli_prints_where_the_model_was_written(tmp_path: Path, capsys: pytest.C
     assert f"will be written to {out.resolve()}" in printed
     assert str((out / "weights.pt").resolve()) in printed and (out / "weights.pt").is_file()
     assert (out / "spec.json").is_file()
+
+
+def test_blur_augmentation_smooths_about_half_the_scans() -> None:
+    """``--blur-augment``: a Gaussian (sigma up to 1 voxel) on about half the batch, never a change of size or mean."""
+    import numpy as np
+    import torch
+
+    from neuroexplain.lab.train import _random_blur
+
+    x = torch.rand(64, 1, 12, 14, 16)
+    y = _random_blur(x, np.random.default_rng(0))
+    assert y.shape == x.shape
+    changed = [i for i in range(len(x)) if float((y[i] - x[i]).abs().max()) > 1e-6]
+    assert 0.3 * len(x) < len(changed) < 0.7 * len(x)
+
+    def roughness(v: torch.Tensor) -> float:
+        return float((v[..., 1:] - v[..., :-1]).pow(2).mean())
+
+    for i in changed:  # sigma is drawn from U(0, 1): some blurs are slight, none sharpens
+        assert roughness(y[i]) < roughness(x[i])
+        assert abs(float(y[i].mean() - x[i].mean())) < 0.02
+    assert sum(roughness(y[i]) < 0.7 * roughness(x[i]) for i in changed) > len(changed) / 2

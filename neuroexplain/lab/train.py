@@ -51,6 +51,9 @@ class TrainConfig:
     seed: int = 0
     version: str = "1.0.0"
     workers: int = 2
+    # Blur half the training scans with a Gaussian of sigma ~ U(0, 1) voxel: what any resampling does to a scan
+    # (registration, a non-integer centring shift), so that the model cannot read sharpness as a class.
+    blur_augment: bool = False
 
 
 def train_seed_range(config: TrainConfig) -> range:
@@ -113,6 +116,27 @@ def evaluate(module: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 
     return correct / len(x)
 
 
+def _random_blur(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Each scan of ``(B, 1, D, H, W)`` blurred, with probability 1/2, by a separable Gaussian of sigma ~ U(0, 1)."""
+    out = []
+    for scan in batch:
+        sigma = rng.uniform(0.0, 1.0) if rng.random() < 0.5 else 0.0
+        if sigma < 0.05:
+            out.append(scan)
+            continue
+        r = np.arange(-2, 3, dtype=np.float32)
+        k = torch.from_numpy(np.exp(-0.5 * (r / sigma) ** 2) / np.exp(-0.5 * (r / sigma) ** 2).sum())
+        x = scan[None]
+        for axis in range(3):
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + axis] = 5
+            pad = [0, 0, 0, 0, 0, 0]
+            pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = 2
+            x = nn.functional.conv3d(nn.functional.pad(x, pad, mode="replicate"), k.view(shape))
+        out.append(x[0])
+    return torch.stack(out)
+
+
 def train(task: Task, out_dir: Path, config: TrainConfig = TrainConfig(), *, overwrite_bundled: bool = False
           ) -> ModelSpec:
     """Train one model and write ``spec.json`` and ``weights.pt`` into ``out_dir``.
@@ -144,6 +168,8 @@ def train(task: Task, out_dir: Path, config: TrainConfig = TrainConfig(), *, ove
             batch = torch.from_numpy(x[idx].astype(np.float32))[:, None]  # (B, 1, D, H, W)
             flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
             batch = torch.where(flip[:, None, None, None, None], batch.flip(2), batch)  # left-right flip
+            if config.blur_augment:
+                batch = _random_blur(batch, rng)
             loss = loss_fn(module(batch), torch.from_numpy(y[idx]).long())
             optimiser.zero_grad()
             loss.backward()
@@ -173,13 +199,15 @@ def train(task: Task, out_dir: Path, config: TrainConfig = TrainConfig(), *, ove
         layers=layers,
         weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
         training={
-            "command": f"neuroexplain train --model {task.value} --samples {config.n_train} --epochs {config.epochs} --seed {config.seed}",
+            "command": f"neuroexplain train --model {task.value} --samples {config.n_train} --epochs {config.epochs} --seed {config.seed}"
+                       + (" --blur-augment" if config.blur_augment else ""),
             "train_seeds": [config.seed * 100_000, config.seed * 100_000 + config.n_train - 1],
             "epochs": config.epochs,
             "batch_size": config.batch_size,
             "lr": config.lr,
             "optimiser": "AdamW(weight_decay=1e-4) + OneCycleLR(pct_start=0.1), grad-norm clip 1.0",
-            "augmentation": "left-right flip",
+            "augmentation": "left-right flip" + (", Gaussian blur sigma U(0, 1) voxel on half the scans"
+                                                 if config.blur_augment else ""),
             "seconds": round(time.time() - started, 1),
             "date": datetime.date.today().isoformat(),
             "neuroexplain": neuroexplain.__version__,

@@ -20,6 +20,8 @@ def register(sub: Any) -> None:
     p.add_argument("--eval", type=int, default=_EVAL, help=f"held-out scans (default {_EVAL})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed (default 0); training samples use seeds seed*100000 ..., which must stay below 1000000")
+    p.add_argument("--blur-augment", action="store_true",
+                   help="blur half the training scans (Gaussian, sigma up to 1 voxel), so resampled scans are not a class")
     p.add_argument("-o", "--out", type=Path, default=None, help="output folder (default: ./trained/MODEL)")
     p.add_argument("--overwrite-bundled", action="store_true",
                    help="write into the package's bundled model folder, replacing its weights (default: never)")
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--samples must be at least 8, --epochs and --eval at least 1")
     task = Task(args.task)
     out: Path = args.out or (BUNDLED_DIR / task.value if args.overwrite_bundled else Path("trained") / task.value)
-    config = TrainConfig(n_train=args.samples, n_eval=args.eval, epochs=args.epochs, seed=args.seed)
+    config = TrainConfig(n_train=args.samples, n_eval=args.eval, epochs=args.epochs, seed=args.seed,
+                         blur_augment=args.blur_augment)
     try:
         check_config(config)
         if is_bundled(out) and not args.overwrite_bundled:
