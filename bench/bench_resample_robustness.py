@@ -7,13 +7,17 @@ share the input check flags. A model
 that keys on sharpness instead of anatomy calls every smoothed healthy scan positive (issue 19: the atrophy model
 under ``alignment=register``). Not a timing benchmark.
 
-    python -m bench.bench_resample_robustness [--n 16] [--models lesion atrophy]
+    python -m bench.bench_resample_robustness [--n 16] [--models lesion atrophy] [--model-folder DIR]
+
+``--model-folder`` scores a trained model folder (``spec.json`` + ``weights.pt``, e.g. ``neuroexplain train -o DIR``)
+instead of the bundled models.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -26,7 +30,7 @@ SEED_START = 1_700_001  # held out; disjoint from the evaluation (1,000,001+), c
 def main(argv: list[str]) -> int:
     from neuroexplain.inputcheck import check_input
     from neuroexplain.lab.synthetic import Task, make_sample
-    from neuroexplain.models.registry import load_model
+    from neuroexplain.models.registry import load_from_files, load_model
     from neuroexplain.predict import predict_arrays, prepare
     from neuroexplain.template import MNI_2MM
     from neuroexplain.volumes import Alignment, Scan, _affine_resample
@@ -34,7 +38,10 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=16, help="scans per model, half of them positive")
     p.add_argument("--models", nargs="+", default=["lesion", "atrophy"])
+    p.add_argument("--model-folder", type=Path, default=None, help="a trained model folder instead of the bundled")
     args = p.parse_args(argv)
+    loaded = ([load_from_files(args.model_folder / "spec.json", args.model_folder / "weights.pt")]
+              if args.model_folder else [load_model(name) for name in args.models])
     half = np.eye(4)
     half[:3, 3] = 0.5
     variants = {
@@ -43,8 +50,8 @@ def main(argv: list[str]) -> int:
         "gaussian 0.6 voxel": lambda x: ndimage.gaussian_filter(x, 0.6),
     }
     result: dict[str, object] = {"n": args.n, "seeds": f"{SEED_START}..{SEED_START + 2 * (args.n - 1)} odd"}
-    for name in args.models:
-        model = load_model(name)
+    for model in loaded:
+        name = model.spec.name
         task = Task(name)
         per: dict[str, dict[str, list[float]]] = {v: {"correct": [], "p_healthy": [], "flagged": []}
                                                   for v in variants}
@@ -61,11 +68,12 @@ def main(argv: list[str]) -> int:
                 per[variant]["flagged"].append(float(not check_input(model, prep, pred).in_distribution))
                 if not sample.label:
                     per[variant]["p_healthy"].append(positive)
-        result[name] = {v: {"accuracy": round(float(np.mean(d["correct"])), 3),
+        result[name] = {"version": model.spec.version, "weights_sha256": model.spec.weights_sha256[:16],
+                        "training": model.spec.training.get("command", ""), **{v: {"accuracy": round(float(np.mean(d["correct"])), 3),
                             "mean_p_positive_on_healthy": round(float(np.mean(d["p_healthy"])), 3),
                             "flagged_by_input_check": round(float(np.mean(d["flagged"])), 3)}
-                        for v, d in per.items()}
-    save("resample_robustness", result)
+                        for v, d in per.items()}}
+    save("resample_robustness" + ("_folder" if args.model_folder else ""), result)
     return 0
 
 
