@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     from neuroexplain.attribution.api import explain
     from neuroexplain.inputcheck import check_input
     from neuroexplain.lab.synthetic import HELD_OUT_SEED_START, Task, make_sample
-    from neuroexplain.models.registry import load_model
+    from neuroexplain.models.registry import load_from_files, load_model
     from neuroexplain.predict import predict_arrays, prepare
     from neuroexplain.template import MNI_2MM
     from neuroexplain.volumes import Alignment, Scan, _affine_resample
@@ -81,8 +81,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--n", type=int, default=8, help="held-out scans (half positive)")
     p.add_argument("--n-attr", type=int, default=2, help="positive scans whose relevance share is compared")
     p.add_argument("--model", default="lesion")
+    p.add_argument("--model-folder", type=Path, default=None,
+                   help="a trained model folder (spec.json + weights.pt) instead of the bundled --model")
     args = p.parse_args(argv)
-    model = load_model(args.model)
+    model = (load_from_files(args.model_folder / "spec.json", args.model_folder / "weights.pt") if args.model_folder
+             else load_model(args.model))
+    args.model = model.spec.name
     task = Task(args.model)
     rng = np.random.default_rng(19)
     rows: list[dict[str, Any]] = []
@@ -148,7 +152,8 @@ def main(argv: list[str]) -> int:
                 result[f"{method}_share{kind}"] = {"n": len(vals), "aligned": a, "registered": b,
                                                    "ratio": b / a if a else float("nan")}
     result["rows"] = rows
-    save("registration", result)
+    result["weights_sha256"] = model.spec.weights_sha256
+    save("registration" + ("_folder" if args.model_folder else ""), result)
     return 0
 
 
