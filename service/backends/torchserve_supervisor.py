@@ -321,6 +321,8 @@ class TorchServeSupervisor:
                 self._known_workers = set()
                 return False
             current = self.worker_pids()
+            if self._closing.is_set():  # close() set it before stopping the group: vanishing workers are expected
+                return False
             if self._workers_ok.is_set() and self._known_workers - current:
                 self._workers_ok.clear()
                 self.worker_deaths += 1
