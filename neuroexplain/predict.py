@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuroexplain.models.registry import LoadedModel
+from neuroexplain.models.registry import LoadedModel, structural_copy
 from neuroexplain.template import anatomy
 from neuroexplain.volumes import Alignment, Placement, Scan, normalise, place
 
@@ -159,15 +159,6 @@ def _onednn_conv3d(self: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
                                              list(self.stride), list(self.dilation), self.groups)
 
 
-def _shallow_tree(module: nn.Module) -> nn.Module:
-    """New module objects (own hook tables and children) sharing the parameter and buffer tensors."""
-    clone = type(module).__new__(type(module))
-    state = {k: v.copy() if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
-    state["_modules"] = {k: None if c is None else _shallow_tree(c) for k, c in module._modules.items()}
-    object.__setattr__(clone, "__dict__", state)
-    return clone
-
-
 def inference_module(model: LoadedModel) -> nn.Module:
     """The module :func:`predict_arrays` runs: on a CPU with oneDNN, a copy of ``model.module`` (sharing its weights)
     whose ``nn.Conv3d`` layers call oneDNN's convolution at any batch size; elsewhere ``model.module`` itself."""
@@ -177,7 +168,7 @@ def inference_module(model: LoadedModel) -> nn.Module:
     with _INFERENCE_LOCK:
         fast = _INFERENCE.get(module)
         if fast is None:
-            fast = _shallow_tree(module)
+            fast = structural_copy(module)
             for m in fast.modules():
                 if (type(m) is nn.Conv3d and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
                         and m.weight.dtype == torch.float32):

@@ -24,6 +24,7 @@ from torch import nn
 from neuroexplain.attribution import lrp
 from neuroexplain.attribution.options import Method
 from neuroexplain.errors import CancelledError, InvalidOptionError, NotFoundError
+from neuroexplain.models.registry import structural_copy
 from neuroexplain.volumes import Grid
 
 _HOOK_DICTS = (
@@ -57,7 +58,7 @@ def private_copy(module: nn.Module, method: Method | None = None) -> nn.Module:
     if method is None:
         clone = copy.deepcopy(module)
     else:
-        clone = _structural_copy(module)
+        clone = structural_copy(module)
         if method in WRITES_WEIGHTS:
             for m in clone.modules():
                 m._parameters = {
@@ -66,16 +67,6 @@ def private_copy(module: nn.Module, method: Method | None = None) -> nn.Module:
                 }
                 m._buffers = {k: None if v is None else v.clone() for k, v in m._buffers.items()}
     clone.eval()
-    return clone
-
-
-def _structural_copy(module: nn.Module) -> nn.Module:
-    clone = type(module).__new__(type(module))
-    # Containers (hook tables, _parameters, _buffers, _modules...) get their own copy, so that adding a hook or
-    # replacing a child on the clone leaves the original as it was; the tensors in them stay shared.
-    state = {k: v.copy() if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
-    state["_modules"] = {k: None if c is None else _structural_copy(c) for k, c in module._modules.items()}
-    object.__setattr__(clone, "__dict__", state)
     return clone
 
 
@@ -568,7 +559,7 @@ def _deeplift(
     ref = base()
     if not _deeplift_fast_path(module):
         return ca.DeepLift(module, multiply_by_inputs=o["multiply_by_inputs"]).attribute(x, baselines=ref, target=tgt)
-    swapped = _structural_copy(module)
+    swapped = structural_copy(module)
     lrp.canonise(swapped)  # batch norm folded into its convolution: the same affine map, one layer fewer per pass
     for parent in list(swapped.modules()):
         for name, child in list(parent._modules.items()):

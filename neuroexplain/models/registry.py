@@ -120,6 +120,19 @@ def _architecture(reference: str, folder: Path, model_file: str | None) -> type[
     return cls  # type: ignore[no-any-return]
 
 
+def structural_copy(module: nn.Module) -> nn.Module:
+    """New module objects for ``module``'s whole tree, sharing its parameter and buffer tensors.
+
+    Containers (hook tables, ``_parameters``, ``_buffers``, ``_modules``...) get their own copy, so adding a hook or
+    replacing a child or a ``forward`` on the copy leaves the original as it was; the tensors in them stay shared.
+    """
+    clone = type(module).__new__(type(module))
+    state = {k: v.copy() if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
+    state["_modules"] = {k: None if c is None else structural_copy(c) for k, c in module._modules.items()}
+    object.__setattr__(clone, "__dict__", state)
+    return clone
+
+
 def describe_layers(module: nn.Module, grid_shape: tuple[int, int, int], names: list[str]) -> list[tuple[str, int, tuple[int, int, int]]]:
     """Channels and spatial shape of each named layer's output, found with one forward pass on zeros."""
     import torch
