@@ -60,7 +60,5 @@ raw0=scans[0]
 body=volumes._gunzip(raw0, 1<<30, allow_short=False)
 print("astype f32", t(lambda s: np.frombuffer(body, dtype=np.float32, count=160*192*160, offset=352).reshape((160,192,160),order="F").astype(np.float32, order="K")))
 print("isfinite+any", t(lambda s: volumes._check_finite(sc.data, volumes.NonFinite.REJECT)))
-from neuroexplain.predict import to_model as sep_to_model
-
-print("predict.to_model (separable)", t(lambda s: sep_to_model(pl, sc.data)))
+print("grid_sample (the path for rotated placements)", t(lambda s: volumes.resample_torch(sc.data, m, grid.shape)))
 print("prepare now", t(lambda s: prepare(sc, model, Alignment.MNI)))

@@ -1,5 +1,5 @@
-"""prepare's separable trilinear resampling: the scipy reference's samples and edges (axis-aligned placements), and
-placement.to_model itself for every other placement."""
+"""The separable trilinear resampling of axis-aligned placements (Placement.to_model / to_native): the scipy
+reference's samples and edges; grid_sample for every other placement."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from neuroexplain import volumes
-from neuroexplain.predict import to_model
 from neuroexplain.template import MNI_2MM
 from neuroexplain.volumes import Alignment, Placement, Scan, place
 
@@ -47,7 +46,7 @@ def _flipped_anisotropic() -> np.ndarray:
 def test_axis_aligned_placements_match_the_scipy_reference(make, shape, alignment) -> None:  # type: ignore[no-untyped-def]
     scan = _scan(shape, make())
     placement = place(scan, MNI_2MM, np.zeros(3), alignment)
-    out = to_model(placement, scan.data)
+    out = placement.to_model(scan.data)
     ref = _reference(placement, scan.data)
     value_range = float(scan.data.max() - scan.data.min())
     assert out.shape == tuple(MNI_2MM.shape) and out.dtype == np.float32 and out.flags.c_contiguous
@@ -55,10 +54,28 @@ def test_axis_aligned_placements_match_the_scipy_reference(make, shape, alignmen
     assert np.array_equal(out == 0, ref == 0)  # the same voxels fall outside the scan
 
 
-def test_rotated_placement_goes_to_placement_to_model() -> None:
+def test_rotated_placement_goes_to_grid_sample() -> None:
     angle = np.deg2rad(12)
     rot = np.eye(4)
     rot[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
     scan = _scan((90, 100, 80), rot @ MNI_2MM.affine)
     placement = place(scan, MNI_2MM, np.zeros(3), Alignment.MNI)
-    assert np.array_equal(to_model(placement, scan.data), placement.to_model(scan.data))
+    m = np.linalg.inv(placement.scan_affine) @ np.linalg.inv(placement._scan_to_model_world()) @ placement.grid.affine
+    assert np.array_equal(placement.to_model(scan.data), volumes.resample_torch(scan.data, m, MNI_2MM.shape).numpy())
+
+
+@pytest.mark.parametrize("make,shape,alignment", [
+    (_one_mm, (150, 200, 130), Alignment.CENTER),
+    (_flipped_anisotropic, (150, 230, 60), Alignment.MNI),
+])
+def test_maps_go_back_onto_axis_aligned_scans_like_the_scipy_reference(make, shape, alignment) -> None:  # type: ignore[no-untyped-def]
+    scan = _scan(shape, make())
+    placement = place(scan, MNI_2MM, np.zeros(3), alignment)
+    model_map = (np.random.default_rng(4).normal(size=MNI_2MM.shape) * 5).astype(np.float32)
+    m = np.linalg.inv(placement.grid.affine) @ placement._scan_to_model_world() @ placement.scan_affine
+    ref = volumes._affine_resample(model_map, m, shape, 1)
+    out = placement.to_native(model_map)
+    assert out.shape == shape and out.dtype == np.float32
+    assert np.count_nonzero(ref) > 0.05 * ref.size
+    assert np.abs(out - ref).max() <= 1e-5 * float(model_map.max() - model_map.min())
+    assert np.array_equal(out == 0, ref == 0)
