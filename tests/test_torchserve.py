@@ -220,6 +220,17 @@ def test_torchserve_listens_on_loopback_only(backend: Any) -> None:
         assert ip.is_loopback, f"TorchServe listens on {ip}:{addr.port}, outside loopback"
 
 
+def test_workers_run_openmp_without_spinning(backend: Any) -> None:
+    # libgomp's spin-wait took the cores the next request needed (neuroexplain.serving.threads); the workers get
+    # OMP_WAIT_POLICY=PASSIVE unless the operator's environment sets its own value.
+    import psutil
+
+    workers = psutil.Process(backend.supervisor._proc.pid).children(recursive=True)
+    assert workers
+    for worker in workers:
+        assert worker.environ().get("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def test_metrics_are_re_exported_into_the_gateway_registry(backend: Any, scan: bytes) -> None:
     from prometheus_client import CollectorRegistry
 

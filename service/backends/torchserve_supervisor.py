@@ -52,6 +52,7 @@ import psutil
 import ts
 
 from neuroexplain.errors import UnavailableError
+from neuroexplain.serving.threads import thread_env
 
 log = logging.getLogger(__name__)
 
@@ -508,6 +509,7 @@ class TorchServeSupervisor:
             "LOG_LOCATION": str(self.work_dir / "logs"),
             "METRICS_LOCATION": str(self.work_dir / "logs"),
             CANCEL_DIR_ENV: str(self.cancel_dir),
+            **thread_env(os.environ),  # libgomp threads that sleep instead of spinning (neuroexplain.serving.threads)
             **self.options.extra_env,
         }
         env.pop("TS_CONFIG_FILE", None)

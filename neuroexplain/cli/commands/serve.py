@@ -100,6 +100,13 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    from neuroexplain.serving.threads import thread_env
+
+    if "torch" not in sys.modules:  # OpenMP reads these once, when torch loads (the in-process backend's models)
+        os.environ.update(thread_env(os.environ))
     from service.config import build_settings
     from service.grpc.server import serve
 
