@@ -4,8 +4,8 @@ Fits the feature statistics, the input check's threshold and the temperature on 
 (:data:`neuroexplain.lab.evaluate_input_check.SEED_RANGES`), measures pass rates, ECE and NLL on the test range and
 the independently built shifted set, runs every out-of-distribution case, and writes
 ``docs/input-check-<model>.{md,json}`` and ``docs/calibration-<model>.png``. With ``--write-spec`` it also writes the
-model's new ``spec.json`` (version 1.1.0: temperature, input-check calibration, feature statistics, seed ranges)
-into the model's folder (weights untouched).
+model's new ``spec.json`` (temperature, input-check calibration, feature statistics, seed ranges; ``--version``
+sets its version, default the model's own) into the model's folder (weights untouched).
 Per-scan records are cached (``--cache-dir``), so an interrupted run resumes; an empty cache reproduces the figures.
 """
 
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "neuroexplain" / "input-check-eval"
-CALIBRATED_VERSION = "1.1.0"
 
 
 def register(sub: Any) -> None:
@@ -28,7 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--docs", type=Path, default=Path("docs"), help="output folder (default docs/)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"record cache (default {DEFAULT_CACHE})")
     p.add_argument("--write-spec", action="store_true",
-                   help=f"write the model's spec.json (version {CALIBRATED_VERSION}) beside its weights")
+                   help="write the model's spec.json beside its weights (weights untouched)")
+    p.add_argument("--version", default=None,
+                   help="the version --write-spec gives the spec (default: the model's own, e.g. 1.2.0 for new weights)")
     p.set_defaults(func=run)
 
 
@@ -72,11 +73,12 @@ def run(args: argparse.Namespace) -> int:
             "test": test, "shift": shift, "validation_seeds": list(ranges["validation"]),
             "test_seeds": list(ranges["test"]), "shift_seeds": list(ranges["shift"])},
             "input_check": report["rates"]}
-        spec = replace(checked.spec, version=CALIBRATED_VERSION, evaluation=evaluation, metrics=metrics,
+        version = args.version or model.spec.version
+        spec = replace(checked.spec, version=version, evaluation=evaluation, metrics=metrics,
                        input_check={**checked.spec.input_check, "seed_ranges": {k: list(v) for k, v in ranges.items()},
                                     "alpha": ev.ALPHA, "false_alarm_target": ev.FALSE_ALARM_TARGET})
         spec.save(folder / "spec.json")
-        print(f"wrote {folder}/spec.json (version {CALIBRATED_VERSION}, with its feature statistics)")
+        print(f"wrote {folder}/spec.json (version {version}, with its feature statistics)")
     args.docs.mkdir(parents=True, exist_ok=True)
     name = model.spec.name
     ev.reliability_figure(args.docs / f"calibration-{name}.png", report,
