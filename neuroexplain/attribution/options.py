@@ -92,7 +92,7 @@ METHOD_OPTIONS: dict[Method, tuple[OptionSpec, ...]] = {
     ),
     Method.LRP_EPSILON: (
         OptionSpec(
-            "epsilon", "float", 100.0,
+            "epsilon", "float", 1000.0,
             "stabiliser in units of each layer's output std (<= 0.01: gradient x input; large: only the strongest "
             "evidence paths keep relevance, sparser maps)", 0.0, 1e4,
         ),
