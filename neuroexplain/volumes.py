@@ -211,10 +211,11 @@ def read_scan(
             image = _nibabel_image(kind, raw)
             data = _select_volume(image, shape[:3], volume_index)
             affine = np.asarray(image.affine, dtype=np.float64)
+            finite = False
         else:
-            data, affine = _nifti_voxels(kind, raw, shape, dtype, data_offset, volume_index)
+            data, affine, finite = _nifti_voxels(kind, raw, shape, dtype, data_offset, volume_index)
         _check_affine(affine)
-        data = _check_finite(data, nonfinite)
+        data = _check_finite(data, nonfinite, known_finite=finite)
     finally:
         hasher.join()
     return Scan(data=data, affine=affine, digest=digest_box[0], format=kind)
@@ -222,9 +223,10 @@ def read_scan(
 
 def _nifti_voxels(
     kind: str, raw: bytes, shape: tuple[int, ...], dtype: np.dtype, offset: int, volume_index: int | None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """The selected volume straight from the inflated bytes (a view, no copy), one conversion to float32 (scaling
-    applied as nibabel does: ``scl_slope`` 0 or NaN means none), and the header's best affine (sform, else qform)."""
+    applied as nibabel does: ``scl_slope`` 0 or NaN means none), the header's best affine (sform, else qform), and
+    whether the values are finite by their type alone (integer voxels whose scaled range fits float32)."""
     cls: Any = nib.Nifti1Header if kind == "nifti1" else nib.Nifti2Header
     try:
         hdr = cls.from_fileobj(io.BytesIO(raw[: 348 if kind == "nifti1" else 540]), check=False)
@@ -243,7 +245,12 @@ def _nifti_voxels(
         data *= np.float32(slope)
         if inter:
             data += np.float32(inter)
-    return data, affine
+    finite = False
+    if dtype.kind in "iu":  # slope and inter are finite (header check): only an overflow could make an infinity
+        info = np.iinfo(dtype)
+        top = max(abs(int(info.min)), int(info.max)) * abs(slope if slope is not None else 1.0) + abs(inter or 0.0)
+        finite = top < float(np.finfo(np.float32).max) / 2
+    return data, affine, finite
 
 
 def _read_source(source: bytes | str | Path, limits: ScanLimits) -> bytes:
@@ -413,10 +420,11 @@ def _check_affine(affine: np.ndarray) -> None:
                                 f"{MAX_ORIGIN_MM:g} mm")
 
 
-def _check_finite(data: np.ndarray, nonfinite: NonFinite) -> np.ndarray:
-    bad = ~np.isfinite(data)
-    count = int(bad.sum())
+def _check_finite(data: np.ndarray, nonfinite: NonFinite, known_finite: bool = False) -> np.ndarray:
+    """``known_finite``: the voxel type cannot hold NaN or infinity (integer NIfTI data), so the pass is skipped."""
+    count = 0 if known_finite else int(np.count_nonzero(~np.isfinite(data)))
     if count:
+        bad = ~np.isfinite(data)
         if nonfinite is NonFinite.REJECT:
             raise ScanDataError(
                 f"scan has {count} NaN or infinite voxels (after scl_slope/scl_inter); "

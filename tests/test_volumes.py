@@ -155,6 +155,17 @@ def test_nan_rejected_or_zeroed() -> None:
     assert scan.data[3, 4, 5] == 0 and np.isfinite(scan.data).all()
 
 
+def test_integer_voxels_that_overflow_float32_after_scaling_are_still_caught() -> None:
+    # Integer data skips the NaN/Inf pass only where its scaled range provably fits float32.
+    data = np.full((4, 4, 4), 30000, dtype=np.int16)
+    raw = bytearray(_nifti(data))
+    struct.pack_into("<f", raw, 112, 3e35)  # scl_slope: 30000 * 3e35 overflows float32
+    with pytest.raises(ScanDataError, match="64 NaN or infinite voxels"):
+        read_scan(bytes(raw))
+    struct.pack_into("<f", raw, 112, 2.0)
+    assert read_scan(bytes(raw)).data.max() == 60000.0
+
+
 def test_all_zero_rejected() -> None:
     with pytest.raises(ScanDataError, match="all zeros"):
         read_scan(_nifti(np.zeros((4, 4, 4), dtype=np.float32)))
