@@ -166,6 +166,7 @@ def read_scan(
     volume_index: int | None = None,
     nonfinite: NonFinite = NonFinite.REJECT,
     limits: ScanLimits = ScanLimits(),
+    digest: str | None = None,
 ) -> Scan:
     """Decode and validate a scan from bytes or a path; the format is detected from the content, not the name.
 
@@ -174,15 +175,18 @@ def read_scan(
         volume_index: which volume of a 4D series to use (0-based); required for 4D input with more than one volume.
         nonfinite: what to do with NaN/Inf voxels.
         limits: size caps, all checked before the data is decompressed or allocated.
+        digest: the SHA-256 of ``source``'s bytes where the caller has computed it already (the serving core does,
+            once per request); otherwise it is computed here.
 
     Raises:
         ScanFormatError, ScanGeometryError, ScanDataError, LimitExceededError.
     """
     raw = _read_source(source, limits)
     # The digest is computed in another thread while the main one inflates (both release the GIL on large buffers).
-    digest_box: list[str] = []
+    digest_box: list[str] = [digest] if digest else []
     hasher = threading.Thread(target=lambda: digest_box.append(digest_bytes(raw)), daemon=True)
-    hasher.start()
+    if not digest:
+        hasher.start()
     try:
         compressed = raw[:2] == b"\x1f\x8b"
         head = _gunzip(raw, _HEAD_BYTES, allow_short=True) if compressed else raw[:_HEAD_BYTES]
@@ -217,7 +221,8 @@ def read_scan(
         _check_affine(affine)
         data = _check_finite(data, nonfinite, known_finite=finite)
     finally:
-        hasher.join()
+        if not digest:
+            hasher.join()
     return Scan(data=data, affine=affine, digest=digest_box[0], format=kind)
 
 

@@ -60,7 +60,8 @@ def decode(scan: ScanInput) -> Any:
 
         return read_series(scan.instances, series_uid=scan.series_uid or None, volume_index=scan.volume_index,
                            nonfinite=nonfinite, limits=limits)
-    return read_scan(scan.data, volume_index=scan.volume_index, nonfinite=nonfinite, limits=limits)
+    return read_scan(scan.data, volume_index=scan.volume_index, nonfinite=nonfinite, limits=limits,
+                     digest=scan.digest or None)  # the core's digest of these bytes: not hashed twice
 
 
 def library_alignment(alignment: Alignment) -> Any:
