@@ -20,6 +20,6 @@ def test_serve_sets_them_before_torch_loads() -> None:
             "import service.grpc.server as s; s.serve = lambda settings: print(os.environ.get('OMP_WAIT_POLICY'), "
             "'torch' in sys.modules) or 0; "
             "from neuroexplain.cli.main import main; sys.exit(main(['serve', '--insecure']))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["PASSIVE", "False"]
