@@ -100,3 +100,14 @@ def test_evaluate_attribution_refuses_a_model_without_ground_truth(model_dir: Pa
     code = main(["evaluate-attribution", "--model", "clitiny", "--scans", "1"])
     err = capsys.readouterr().err
     assert code == 1 and "has no synthetic ground truth" in err and "'lesion' and 'atrophy'" in err
+
+
+def test_evaluate_attribution_protocol_runs_from_the_cli(tmp_path: Path) -> None:
+    # The smallest protocol (one scan per split): epsilon chosen on validation, the tables and JSON written.
+    code = main(["evaluate-attribution", "--protocol", "--model", "lesion", "--validation-scans", "1",
+                 "--test-scans", "1", "--shift-scans", "1", "--cascade-scans", "1", "--out-dir", str(tmp_path)])
+    assert code == 0
+    res = json.loads((tmp_path / "attribution-protocol-lesion.json").read_text())
+    tuning = res["tuning"]["lrp_epsilon"]
+    assert tuning["seeds"] == [3000001] and str(tuning["chosen"]) in tuning["scores"]
+    assert "## Test split" in (tmp_path / "attribution-protocol-lesion.md").read_text()

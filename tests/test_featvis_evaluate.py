@@ -209,3 +209,15 @@ def test_protocol_cli_refuses_a_model_without_synthetic_ground_truth(tmp_path: P
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no synthetic ground truth" in err[0]
     assert not (tmp_path / "docs").exists()
+
+
+def test_protocol_through_the_cli_refuses_the_same_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from test_featvis import _install_tiny_model
+
+    from neuroexplain.cli.main import main
+
+    monkeypatch.setenv("NEUROEXPLAIN_MODEL_DIRS", str(_install_tiny_model(tmp_path)))
+    assert main(["evaluate-featvis", "--protocol", "--model", "tinyfv", "--docs", str(tmp_path / "docs")]) == 1
+    assert "no synthetic ground truth" in capsys.readouterr().err
+    assert not (tmp_path / "docs").exists()

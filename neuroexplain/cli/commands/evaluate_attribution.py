@@ -1,4 +1,5 @@
-"""``neuroexplain evaluate-attribution --model NAME [--scans N] [--methods ...] [--resume]``."""
+"""``neuroexplain evaluate-attribution --model NAME [--scans N] [--methods ...] [--resume]``, and ``--protocol``: the
+validation-tuned protocol (:func:`neuroexplain.lab.evaluate_attribution.main`, docs/attribution-protocol-*)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def register(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="keep per-scan results already cached for these weights")
     p.add_argument("--report-only", action="store_true", help="only aggregate what the cache holds (no computing)")
     p.add_argument("--out-dir", type=Path, default=DOCS, help="where the table goes (default: docs/)")
+    proto = p.add_argument_group("protocol", "--protocol: ε tuned on a validation split, scored on a test split and "
+                                 "on the independently built shifted set, all and correctly classified scans, "
+                                 "cascading randomisation (docs/attribution-protocol-<model>.md)")
+    proto.add_argument("--protocol", action="store_true", help="run the protocol instead of the table above")
+    proto.add_argument("--validation-scans", type=int, default=12, help="positive validation scans (12)")
+    proto.add_argument("--test-scans", type=int, default=30, help="positive test scans (30)")
+    proto.add_argument("--shift-scans", type=int, default=30, help="positive scans of the shifted set (30)")
+    proto.add_argument("--cascade-scans", type=int, default=3, help="scans per set for the cascade (3)")
     p.set_defaults(func=run)
 
 
@@ -40,6 +49,12 @@ def run(args: argparse.Namespace) -> int:
     from neuroexplain.lab.evaluate_attribution import Plan, run_evaluation, to_json, to_markdown
     from neuroexplain.models import load_model
 
+    if args.protocol:
+        from neuroexplain.lab.evaluate_attribution import main
+
+        return 1 if main(["--model", args.model, "--validation-scans", str(args.validation_scans),
+                     "--test-scans", str(args.test_scans), "--shift-scans", str(args.shift_scans),
+                     "--cascade-scans", str(args.cascade_scans), "--out-dir", str(args.out_dir)]) else 0
     sizes = [args.scans, args.sampled_scans, args.faithfulness_scans, args.occlusion_scans, args.randomisation_scans]
     if min(sizes) < 1:
         raise CliError("every subset size (--scans, --sampled-scans, ...) must be at least 1")

@@ -1,7 +1,9 @@
 """``neuroexplain evaluate-featvis --model lesion|atrophy``: the seed paper's feature-visualization findings in numbers.
 
 Prints the table and writes it (Markdown + JSON) with figures to ``docs/``. Each visualization is cached on disk, so an
-interrupted run resumes; ``--steps`` bounds the cost (default 128 per visualization).
+interrupted run resumes; ``--steps`` bounds the cost (default 128 per visualization). ``--protocol`` runs the
+validation-tuned feature-amplification protocol instead (:func:`neuroexplain.lab.evaluate_featvis.main`,
+docs/featvis_protocol_*).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 def register(sub: Any) -> None:
     p = sub.add_parser("evaluate-featvis", help="feature-visualization findings in numbers (table + figures in docs/)")
     p.add_argument("--model", required=True, help="lesion or atrophy (or a model with the same classes)")
-    p.add_argument("--steps", type=int, default=128, help="steps per visualization (default 128, 8 to 4096)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per visualization (default 128, with --protocol 64; 8 to 4096)")
     p.add_argument("--seed", type=int, default=0, help="seed of every visualization (default 0)")
     p.add_argument("--channels", type=int, default=3, help="channels per layer in the channel figure (default 3, 0-8)")
     p.add_argument("--channel-steps", type=int, default=64, help="steps per channel visualization (default 64)")
@@ -25,6 +28,13 @@ def register(sub: Any) -> None:
                    "processes that share the cache, then run once more without --runs for the table")
     p.add_argument("--docs", type=Path, default=Path("docs"), help="output folder (default docs/)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"run cache (default {DEFAULT_CACHE})")
+    proto = p.add_argument_group("protocol", "--protocol: full's decay tuned on a validation split for feature "
+                                 "amplification, scored on a test split and the shifted set "
+                                 "(docs/featvis_protocol_<model>.md)")
+    proto.add_argument("--protocol", action="store_true", help="run the protocol instead of the findings table")
+    proto.add_argument("--validation-scans", type=int, default=2, help="positive validation scans (2)")
+    proto.add_argument("--test-scans", type=int, default=3, help="positive test scans (3)")
+    proto.add_argument("--shift-scans", type=int, default=3, help="positive scans of the shifted set (3)")
     p.set_defaults(func=run)
 
 
@@ -40,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
     from neuroexplain.lab import evaluate_featvis as ev
     from neuroexplain.models import load_model
 
+    if args.protocol:
+        return 1 if ev.main(["--model", args.model, "--validation-scans", str(args.validation_scans),
+                        "--test-scans", str(args.test_scans), "--shift-scans", str(args.shift_scans),
+                        "--steps", str(args.steps or ev.PROTOCOL_STEPS), "--out-dir", str(args.docs),
+                        "--cache-dir", str(args.cache_dir / "protocol")]) else 0
+    args.steps = args.steps or 128
     if not 8 <= args.steps <= 4096 or not 8 <= args.channel_steps <= 4096:
         raise CliError("--steps and --channel-steps must be 8 to 4096")
     if not 0 <= args.channels <= 8:
