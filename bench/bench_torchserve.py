@@ -13,7 +13,8 @@ The TorchServe paths are measured interleaved (one call of each per scan, in rot
 load affects them alike. ``gateway_parts_ms`` profiles what the gateway adds per request (median over the scans).
 
 Throughput (requests/s through the gateway -> TorchServe at 1, 4 and 16 concurrent clients), with TorchServe
-batching off (batch size 1) and on (batch size 8, 10 ms delay); one worker in both, so only batching differs.
+batching off (batch size 1) and on (batch size 8, 10 ms delay), one worker in both, so only batching differs; and
+unbatched with two workers (``two_workers``: one scan decodes in one worker while the other computes).
 
 CPU budget (``cpu_budget``): user + sys CPU seconds per Predict of the gateway (this process), TorchServe's Java
 frontend and its workers, read from /proc over a single-client run of distinct scans; ``cores / that`` is the rate
@@ -253,7 +254,7 @@ def _throughput(call: Any, scans: list[bytes], clients: int) -> float:
         return round(total / (time.perf_counter() - t0), 2)
 
 
-def _torchserve_backend(store: Path, device: str) -> Any:
+def _torchserve_backend(store: Path, device: str, workers: int = 1) -> Any:
     from service.backends.torchserve import TorchServeBackend
     from service.backends.torchserve_supervisor import EngineOptions
     from service.config import Settings
@@ -261,7 +262,7 @@ def _torchserve_backend(store: Path, device: str) -> Any:
     settings = Settings(model_store=store)
     engine = EngineOptions(model_store=store, max_message_bytes=settings.max_message_bytes,
                            startup_timeout_s=settings.torchserve_startup_timeout_s,
-                           number_of_gpu=None if device == "cuda" else 0)  # fmt: skip
+                           number_of_gpu=None if device == "cuda" else 0, workers_per_model=workers)  # fmt: skip
     backend = TorchServeBackend(settings, engine=engine, build_archives=False)
     backend.start()
     worker = _worker_device(backend)
@@ -269,6 +270,18 @@ def _torchserve_backend(store: Path, device: str) -> Any:
         backend.close()
         raise SystemExit(f"bench torchserve: the TorchServe worker runs on {worker!r}, not on {device}")
     return backend
+
+
+def _wait_workers(backend: Any, count: int, timeout_s: float = 180.0) -> None:
+    """Until ``count`` workers of the model are READY (the backend is ready with the first one)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for described in backend.supervisor.models():
+            if described.get("modelName") == MODEL and sum(
+                    w.get("status") == "READY" for w in described.get("workers", [])) >= count:
+                return
+        time.sleep(0.5)
+    raise SystemExit(f"bench torchserve: {count} workers of {MODEL} were not ready within {timeout_s:.0f} s")
 
 
 def _worker_device(backend: Any) -> str:
@@ -321,12 +334,14 @@ def run(device: str, card: str) -> None:
     result: dict[str, Any] = {"model": MODEL, "device": device, "card": card, "cpus": os.cpu_count(),
                               "machine": platform.node(), "latency": {}, "throughput_rps": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="nx-bench-ts-") as tmp:
-        for label, batch in (("unbatched", 1), ("batched", 8)):
+        for label, batch, workers in (("unbatched", 1, 1), ("batched", 8, 1), ("two_workers", 1, 2)):
             store = Path(tmp) / label
             store.mkdir()
             build_archive(folder / "spec.json", folder / "weights.pt", store / f"{MODEL}.mar",
-                          config=ArchiveConfig(batch_size=batch, max_batch_delay_ms=10))
-            backend = _torchserve_backend(store, device)
+                          config=ArchiveConfig(batch_size=batch, max_batch_delay_ms=10, min_workers=workers,
+                                               max_workers=workers))
+            backend = _torchserve_backend(store, device, workers)
+            _wait_workers(backend, workers)
             result["worker_device"] = _worker_device(backend)
             gateway, stub = _gateway(backend)
             try:
@@ -341,7 +356,7 @@ def run(device: str, card: str) -> None:
                     result["latency"].update(_latency(paths, scans, raw))
                     result["paired"] = {f"gateway_torchserve_vs_{b}": _paired(raw, "gateway_torchserve", b)
                                         for b in paths if b != "gateway_torchserve"}
-                if batch == 1:
+                if label == "unbatched":
                     result["cpu_budget"] = _cpu_per_predict(predict, scans, backend)
                 result["throughput_rps"][label] = {str(c): _throughput(predict, scans, c) for c in CLIENTS}
             finally:
@@ -363,6 +378,9 @@ def run(device: str, card: str) -> None:
         "gateway_torchserve_vs_inprocess_p50": round(lat["gateway_torchserve"]["p50_ms"] / lat["gateway_inprocess"]["p50_ms"], 3),
         "unbatched_at_16_vs_rate_the_cores_allow": round(
             result["throughput_rps"]["unbatched"]["16"] / result["cpu_budget"]["rate_the_cores_allow_rps"], 3
+        ),
+        "two_workers_at_16_vs_rate_the_cores_allow": round(
+            result["throughput_rps"]["two_workers"]["16"] / result["cpu_budget"]["rate_the_cores_allow_rps"], 3
         ),
         "batched_vs_unbatched_at_16": round(
             result["throughput_rps"]["batched"]["16"] / result["throughput_rps"]["unbatched"]["16"], 3

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
-from neuroexplain.serving.threads import THREAD_ENV, thread_env
+from neuroexplain.serving.threads import THREAD_ENV, thread_env, usable_cores
 
 
 def test_the_defaults_apply_where_the_environment_is_silent_and_the_operator_wins() -> None:
     assert thread_env({}) == {"OMP_WAIT_POLICY": "PASSIVE"} == THREAD_ENV
     assert thread_env({"OMP_WAIT_POLICY": "ACTIVE", "PATH": "/bin"}) == {}
+
+
+def test_workers_split_the_cores() -> None:
+    assert thread_env({}, workers=2, cores=2) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    assert thread_env({}, workers=3, cores=16)["OMP_NUM_THREADS"] == "5"
+    assert thread_env({}, workers=4, cores=2)["OMP_NUM_THREADS"] == "1"  # never 0
+    assert thread_env({"OMP_NUM_THREADS": "8"}, workers=2, cores=2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert "OMP_NUM_THREADS" not in thread_env({}, workers=1, cores=16)  # one worker: torch's own choice
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
 
 
 def test_serve_sets_them_before_torch_loads() -> None:

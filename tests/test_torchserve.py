@@ -64,11 +64,11 @@ def store(model_dirs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
-def _backend(store: Path) -> Any:
+def _backend(store: Path, **settings_fields: Any) -> Any:
     from service.backends.torchserve import TorchServeBackend
     from service.config import Settings
 
-    settings = Settings(model_store=store, torchserve_startup_timeout_s=STARTUP_S)
+    settings = Settings(model_store=store, torchserve_startup_timeout_s=STARTUP_S, **settings_fields)
     return TorchServeBackend(settings, build_archives=False)
 
 
@@ -375,10 +375,19 @@ def test_torchserve_killed_mid_request_is_unavailable_then_recovers(backend: Any
 
 
 def test_two_instances_side_by_side(backend: Any, store: Path, scan: bytes) -> None:
-    second = _backend(store)
+    import psutil
+
+    from neuroexplain.serving.threads import usable_cores
+
+    # The second says its models have two workers each (the archives, built before, keep theirs): its workers'
+    # torch threads are the cores split in two.
+    second = _backend(store, torchserve_workers=2)
     second.start()
     group = second.supervisor._proc.pid
     try:
+        for worker in psutil.Process(group).children(recursive=True):
+            assert worker.environ().get("OMP_NUM_THREADS") == os.environ.get(
+                "OMP_NUM_THREADS", str(max(1, usable_cores() // 2)))
         assert second.supervisor.work_dir != backend.supervisor.work_dir
         assert second.supervisor.endpoints.grpc_inference != backend.supervisor.endpoints.grpc_inference
         request = PredictRequest("mynet", _scan(scan))

@@ -82,6 +82,7 @@ class TorchServeBackend:
             startup_timeout_s=settings.torchserve_startup_timeout_s,
             token_auth=settings.torchserve_token_auth,
             token_expiration_min=settings.torchserve_token_expiration_min,
+            workers_per_model=settings.torchserve_workers,
         )
         self.build_archives = build_archives
         self.supervisor = TorchServeSupervisor(self.engine)

@@ -81,6 +81,8 @@ class EngineOptions:
             it); None = TorchServe's default, every visible GPU; 0 = CPU only.
         token_auth: TorchServe's key authorization on its inference and management APIs (see the module doc).
         token_expiration_min: lifetime of TorchServe's inference and management keys (minutes, fractions allowed).
+        workers_per_model: the archives' worker count; several workers split the cores' torch threads between
+            them (:func:`neuroexplain.serving.threads.thread_env`).
     """
 
     model_store: Path
@@ -96,6 +98,7 @@ class EngineOptions:
     number_of_gpu: int | None = None
     token_auth: bool = True
     token_expiration_min: float = 60.0
+    workers_per_model: int = 1
 
 
 KEY_FILE = "key_file.json"
@@ -509,7 +512,8 @@ class TorchServeSupervisor:
             "LOG_LOCATION": str(self.work_dir / "logs"),
             "METRICS_LOCATION": str(self.work_dir / "logs"),
             CANCEL_DIR_ENV: str(self.cancel_dir),
-            **thread_env(os.environ),  # libgomp threads that sleep instead of spinning (neuroexplain.serving.threads)
+            # libgomp threads that sleep instead of spinning, the cores split between workers (serving.threads)
+            **thread_env(os.environ, self.options.workers_per_model),
             **self.options.extra_env,
         }
         env.pop("TS_CONFIG_FILE", None)
