@@ -78,7 +78,7 @@ def stages(scans: list[bytes]) -> dict[str, float]:
 
     from neuroexplain.inputcheck import check_input
     from neuroexplain.models import load_model
-    from neuroexplain.predict import ModelInput, predict_arrays, prepare, to_model
+    from neuroexplain.predict import ModelInput, predict_arrays, prepare
     from neuroexplain.template import anatomy
     from neuroexplain.volumes import Alignment, normalise, place, read_scan
 
@@ -114,7 +114,7 @@ def stages(scans: list[bytes]) -> dict[str, float]:
             clock("sha256", keep, sha256, raw)
             scan = clock("read_scan", keep, read_scan, raw)
             placement = place(scan, grid, com, Alignment.MNI)
-            resampled = clock("resample", keep, to_model, placement, scan.data)
+            resampled = clock("resample", keep, placement.to_model, scan.data)
             array = clock("normalise", keep, normalise, resampled)
             prepared = ModelInput(array=array, placement=placement)
             (pred,) = clock("forward", keep, forward, array)

@@ -534,12 +534,18 @@ def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...]
     ``[0, n-1]`` along any axis (scipy's ``mode="constant"``, ``cval=0``)."""
     import torch
 
-    out = torch.from_numpy(np.asarray(data, dtype=np.float32))
-    # The axis that shrinks the volume most goes first: every later pass reads less.
-    order = sorted(range(3), key=lambda a: shape[a] / max(int(data.shape[a]), 1))
-    for axis in order:
-        n = int(data.shape[axis])
-        strided = _strided_lerp(out, axis, n, float(m[axis, axis]), float(m[axis, 3]), int(shape[axis]))
+    array = np.asarray(data, dtype=np.float32)
+    # Work on a C-ordered view (a scan read from NIfTI is Fortran-ordered: its view reversed), so each pass writes
+    # in the layout it reads, and the outermost axis goes first among those that shrink alike (whole contiguous
+    # planes are read with a stride; a stride along the contiguous axis does not vectorise). The axis that shrinks
+    # the volume most goes first: every later pass reads less.
+    perm = (2, 1, 0) if array.flags.f_contiguous and not array.flags.c_contiguous else (0, 1, 2)
+    out = torch.from_numpy(array).permute(perm)
+    order = sorted(range(3), key=lambda p: (shape[perm[p]] / max(int(array.shape[perm[p]]), 1), p))
+    for view_axis in order:
+        axis = perm[view_axis]
+        n = int(array.shape[axis])
+        strided = _strided_lerp(out, view_axis, n, float(m[axis, axis]), float(m[axis, 3]), int(shape[axis]))
         if strided is not None:
             out = strided
             continue
@@ -551,11 +557,11 @@ def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...]
         w_hi = np.where(inside, p - lo, 0.0).astype(np.float32)
         w_lo = np.where(inside, 1.0 - (p - lo), 0.0).astype(np.float32)
         view = [1, 1, 1]
-        view[axis] = -1
-        a = out.index_select(axis, torch.from_numpy(lo))
-        b = out.index_select(axis, torch.from_numpy(hi))
+        view[view_axis] = -1
+        a = out.index_select(view_axis, torch.from_numpy(lo))
+        b = out.index_select(view_axis, torch.from_numpy(hi))
         out = a.mul_(torch.from_numpy(w_lo).view(view)).add_(b.mul_(torch.from_numpy(w_hi).view(view)))
-    return np.ascontiguousarray(out.numpy())
+    return np.ascontiguousarray(out.permute(perm).numpy())
 
 
 def _strided_lerp(x: torch.Tensor, axis: int, n: int, step: float, offset: float, size: int) -> torch.Tensor | None:
@@ -587,7 +593,7 @@ def _strided_lerp(x: torch.Tensor, axis: int, n: int, step: float, offset: float
         target.copy_(a)
         return out
     b = x.narrow(axis, lo + 1, k * (count - 1) + 1)[(slice(None),) * axis + (slice(None, None, k),)]
-    torch.add(a.mul(1.0 - frac), b, alpha=frac, out=target)
+    torch.lerp(a, b, frac, out=target)  # a + frac (b - a): one pass, no temporary
     return out
 
 
