@@ -403,7 +403,7 @@ def test_bad_targets(model: LoadedModel, target: str, error: type[Exception], al
         ({"steps": 0}, InvalidOptionError, "1 to 4096"),
         ({"steps": 4097}, LimitExceededError, "4096"),
         ({"seed": -1}, InvalidOptionError, "seed"),
-        ({"preset": "lucid"}, InvalidOptionError, "['none', 'paper', 'robust', 'full']"),
+        ({"preset": "lucid"}, InvalidOptionError, "['none', 'paper', 'robust', 'full', 'amplify']"),
         ({"start": "atlas"}, InvalidOptionError, "'noise', 'template'"),
         ({"options": {"lr": 50}}, InvalidOptionError, "1e-05 to 10"),
         ({"options": {"lr": "fast"}}, InvalidOptionError, "must be a number from"),
@@ -446,6 +446,11 @@ def test_every_option_is_documented_and_every_preset_resolves() -> None:
     table = describe_presets()
     assert table["paper"]["lr"] == 0.05 and table["paper"]["weight_decay"] == 0.01 and table["paper"]["param"] == "voxel"
     assert table["robust"]["param"] == "fourier" and table["robust"]["rotate"] > 0
+    # amplify is full with the decay the amplification protocol chose on its validation scans
+    assert dict(PRESETS[Preset.AMPLIFY]) == {**PRESETS[Preset.FULL], "decay": 0.5}
+    from neuroexplain.cli.commands.visualize import PRESETS as CLI_PRESETS
+
+    assert set(CLI_PRESETS) == {p.value for p in Preset}  # the CLI's torch-free copy of the names
 
 
 def test_string_option_values_are_parsed(model: LoadedModel) -> None:

@@ -8,6 +8,17 @@ from typing import Any
 from neuroexplain import errors
 
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
+
+
+def protocol_arguments(parser: Any, description: str, instead: str, scans: tuple[int, int, int]) -> Any:
+    """The ``--protocol`` group of the evaluate commands: the flag and the validation / test / shifted split sizes
+    (``scans``: their defaults); returns the group for a command's own protocol flags."""
+    group = parser.add_argument_group("protocol", description)
+    group.add_argument("--protocol", action="store_true", help=f"run the protocol instead of {instead}")
+    for flag, what, default in zip(("--validation-scans", "--test-scans", "--shift-scans"),
+                                   ("validation", "test", "shifted-set"), scans, strict=True):
+        group.add_argument(flag, type=int, default=default, help=f"positive {what} scans ({default})")
+    return group
 ALIGNMENTS = ("auto", "mni", "center", "register")
 
 

@@ -26,6 +26,7 @@ class Preset(enum.Enum):
     PAPER = "paper"  # voxel + L2 (Adam weight decay) + Gaussian blur, after Eitel et al. (2022)
     ROBUST = "robust"  # 3D Fourier parametrization + transformation robustness (jitter, scale, rotate)
     FULL = "full"  # robust + data prior: a relative change of the MNI152 template (anchor=template), decay 1.0
+    AMPLIFY = "amplify"  # full with decay 0.5: feature amplification of a scan (--start SCAN), tuned on validation
 
     @classmethod
     def parse(cls, value: Preset | str) -> Preset:
@@ -111,6 +112,10 @@ PRESETS: Mapping[Preset, Mapping[str, Any]] = {
     # what the model adds is a change of normal anatomy; decay 1.0 lets blob-sized detail through (1.5 kept the lesion
     # class's changes too smooth to sit in white matter). Best lesion-likeness in docs/featvis_lesion.md.
     Preset.FULL: {**_ROBUST, "decay": 1.0, "anchor": "template"},
+    # full for feature amplification (a scan as the anchor): decay 0.5 was chosen from {0.5, 1, 1.5} on the validation
+    # scans of both bundled models and scored on their test and shifted sets (docs/featvis_protocol_<model>.md);
+    # full's 1.0 was chosen for noise and template starts.
+    Preset.AMPLIFY: {**_ROBUST, "decay": 0.5, "anchor": "template"},
 }
 
 

@@ -45,7 +45,7 @@ import torch
 from scipy import ndimage
 
 from neuroexplain.featvis.engine import NOISE_MEAN, relative_departure, visualize
-from neuroexplain.featvis.presets import Settings, resolve
+from neuroexplain.featvis.presets import PRESETS, Preset, Settings, resolve
 from neuroexplain.models.registry import LoadedModel
 
 HF_CUTOFF = 0.25  # cycles/voxel
@@ -482,9 +482,9 @@ def figure_channels(path: Path, volumes: dict[str, np.ndarray], title: str) -> N
 # the model's evidence stronger where the evidence is, not everywhere.
 
 PROTOCOL_STEPS = 64
-PROTOCOL_DECAYS = (0.5, 1.0, 1.5)  # the tuned weight: full's spectrum decay (shipped 1.0, chosen by hand on seed 0)
+PROTOCOL_DECAYS = (0.5, 1.0, 1.5)  # the tuned weight: full's spectrum decay (its default 1.0, chosen by hand on seed 0)
 PROTOCOL_SEED = 0
-SHIPPED_DECAY = 1.0
+SHIPPED_DECAY = 1.0  # full's default: the reference scored beside the choice; the choice ships as preset amplify
 
 
 def candidate_runs(decays: Sequence[float] = PROTOCOL_DECAYS) -> list[RunConfig]:
@@ -630,6 +630,7 @@ def run_featvis_protocol(model: LoadedModel, cls: str, cases: Mapping[str, Seque
         "model": model.spec.name, "model_version": model.spec.version, "weights_sha256": model.spec.weights_sha256,
         "target": target, "steps": steps, "seed": seed, "change": change,
         "tuning": {"weight": "decay", "preset": "full", "grid": [float(d) for d in decays], "shipped": shipped,
+                   "amplify_decay": float(PRESETS[Preset.AMPLIFY]["decay"]),
                    "criterion": f"mean share of the {change} departure in the undilated mask",
                    "scores": scores, "chosen": chosen_name,
                    "seeds": [int(c.seed) for c in cases["validation"]]},
@@ -684,7 +685,10 @@ def protocol_markdown(res: dict[str, Any], command: str) -> str:
         "mean [95 % bootstrap interval] over the split's positive scans."),
         "",
         (f"- **Tuning (validation split, seeds {_seeds(t['seeds'])}, n = {len(t['seeds'])})**: `full`'s `decay` "
-        f"chosen from {t['grid']} by {t['criterion']}: **{t['chosen']}** ({scores}; shipped: {t['shipped']})."),
+        f"chosen from {t['grid']} by {t['criterion']}: **{t['chosen']}** ({scores}; reference: `full`'s default, "
+        f"{t['shipped']}). Preset `amplify` ships decay {t['amplify_decay']:g}"
+        + (", the choice." if f"full, decay {t['amplify_decay']:g}" == t["chosen"] else
+           f": **not the choice** ({t['chosen']}); update the preset.")),
         (f"- **Test split**: seeds {_seeds(res['test']['seeds'])} of the training generator (n = "
         f"{res['test']['n_scans']}); **shifted test set**: seeds {_seeds(res['shift']['seeds'])} of "
         f"`neuroexplain.lab.synthetic_shift` (n = {res['shift']['n_scans']}); neither was used for tuning."),

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from neuroexplain.cli.common import protocol_arguments
+
 DOCS = Path("docs")
 
 
@@ -33,13 +35,9 @@ def register(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="keep per-scan results already cached for these weights")
     p.add_argument("--report-only", action="store_true", help="only aggregate what the cache holds (no computing)")
     p.add_argument("--out-dir", type=Path, default=DOCS, help="where the table goes (default: docs/)")
-    proto = p.add_argument_group("protocol", "--protocol: ε tuned on a validation split, scored on a test split and "
-                                 "on the independently built shifted set, all and correctly classified scans, "
-                                 "cascading randomisation (docs/attribution-protocol-<model>.md)")
-    proto.add_argument("--protocol", action="store_true", help="run the protocol instead of the table above")
-    proto.add_argument("--validation-scans", type=int, default=12, help="positive validation scans (12)")
-    proto.add_argument("--test-scans", type=int, default=30, help="positive test scans (30)")
-    proto.add_argument("--shift-scans", type=int, default=30, help="positive scans of the shifted set (30)")
+    proto = protocol_arguments(p, "--protocol: ε tuned on a validation split, scored on a test split and on the "
+                               "independently built shifted set, all and correctly classified scans, cascading "
+                               "randomisation (docs/attribution-protocol-<model>.md)", "the table above", (12, 30, 30))
     proto.add_argument("--cascade-scans", type=int, default=3, help="scans per set for the cascade (3)")
     p.set_defaults(func=run)
 

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from neuroexplain.cli.common import protocol_arguments
+
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "neuroexplain" / "featvis-eval"
 
 
@@ -28,13 +30,9 @@ def register(sub: Any) -> None:
                    "processes that share the cache, then run once more without --runs for the table")
     p.add_argument("--docs", type=Path, default=Path("docs"), help="output folder (default docs/)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"run cache (default {DEFAULT_CACHE})")
-    proto = p.add_argument_group("protocol", "--protocol: full's decay tuned on a validation split for feature "
-                                 "amplification, scored on a test split and the shifted set "
-                                 "(docs/featvis_protocol_<model>.md)")
-    proto.add_argument("--protocol", action="store_true", help="run the protocol instead of the findings table")
-    proto.add_argument("--validation-scans", type=int, default=2, help="positive validation scans (2)")
-    proto.add_argument("--test-scans", type=int, default=3, help="positive test scans (3)")
-    proto.add_argument("--shift-scans", type=int, default=3, help="positive scans of the shifted set (3)")
+    protocol_arguments(p, "--protocol: full's decay tuned on a validation split for feature amplification, scored on "
+                       "a test split and the shifted set (docs/featvis_protocol_<model>.md)", "the findings table",
+                       (2, 3, 3))
     p.set_defaults(func=run)
 
 

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-PRESETS = ("none", "paper", "robust", "full")  # neuroexplain.featvis.Preset, without importing torch here
+PRESETS = ("none", "paper", "robust", "full", "amplify")  # neuroexplain.featvis.Preset, without importing torch here
 
 
 def register(sub: Any) -> None:
@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
     p.add_argument("--model", required=True, help="model name (see `neuroexplain models`)")
     p.add_argument("--target", required=True,
                    help="class:CLASS | channel:LAYER:C | neuron:LAYER:C:X:Y:Z | layer:LAYER")
-    p.add_argument("--preset", default="robust", choices=PRESETS, help="regularization preset (default robust)")
+    p.add_argument("--preset", default="robust", choices=PRESETS, help="regularization preset (default robust; amplify for --start SCAN)")
     p.add_argument("--steps", type=int, default=256, help="optimisation steps (default 256, 1 to 4096)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same volume")
     p.add_argument("--start", default="noise", metavar="noise|template|SCAN",
