@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batch = torch.from_numpy(x)[None, None].to(device)
             with torch.inference_mode():
                 p32 = torch.softmax(model.module(batch).float(), 1)
-                for dtype in worst:
+                for dtype, so_far in list(worst.items()):
                     with torch.autocast(device, dtype=getattr(torch, dtype)):
                         low = torch.softmax(model.module(batch).float(), 1)
-                    worst[dtype] = max(worst[dtype], float((p32 - low).abs().max()))
+                    worst[dtype] = max(so_far, float((p32 - low).abs().max()))
         out[name] = {d: {"max_abs_probability_difference": w, "within_tolerance": w <= TOLERANCE}
                      for d, w in worst.items()}
     return out
