@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from service.grpc.wrap import Stream, Unary, WrappingInterceptor, wrap_handler
+from service.grpc.wrap import Coder, Stream, Unary, WrappingInterceptor, wrap_handler
 from service.metrics import RPCS, UNKNOWN, Metrics
 
 
@@ -41,8 +41,21 @@ class MetricsInterceptor(WrappingInterceptor):
         def begin(request: Any) -> tuple[str, float]:
             model = self._model(request)
             m.in_flight.labels(rpc).inc()
-            m.request_bytes.labels(rpc).observe(request.ByteSize())
             return model, time.perf_counter()
+
+        # Sizes from the wire bytes the (de)serializers see: a message's ByteSize() walks it again (1.6 ms for a
+        # 7.4 MB scan here), len() of the bytes is free.
+        def coders(des: Coder | None, ser: Coder | None) -> tuple[Coder, Coder]:
+            def deserialize(raw: bytes) -> Any:
+                m.request_bytes.labels(rpc).observe(len(raw))
+                return des(raw) if des is not None else raw
+
+            def serialize(message: Any) -> Any:
+                raw = ser(message) if ser is not None else message
+                m.response_bytes.labels(rpc).observe(len(raw))
+                return raw
+
+            return deserialize, serialize
 
         def finish(context: grpc.ServicerContext, model: str, start: float, failed: bool) -> None:
             code = context.code()
@@ -61,7 +74,6 @@ class MetricsInterceptor(WrappingInterceptor):
                 failed = True
                 try:
                     response = inner(request, context)
-                    m.response_bytes.labels(rpc).observe(response.ByteSize())
                     failed = False
                     return response
                 finally:
@@ -74,13 +86,11 @@ class MetricsInterceptor(WrappingInterceptor):
                 model, start = begin(request)
                 failed = True
                 try:
-                    for response in inner(request, context):
-                        m.response_bytes.labels(rpc).observe(response.ByteSize())
-                        yield response
+                    yield from inner(request, context)
                     failed = False
                 finally:
                     finish(context, model, start, failed)
 
             return behaviour
 
-        return wrap_handler(handler, unary=unary, stream=stream)
+        return wrap_handler(handler, unary=unary, stream=stream, coders=coders)

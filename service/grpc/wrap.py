@@ -15,11 +15,15 @@ Unary = Callable[[Any, grpc.ServicerContext], Any]
 Stream = Callable[[Any, grpc.ServicerContext], Iterator[Any]]
 
 
+Coder = Callable[[Any], Any]
+
+
 def wrap_handler(
     handler: grpc.RpcMethodHandler,
     *,
     unary: Callable[[Unary, bool], Unary],
     stream: Callable[[Stream, bool], Stream],
+    coders: Callable[[Coder | None, Coder | None], tuple[Coder | None, Coder | None]] | None = None,
 ) -> grpc.RpcMethodHandler:
     """Rebuild ``handler`` with its behaviour wrapped.
 
@@ -27,11 +31,15 @@ def wrap_handler(
         handler: the handler ``continuation`` returned.
         unary: ``(inner, stream_in) -> behaviour`` for unary responses (``stream_in``: the request is a stream).
         stream: the same for streamed responses (the behaviour is a generator).
+        coders: ``(request_deserializer, response_serializer) -> (new ones)``, to see the messages' wire bytes;
+            None keeps them.
 
     Returns:
-        A handler of the same shape and serializers.
+        A handler of the same shape (and the same serializers unless ``coders`` replaced them).
     """
     des, ser = handler.request_deserializer, handler.response_serializer
+    if coders is not None:
+        des, ser = coders(des, ser)
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary, False), des, ser)
     if handler.stream_unary is not None:
