@@ -184,8 +184,8 @@ def read_scan(
     raw = _read_source(source, limits)
     # The digest is computed in another thread while the main one inflates (both release the GIL on large buffers).
     digest_box: list[str] = [digest] if digest else []
-    hasher = threading.Thread(target=lambda: digest_box.append(digest_bytes(raw)), daemon=True)
-    if not digest:
+    hasher = None if digest else threading.Thread(target=lambda: digest_box.append(digest_bytes(raw)), daemon=True)
+    if hasher is not None:
         hasher.start()
     try:
         compressed = raw[:2] == b"\x1f\x8b"
@@ -221,7 +221,7 @@ def read_scan(
         _check_affine(affine)
         data = _check_finite(data, nonfinite, known_finite=finite)
     finally:
-        if not digest:
+        if hasher is not None:
             hasher.join()
     return Scan(data=data, affine=affine, digest=digest_box[0], format=kind)
 
@@ -427,15 +427,16 @@ def _check_affine(affine: np.ndarray) -> None:
 
 def _check_finite(data: np.ndarray, nonfinite: NonFinite, known_finite: bool = False) -> np.ndarray:
     """``known_finite``: the voxel type cannot hold NaN or infinity (integer NIfTI data), so the pass is skipped."""
-    count = 0 if known_finite else int(np.count_nonzero(~np.isfinite(data)))
-    if count:
+    if not known_finite:
         bad = ~np.isfinite(data)
-        if nonfinite is NonFinite.REJECT:
-            raise ScanDataError(
-                f"scan has {count} NaN or infinite voxels (after scl_slope/scl_inter); "
-                "fix the file or pass nonfinite='zero' to treat them as background"
-            )
-        data = np.where(bad, np.float32(0), data)
+        count = int(np.count_nonzero(bad))
+        if count:
+            if nonfinite is NonFinite.REJECT:
+                raise ScanDataError(
+                    f"scan has {count} NaN or infinite voxels (after scl_slope/scl_inter); "
+                    "fix the file or pass nonfinite='zero' to treat them as background"
+                )
+            data = np.where(bad, np.float32(0), data)
     if not np.any(data):
         raise ScanDataError("scan is all zeros; expected an MRI volume with signal")
     return data
@@ -595,8 +596,6 @@ def _strided_lerp(x: torch.Tensor, axis: int, n: int, step: float, offset: float
     b = x.narrow(axis, lo + 1, k * (count - 1) + 1)[(slice(None),) * axis + (slice(None, None, k),)]
     torch.lerp(a, b, frac, out=target)  # a + frac (b - a): one pass, no temporary
     return out
-
-
 
 
 def resample_torch(

@@ -8,6 +8,7 @@ from typing import Any
 from neuroexplain import errors
 
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".mgh", ".mgz")
+ALIGNMENTS = ("auto", "mni", "center", "register")
 
 
 def protocol_arguments(parser: Any, description: str, instead: str, scans: tuple[int, int, int]) -> Any:
@@ -19,7 +20,6 @@ def protocol_arguments(parser: Any, description: str, instead: str, scans: tuple
                                    ("validation", "test", "shifted-set"), scans, strict=True):
         group.add_argument(flag, type=int, default=default, help=f"positive {what} scans ({default})")
     return group
-ALIGNMENTS = ("auto", "mni", "center", "register")
 
 
 def load_scan_arg(path: str | Path) -> Path:

@@ -104,6 +104,7 @@ _PAPER = {"param": "voxel", "lr": 0.05, "weight_decay": 0.01, "blur_sigma": 1.0,
 # the inverse transform costs about half as much, and the high frequencies were noise anyway.
 _ROBUST = {"param": "fourier", "decay": 1.5, "cutoff": 0.25, "lr": 0.02, "pad": 2, "jitter": 2, "scale": 0.05,
            "rotate": 5.0}
+_FULL = {**_ROBUST, "decay": 1.0, "anchor": "template"}
 PRESETS: Mapping[Preset, Mapping[str, Any]] = {
     Preset.NONE: {"param": "voxel", "lr": 0.05},
     Preset.PAPER: _PAPER,
@@ -111,11 +112,11 @@ PRESETS: Mapping[Preset, Mapping[str, Any]] = {
     # robust + the data prior: the volume is the template times (1 + a Fourier-parametrized relative change), so
     # what the model adds is a change of normal anatomy; decay 1.0 lets blob-sized detail through (1.5 kept the lesion
     # class's changes too smooth to sit in white matter). Best lesion-likeness in docs/featvis_lesion.md.
-    Preset.FULL: {**_ROBUST, "decay": 1.0, "anchor": "template"},
+    Preset.FULL: _FULL,
     # full for feature amplification (a scan as the anchor): decay 0.5 was chosen from {0.5, 1, 1.5} on the validation
     # scans of both bundled models and scored on their test and shifted sets (docs/featvis_protocol_<model>.md);
     # full's 1.0 was chosen for noise and template starts.
-    Preset.AMPLIFY: {**_ROBUST, "decay": 0.5, "anchor": "template"},
+    Preset.AMPLIFY: {**_FULL, "decay": 0.5},
 }
 
 

@@ -487,9 +487,14 @@ PROTOCOL_SEED = 0
 SHIPPED_DECAY = 1.0  # full's default: the reference scored beside the choice; the choice ships as preset amplify
 
 
+def candidate_name(decay: float) -> str:
+    """The name of the candidate ``full`` with this spectrum decay (its row in the tables)."""
+    return f"full, decay {decay:g}"
+
+
 def candidate_runs(decays: Sequence[float] = PROTOCOL_DECAYS) -> list[RunConfig]:
     """The candidates tuned over: ``full`` with each spectrum decay."""
-    return [RunConfig(f"full, decay {d:g}", "full", {"decay": float(d)}) for d in decays]
+    return [RunConfig(candidate_name(d), "full", {"decay": float(d)}) for d in decays]
 
 
 def amplification_metrics(volume: np.ndarray, scan: np.ndarray, mask: np.ndarray, dilated: np.ndarray,
@@ -687,7 +692,7 @@ def protocol_markdown(res: dict[str, Any], command: str) -> str:
         (f"- **Tuning (validation split, seeds {_seeds(t['seeds'])}, n = {len(t['seeds'])})**: `full`'s `decay` "
         f"chosen from {t['grid']} by {t['criterion']}: **{t['chosen']}** ({scores}; reference: `full`'s default, "
         f"{t['shipped']}). Preset `amplify` ships decay {t['amplify_decay']:g}"
-        + (", the choice." if f"full, decay {t['amplify_decay']:g}" == t["chosen"] else
+        + (", the choice." if candidate_name(t["amplify_decay"]) == t["chosen"] else
            f": **not the choice** ({t['chosen']}); update the preset.")),
         (f"- **Test split**: seeds {_seeds(res['test']['seeds'])} of the training generator (n = "
         f"{res['test']['n_scans']}); **shifted test set**: seeds {_seeds(res['shift']['seeds'])} of "

@@ -125,7 +125,8 @@ def _random_blur(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
             out.append(scan)
             continue
         r = np.arange(-2, 3, dtype=np.float32)
-        k = torch.from_numpy(np.exp(-0.5 * (r / sigma) ** 2) / np.exp(-0.5 * (r / sigma) ** 2).sum())
+        weights = np.exp(-0.5 * (r / sigma) ** 2)
+        k = torch.from_numpy(weights / weights.sum())
         x = scan[None]
         for axis in range(3):
             shape = [1, 1, 1, 1, 1]
