@@ -426,17 +426,23 @@ def _check_affine(affine: np.ndarray) -> None:
 
 
 def _check_finite(data: np.ndarray, nonfinite: NonFinite, known_finite: bool = False) -> np.ndarray:
-    """``known_finite``: the voxel type cannot hold NaN or infinity (integer NIfTI data), so the pass is skipped."""
+    """``known_finite``: the voxel type cannot hold NaN or infinity (integer NIfTI data), so that pass is skipped.
+
+    The usual case costs two reductions and no mask: a NaN makes the minimum NaN and an infinity is an extreme, and
+    finite extremes that are not both 0 also prove the scan is not all zeros."""
     if not known_finite:
+        lo, hi = data.min(), data.max()
+        if np.isfinite(lo) and np.isfinite(hi):
+            if lo == 0 and hi == 0:
+                raise ScanDataError("scan is all zeros; expected an MRI volume with signal")
+            return data
         bad = ~np.isfinite(data)
-        count = int(np.count_nonzero(bad))
-        if count:
-            if nonfinite is NonFinite.REJECT:
-                raise ScanDataError(
-                    f"scan has {count} NaN or infinite voxels (after scl_slope/scl_inter); "
-                    "fix the file or pass nonfinite='zero' to treat them as background"
-                )
-            data = np.where(bad, np.float32(0), data)
+        if nonfinite is NonFinite.REJECT:
+            raise ScanDataError(
+                f"scan has {int(np.count_nonzero(bad))} NaN or infinite voxels (after scl_slope/scl_inter); "
+                "fix the file or pass nonfinite='zero' to treat them as background"
+            )
+        data = np.where(bad, np.float32(0), data)
     if not np.any(data):
         raise ScanDataError("scan is all zeros; expected an MRI volume with signal")
     return data

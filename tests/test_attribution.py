@@ -586,7 +586,7 @@ def test_lrp_refuses_a_model_with_a_layer_it_has_no_rule_for() -> None:
 def test_options_parse_from_strings_and_fill_defaults() -> None:
     opts = parse_options("smoothgrad", parse_option_pairs(["nt_samples=4", "base=integrated_gradients", "seed=7"]))
     assert opts["nt_samples"] == 4 and opts["base"] == "integrated_gradients" and opts["seed"] == 7
-    assert opts["stdev"] == 0.15 and opts["internal_batch_size"] == 4
+    assert opts["stdev"] == 0.15 and opts["internal_batch_size"] == 0  # auto (attribution.batching)
     assert parse_options("gradcam", {"relu": "false"})["relu"] is False
     with pytest.raises(InvalidOptionError, match="key=value"):
         parse_option_pairs(["n_steps"])

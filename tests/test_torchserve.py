@@ -220,15 +220,20 @@ def test_torchserve_listens_on_loopback_only(backend: Any) -> None:
         assert ip.is_loopback, f"TorchServe listens on {ip}:{addr.port}, outside loopback"
 
 
-def test_workers_run_openmp_without_spinning(backend: Any) -> None:
-    # libgomp's spin-wait took the cores the next request needed (neuroexplain.serving.threads); the workers get
-    # OMP_WAIT_POLICY=PASSIVE unless the operator's environment sets its own value.
+def test_workers_run_openmp_without_spinning_and_one_malloc_arena(backend: Any) -> None:
+    # libgomp's spin-wait took the cores the next request needed, and per-thread malloc arenas faulted every request's
+    # buffers in afresh (neuroexplain.serving.tuning); the workers get the settings unless the operator's
+    # environment sets its own values.
     import psutil
+
+    from neuroexplain.serving.tuning import ALLOCATOR_ENV, THREAD_ENV
 
     workers = psutil.Process(backend.supervisor._proc.pid).children(recursive=True)
     assert workers
     for worker in workers:
-        assert worker.environ().get("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+        env = worker.environ()
+        for name, value in {**THREAD_ENV, **ALLOCATOR_ENV}.items():
+            assert env.get(name) == os.environ.get(name, value), name
 
 
 def test_metrics_are_re_exported_into_the_gateway_registry(backend: Any, scan: bytes) -> None:
@@ -377,7 +382,7 @@ def test_torchserve_killed_mid_request_is_unavailable_then_recovers(backend: Any
 def test_two_instances_side_by_side(backend: Any, store: Path, scan: bytes) -> None:
     import psutil
 
-    from neuroexplain.serving.threads import usable_cores
+    from neuroexplain.serving.tuning import usable_cores
 
     # The second says its models have two workers each (the archives, built before, keep theirs): its workers'
     # torch threads are the cores split in two.

@@ -11,7 +11,6 @@ cached model that concurrent requests use.
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, Self
 
@@ -22,7 +21,8 @@ from scipy import ndimage
 from torch import nn
 
 from neuroexplain.attribution import lrp
-from neuroexplain.attribution.options import Method
+from neuroexplain.attribution.batching import internal_batch, occlusion_corners
+from neuroexplain.attribution.options import CPU_BATCH, Method
 from neuroexplain.errors import CancelledError, InvalidOptionError, NotFoundError
 from neuroexplain.models.registry import structural_copy
 from neuroexplain.volumes import Grid
@@ -188,6 +188,8 @@ def attribute_tensor(
     with HookGuard(module), torch.enable_grad():
         fwd.check()
         x = x.detach().clone().requires_grad_(True)
+        if method in CPU_BATCH:  # the batched methods: 0 (auto) becomes a size for this device (attribution.batching)
+            opts = {**opts, "internal_batch_size": internal_batch(method, opts, module, x)}
         out = _dispatch(module, fwd, x, method, tgt, opts, grid, layer_names)
     return out.detach().float()
 
@@ -343,8 +345,7 @@ def _occlusion(fwd: _Forward, x: torch.Tensor, tgt: Any, o: dict[str, Any], base
     """
     p, s, per_eval = o["patch"], o["stride"], o["internal_batch_size"]
     shape = tuple(x.shape[2:])
-    # As captum: ceil((n - patch) / stride) + 1 positions per axis, the last one cut off by the volume's edge.
-    corners = list(itertools.product(*(range(0, -(-(n - p) // s) * s + 1, s) for n in shape)))
+    corners = occlusion_corners(shape, p, s)
     out = torch.zeros_like(x)
     with torch.no_grad():
         for i in range(x.shape[0]):

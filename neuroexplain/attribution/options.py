@@ -48,10 +48,15 @@ BASELINES = ("zeros", "blur", "template")
 _SEED = OptionSpec("seed", "int", 0, "seed of the random noise / baselines (results are deterministic per seed)", 0, 2**31 - 1)
 
 
-def _batch(default: int) -> OptionSpec:
+# ``internal_batch_size`` 0 (auto) on the CPU, per batched method (neuroexplain.attribution.batching).
+CPU_BATCH = {Method.INTEGRATED_GRADIENTS: 4, Method.SMOOTHGRAD: 4, Method.GRADIENT_SHAP: 4, Method.OCCLUSION: 8}
+
+
+def _batch(method: Method) -> OptionSpec:
     return OptionSpec(
-        "internal_batch_size", "int", default,
-        "volumes evaluated per forward/backward pass; bounds memory (about 0.1 GB per volume on the 2 mm grid)", 1, 64,
+        "internal_batch_size", "int", 0,
+        f"volumes evaluated per forward/backward pass; bounds memory (about 0.1 GB per volume on the 2 mm grid); "
+        f"0 = auto: {CPU_BATCH[method]} on the CPU, on a GPU as many as half its free memory holds", 0, 64,
     )
 
 
@@ -68,14 +73,14 @@ _BLUR = OptionSpec("blur_sigma_mm", "float", 8.0, "Gaussian sigma of the blurred
 METHOD_OPTIONS: dict[Method, tuple[OptionSpec, ...]] = {
     Method.INTEGRATED_GRADIENTS: (
         OptionSpec("n_steps", "int", 32, "steps of the Riemann/Gauss-Legendre path integral", 1, 512),
-        _baseline(), _BLUR, _batch(4),
+        _baseline(), _BLUR, _batch(Method.INTEGRATED_GRADIENTS),
     ),
     Method.SMOOTHGRAD: (
         OptionSpec("base", "str", "gradient", "attribution averaged over noisy copies", choices=("gradient", "integrated_gradients")),
         OptionSpec("nt_samples", "int", 16, "noisy copies averaged", 1, 256),
         OptionSpec("stdev", "float", 0.15, "noise standard deviation as a fraction of the input's intensity range", 0.0, 1.0),
         OptionSpec("n_steps", "int", 8, "integration steps per copy (base integrated_gradients only)", 1, 256),
-        _baseline(), _BLUR, _batch(4), _SEED,
+        _baseline(), _BLUR, _batch(Method.SMOOTHGRAD), _SEED,
     ),
     Method.GRADIENT: (),
     Method.GRADIENT_X_INPUT: (),
@@ -88,7 +93,7 @@ METHOD_OPTIONS: dict[Method, tuple[OptionSpec, ...]] = {
     Method.OCCLUSION: (
         OptionSpec("patch", "int", 16, "edge of the cubic occluding patch, in model-grid voxels (2 mm each)", 1, 64),
         OptionSpec("stride", "int", 16, "step between patches, in model-grid voxels", 1, 64),
-        _baseline(), _BLUR, _batch(8),
+        _baseline(), _BLUR, _batch(Method.OCCLUSION),
     ),
     Method.LRP_EPSILON: (
         OptionSpec(
@@ -109,7 +114,7 @@ METHOD_OPTIONS: dict[Method, tuple[OptionSpec, ...]] = {
     Method.GRADIENT_SHAP: (
         OptionSpec("n_samples", "int", 16, "random baseline/noise samples averaged", 1, 512),
         OptionSpec("stdev", "float", 0.1, "noise standard deviation as a fraction of the input's intensity range", 0.0, 1.0),
-        _baseline("all", (*BASELINES, "all")), _BLUR, _batch(4), _SEED,
+        _baseline("all", (*BASELINES, "all")), _BLUR, _batch(Method.GRADIENT_SHAP), _SEED,
     ),
 }
 

@@ -52,7 +52,7 @@ import psutil
 import ts
 
 from neuroexplain.errors import UnavailableError
-from neuroexplain.serving.threads import thread_env
+from neuroexplain.serving.tuning import process_env
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class EngineOptions:
         token_auth: TorchServe's key authorization on its inference and management APIs (see the module doc).
         token_expiration_min: lifetime of TorchServe's inference and management keys (minutes, fractions allowed).
         workers_per_model: the archives' worker count; several workers split the cores' torch threads between
-            them (:func:`neuroexplain.serving.threads.thread_env`).
+            them (:func:`neuroexplain.serving.tuning.process_env`).
     """
 
     model_store: Path
@@ -512,8 +512,9 @@ class TorchServeSupervisor:
             "LOG_LOCATION": str(self.work_dir / "logs"),
             "METRICS_LOCATION": str(self.work_dir / "logs"),
             CANCEL_DIR_ENV: str(self.cancel_dir),
-            # libgomp threads that sleep instead of spinning, the cores split between workers (serving.threads)
-            **thread_env(os.environ, self.options.workers_per_model),
+            # libgomp threads that sleep instead of spinning, the cores split between workers, one malloc arena that
+            # keeps its pages (serving.tuning)
+            **process_env(os.environ, self.options.workers_per_model),
             **self.options.extra_env,
         }
         env.pop("TS_CONFIG_FILE", None)

@@ -103,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    from neuroexplain.serving.threads import thread_env
+    from neuroexplain.serving.tuning import process_env, tune_allocator
 
+    tune_allocator(os.environ)  # this process, before its threads exist (and before the variables below are set)
     if "torch" not in sys.modules:  # OpenMP reads these once, when torch loads (the in-process backend's models)
-        os.environ.update(thread_env(os.environ))
+        os.environ.update(process_env(os.environ))
     from service.config import build_settings
     from service.grpc.server import serve
 
