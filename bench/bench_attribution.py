@@ -32,7 +32,7 @@ def _floor_plan(method: Any, opts: dict[str, Any]) -> list[tuple[str, int, int]]
     """
     from neuroexplain.attribution import Method
 
-    b = opts.get("internal_batch_size", 1)
+    b = opts.get("internal_batch_size", 1)  # as resolved (attribution.batching.resolved), never 0
     if method is Method.INTEGRATED_GRADIENTS:
         n = opts["n_steps"]
         return [("fb", b, n // b)] + ([("fb", n % b, 1)] if n % b else [])
@@ -85,6 +85,7 @@ def _floor(
 
 def main() -> None:
     from neuroexplain.attribution import Method, explain, parse_options
+    from neuroexplain.attribution.batching import resolved
     from neuroexplain.attribution.methods import attribute_tensor, private_copy
     from neuroexplain.lab.synthetic import Task, make_sample
     from neuroexplain.models import load_model
@@ -104,7 +105,7 @@ def main() -> None:
     layer_names = [layer.name for layer in model.spec.layers]
     results: dict[str, Any] = {}
     for method in Method:
-        opts = parse_options(method, None)
+        opts = resolved(method, parse_options(method, None), model.module, x)  # the batch size it runs with
         plan = _floor_plan(method, opts)
         # p50 of interleaved rounds: 41 for the single-pass methods (tens of ms each, at the mercy of the neighbours),
         # 3 for the many-pass ones (seconds each).

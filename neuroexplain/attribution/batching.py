@@ -9,10 +9,11 @@ Integrated gradients, SmoothGrad, GradientSHAP and occlusion evaluate the model 
   and :data:`MAX_AUTO`, at least 1. Free memory is what the driver reports free plus what torch's caching allocator
   holds unused; the other half is left to requests running beside this one.
 
-The memory one volume costs is estimated from the model's activations, seen by forward hooks on one pass of the scan
-itself without gradients (:func:`volume_bytes`): a pass with gradients keeps every activation for the backward pass
-and then needs room for the gradients of the largest two; a pass without them needs the largest two at once. The
-estimate is cached per model structure, input shape and device.
+The memory one volume costs is measured on one forward pass of the scan itself (:func:`volume_bytes`): with gradients,
+what autograd saves for the backward pass (seen by ``saved_tensors_hooks``), plus the gradients of the largest two
+layer outputs and of the input, which the backward pass holds at once; without them, the largest two layer outputs
+(seen by forward hooks) and the input; times :data:`MARGIN` for what no hook sees. It is cached per model structure,
+input shape and device.
 
 The maps do not depend on the batch size (the seeded methods draw their noise per sample), so ``auto`` changes the
 speed and memory of a request, never its result.
@@ -32,6 +33,9 @@ from neuroexplain.attribution.options import CPU_BATCH, Method
 AUTO = 0
 MAX_AUTO = 256
 FREE_SHARE = 0.5  # of the device's free memory, for one request's batch
+# Kernels' own workspaces and layout copies, which no hook sees: measured on the CPU by peak RSS per extra volume
+# (python -m bench.attribution_memory), occlusion needed 1.45x the hooks' count and integrated gradients 1.05x.
+MARGIN = 1.5
 
 
 def occlusion_corners(shape: Sequence[int], patch: int, stride: int) -> list[tuple[int, ...]]:
@@ -73,33 +77,44 @@ def free_bytes(device: torch.device) -> int | None:
 def volume_bytes(module: nn.Module, x: torch.Tensor, grad: bool) -> int:
     """Bytes one more volume shaped like ``x[0]`` adds to a pass (see the module doc; the weights are resident
     already, so nothing else grows with the batch)."""
-    sizes = _activation_bytes(module, x[:1])
-    top2 = sum(sorted(sizes)[-2:])
-    volume = x[0].numel() * x.element_size()  # the input, and with gradients its gradient
-    return 2 * volume + (sum(sizes) + top2 if grad else top2)
+    saved, outputs = _pass_bytes(module, x[:1])
+    top2 = sum(sorted(outputs)[-2:])
+    volume = x[0].numel() * x.element_size()
+    return int(MARGIN * (saved + top2 + volume if grad else top2 + volume))
 
 
-_CACHE: dict[tuple[Any, ...], tuple[int, ...]] = {}
+_CACHE: dict[tuple[Any, ...], tuple[int, tuple[int, ...]]] = {}
 
 
-def _activation_bytes(module: nn.Module, x1: torch.Tensor) -> tuple[int, ...]:
-    """Bytes of every leaf module's output on one pass over ``x1`` (cached per structure, shape, device, dtype)."""
+def _pass_bytes(module: nn.Module, x1: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """Bytes autograd saves for the backward pass of one forward over ``x1`` (each storage once, the weights not
+    counted), and the bytes of every leaf module's output; cached per structure, shape, device and dtype."""
     key = (_structure(module), tuple(x1.shape), str(x1.device), x1.dtype)
-    if key not in _CACHE:
-        sizes: list[int] = []
+    if key in _CACHE:
+        return _CACHE[key]
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    weights |= {b.untyped_storage().data_ptr() for b in module.buffers()}
+    saved: dict[int, int] = {}
+    outputs: list[int] = []
 
-        def record(_m: nn.Module, _inp: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor):
-                sizes.append(out.numel() * out.element_size())
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
 
-        handles = [m.register_forward_hook(record) for m in module.modules() if next(m.children(), None) is None]
-        try:
-            with torch.no_grad():
-                module(x1)
-        finally:
-            for h in handles:
-                h.remove()
-        _CACHE[key] = tuple(sizes)
+    def record(_m: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            outputs.append(out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(record) for m in module.modules() if next(m.children(), None) is None]
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x1.detach().clone().requires_grad_(True))
+    finally:
+        for h in handles:
+            h.remove()
+    _CACHE[key] = (sum(saved.values()), tuple(outputs))
     return _CACHE[key]
 
 
@@ -118,3 +133,10 @@ def internal_batch(method: Method, o: dict[str, Any], module: nn.Module, x: torc
         return CPU_BATCH[method]
     per = volume_bytes(module, x, grad=method is not Method.OCCLUSION)
     return auto_batch(per, free, evaluations(method, o, x.shape[2:]))
+
+
+def resolved(method: Method, o: dict[str, Any], module: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """``o`` with the ``internal_batch_size`` the method runs with on ``x`` (methods that do not batch: ``o``)."""
+    if method not in CPU_BATCH:
+        return o
+    return {**o, "internal_batch_size": internal_batch(method, o, module, x)}

@@ -21,8 +21,8 @@ from scipy import ndimage
 from torch import nn
 
 from neuroexplain.attribution import lrp
-from neuroexplain.attribution.batching import internal_batch, occlusion_corners
-from neuroexplain.attribution.options import CPU_BATCH, Method
+from neuroexplain.attribution.batching import occlusion_corners, resolved
+from neuroexplain.attribution.options import Method
 from neuroexplain.errors import CancelledError, InvalidOptionError, NotFoundError
 from neuroexplain.models.registry import structural_copy
 from neuroexplain.volumes import Grid
@@ -188,8 +188,7 @@ def attribute_tensor(
     with HookGuard(module), torch.enable_grad():
         fwd.check()
         x = x.detach().clone().requires_grad_(True)
-        if method in CPU_BATCH:  # the batched methods: 0 (auto) becomes a size for this device (attribution.batching)
-            opts = {**opts, "internal_batch_size": internal_batch(method, opts, module, x)}
+        opts = resolved(method, opts, module, x)  # internal_batch_size 0 (auto): a size for this device
         out = _dispatch(module, fwd, x, method, tgt, opts, grid, layer_names)
     return out.detach().float()
 

@@ -55,7 +55,7 @@ CPU_BATCH = {Method.INTEGRATED_GRADIENTS: 4, Method.SMOOTHGRAD: 4, Method.GRADIE
 def _batch(method: Method) -> OptionSpec:
     return OptionSpec(
         "internal_batch_size", "int", 0,
-        f"volumes evaluated per forward/backward pass; bounds memory (about 0.1 GB per volume on the 2 mm grid); "
+        f"volumes evaluated per forward/backward pass; bounds memory (about 20 MB per volume on the 2 mm grid); "
         f"0 = auto: {CPU_BATCH[method]} on the CPU, on a GPU as many as half its free memory holds", 0, 64,
     )
 
