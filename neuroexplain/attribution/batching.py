@@ -12,7 +12,7 @@ Integrated gradients, SmoothGrad, GradientSHAP and occlusion evaluate the model 
 The memory one volume costs is measured on one forward pass of the scan itself (:func:`volume_bytes`): with gradients,
 what autograd saves for the backward pass (seen by ``saved_tensors_hooks``), plus the gradients of the largest two
 layer outputs and of the input, which the backward pass holds at once; without them, the largest two layer outputs
-(seen by forward hooks) and the input; times :data:`MARGIN` for what no hook sees. It is cached per model structure,
+(seen by forward hooks) and two copies of the input; times :data:`MARGIN` for what no hook sees. It is cached per model structure,
 input shape and device.
 
 The maps do not depend on the batch size (the seeded methods draw their noise per sample), so ``auto`` changes the
@@ -34,7 +34,7 @@ AUTO = 0
 MAX_AUTO = 256
 FREE_SHARE = 0.5  # of the device's free memory, for one request's batch
 # Kernels' own workspaces and layout copies, which no hook sees: measured on the CPU by peak RSS per extra volume
-# (python -m bench.attribution_memory), occlusion needed 1.45x the hooks' count and integrated gradients 1.05x.
+# (python -m bench.attribution_memory), one more volume cost 0.8-1.2x what the hooks count.
 MARGIN = 1.5
 
 
@@ -80,7 +80,8 @@ def volume_bytes(module: nn.Module, x: torch.Tensor, grad: bool) -> int:
     saved, outputs = _pass_bytes(module, x[:1])
     top2 = sum(sorted(outputs)[-2:])
     volume = x[0].numel() * x.element_size()
-    return int(MARGIN * (saved + top2 + volume if grad else top2 + volume))
+    # without gradients: the batch being evaluated and the copy of it the first layer reads, beside the largest two
+    return int(MARGIN * (saved + top2 + volume if grad else top2 + 2 * volume))
 
 
 _CACHE: dict[tuple[Any, ...], tuple[int, tuple[int, ...]]] = {}
