@@ -585,10 +585,12 @@ def _strided_lerp(x: torch.Tensor, axis: int, n: int, step: float, offset: float
     valid = np.flatnonzero((pos >= 0) & (pos <= n - 1))
     out_shape = list(x.shape)
     out_shape[axis] = size
-    out = torch.zeros(out_shape, dtype=x.dtype)
     if valid.size == 0:
-        return out
+        return torch.zeros(out_shape, dtype=x.dtype)
     j0, count = int(valid[0]), int(valid.size)
+    out = torch.empty(out_shape, dtype=x.dtype)
+    out.narrow(axis, 0, j0).zero_()  # samples outside the scan are 0; the valid run is written below
+    out.narrow(axis, j0 + count, size - j0 - count).zero_()
     first = float(pos[j0])
     lo = int(np.floor(first))
     frac = first - lo
