@@ -34,7 +34,7 @@ AUTO = 0
 MAX_AUTO = 256
 FREE_SHARE = 0.5  # of the device's free memory, for one request's batch
 # Kernels' own workspaces and layout copies, which no hook sees: measured on the CPU by peak RSS per extra volume
-# (python -m bench.attribution_memory), one more volume cost 0.8-1.2x what the hooks count.
+# (python -m bench.bench_attribution_memory), one more volume cost 0.8-1.2x what the hooks count.
 MARGIN = 1.5
 
 

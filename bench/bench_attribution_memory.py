@@ -7,7 +7,7 @@ them); the measured cost of one more volume is the difference of the two process
 ``batching.volume_bytes`` (with its margin). On the CPU; a GPU's kernels keep other workspaces (bench/gpu.sh reports
 the device's own peak). About 1 min on 2 cores.
 
-Run: ``.venv/bin/python -m bench.attribution_memory``.
+Run: ``.venv/bin/python -m bench.bench_attribution_memory``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> dict[str, Any]:
     x = torch.zeros(1, 1, *model.spec.grid.shape)
     out: dict[str, Any] = {"model": "lesion", "grid": list(model.spec.grid.shape), "batches": [SMALL, LARGE]}
     for name in METHODS:
-        rss = [float(subprocess.run([sys.executable, "-m", "bench.attribution_memory", name, str(b)], check=True,
+        rss = [float(subprocess.run([sys.executable, "-m", "bench.bench_attribution_memory", name, str(b)], check=True,
                                     capture_output=True, text=True).stdout.split()[-1]) for b in (SMALL, LARGE)]
         measured = (rss[1] - rss[0]) / (LARGE - SMALL)
         estimate = volume_bytes(model.module, x, grad=Method(name) is not Method.OCCLUSION) / 2**20
