@@ -150,12 +150,12 @@ def test_amplification_inside_the_mask_scores_one_and_a_uniform_one_scores_chanc
         ev.amplification_metrics(darker, scan, mask, dilated, brain, "signed")
 
 
-def test_choose_takes_the_best_then_the_shipped_candidate() -> None:
-    assert ev.choose({"a": 0.1, "b": 0.3, "c": 0.2}, shipped="c") == "b"
-    assert ev.choose({"a": 0.3, "b": 0.3, "c": 0.3}, shipped="b") == "b"
-    assert ev.choose({"a": 0.3, "b": 0.3, "c": 0.1}, shipped="c") == "a"
+def test_choose_takes_the_best_then_the_reference_candidate() -> None:
+    assert ev.choose({"a": 0.1, "b": 0.3, "c": 0.2}, reference="c") == "b"
+    assert ev.choose({"a": 0.3, "b": 0.3, "c": 0.3}, reference="b") == "b"
+    assert ev.choose({"a": 0.3, "b": 0.3, "c": 0.1}, reference="c") == "a"
     with pytest.raises(ValueError, match="no candidate"):
-        ev.choose({}, shipped="a")
+        ev.choose({}, reference="a")
 
 
 def test_protocol_tunes_on_validation_only_and_scores_test_and_shift(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,14 +182,14 @@ def test_protocol_tunes_on_validation_only_and_scores_test_and_shift(monkeypatch
     monkeypatch.setattr(ev, "_amplify", spy)
     res = ev.run_featvis_protocol(_tiny_model(), "pattern", cases, steps=2, decays=(0.5, 1.0), log=lambda _l: None)
     t = res["tuning"]
-    assert t["chosen"] == max(t["scores"], key=lambda k: (t["scores"][k], k == t["shipped"]))
-    assert t["seeds"] == [1, 3] and t["shipped"] == "full, decay 1"
-    # the choice is made before any test or shifted scan is touched; there only none, the chosen candidate and (as a
-    # reference, when it was not chosen) the shipped one are scored
+    assert t["chosen"] == max(t["scores"], key=lambda k: (t["scores"][k], k == t["reference"]))
+    assert t["seeds"] == [1, 3] and t["reference"] == "full, decay 1"
+    # the choice is made before any test or shifted scan is touched; there only none, the chosen candidate and (when
+    # it was not chosen) the reference are scored
     first_scored = next(i for i, s in enumerate(seen) if s[0] != "validation")
     assert {s[0] for s in seen[:first_scored]} == {"validation"} and len(seen[:first_scored]) == 4
-    assert {s[2] for s in seen[first_scored:]} == {"none", t["chosen"], t["shipped"]}
-    assert set(res["test"]["rows"]) == {"none", t["chosen"], t["shipped"], "chance (brain)"}
+    assert {s[2] for s in seen[first_scored:]} == {"none", t["chosen"], t["reference"]}
+    assert set(res["test"]["rows"]) == {"none", t["chosen"], t["reference"], "chance (brain)"}
     assert res["test"]["seeds"] == [11] and res["shift"]["seeds"] == [21, 23]
     assert res["shift"]["rows"][t["chosen"]]["share"]["n"] == 2
     for name in ("none", t["chosen"], "chance (brain)"):

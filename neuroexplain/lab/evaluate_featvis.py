@@ -484,7 +484,7 @@ def figure_channels(path: Path, volumes: dict[str, np.ndarray], title: str) -> N
 PROTOCOL_STEPS = 64
 PROTOCOL_DECAYS = (0.5, 1.0, 1.5)  # the tuned weight: full's spectrum decay (its default 1.0, chosen by hand on seed 0)
 PROTOCOL_SEED = 0
-SHIPPED_DECAY = 1.0  # full's default: the reference scored beside the choice; the choice ships as preset amplify
+REFERENCE_DECAY = 1.0  # full's default: the reference scored beside the choice; the choice ships as preset amplify
 
 
 def candidate_name(decay: float) -> str:
@@ -535,8 +535,8 @@ def amplification_metrics(volume: np.ndarray, scan: np.ndarray, mask: np.ndarray
     }
 
 
-def choose(scores: dict[str, float], shipped: str) -> str:
-    """The best-scoring candidate; on a tie the shipped one, then the first listed.
+def choose(scores: dict[str, float], reference: str) -> str:
+    """The best-scoring candidate; on a tie the reference (``full``'s default), then the first listed.
 
     Raises:
         ValueError: no candidate was scored.
@@ -545,7 +545,7 @@ def choose(scores: dict[str, float], shipped: str) -> str:
         raise ValueError("no candidate was scored on the validation split")
     best = max(scores.values())
     tied = [name for name, v in scores.items() if v == best]
-    return shipped if shipped in tied else tied[0]
+    return reference if reference in tied else tied[0]
 
 
 def _amplify(model: LoadedModel, run: RunConfig, target: str, split: str, case: Any, steps: int, seed: int,
@@ -595,7 +595,7 @@ def run_featvis_protocol(model: LoadedModel, cls: str, cases: Mapping[str, Seque
 
     target = f"class:{cls}"
     candidates = candidate_runs(decays)
-    shipped = next((c.name for c in candidates if c.options["decay"] == SHIPPED_DECAY), candidates[0].name)
+    reference = next((c.name for c in candidates if c.options["decay"] == REFERENCE_DECAY), candidates[0].name)
     t0 = time.perf_counter()
     tuning: dict[str, list[float]] = {c.name: [] for c in candidates}
     for case in cases["validation"]:
@@ -604,10 +604,10 @@ def run_featvis_protocol(model: LoadedModel, cls: str, cases: Mapping[str, Seque
             tuning[c.name].append(amplification_metrics(v, anchor, case.mask, case.dilated, case.brain,
                                                         change)["share"])
     scores = {name: float(np.mean(v)) for name, v in tuning.items()}
-    chosen_name = choose(scores, shipped)
+    chosen_name = choose(scores, reference)
     chosen = next(c for c in candidates if c.name == chosen_name)
-    # the shipped setting is scored beside the chosen one when they differ (a reference; it played no part in the choice)
-    rows_cfg = [RunConfig("none", "none"), chosen] + [c for c in candidates if c.name == shipped != chosen_name]
+    # the reference is scored beside the chosen one when they differ (it played no part in the choice)
+    rows_cfg = [RunConfig("none", "none"), chosen] + [c for c in candidates if c.name == reference != chosen_name]
 
     def score(split: str) -> dict[str, Any]:
         records: dict[str, list[dict[str, float]]] = {r.name: [] for r in rows_cfg}
@@ -634,7 +634,7 @@ def run_featvis_protocol(model: LoadedModel, cls: str, cases: Mapping[str, Seque
     return {
         "model": model.spec.name, "model_version": model.spec.version, "weights_sha256": model.spec.weights_sha256,
         "target": target, "steps": steps, "seed": seed, "change": change,
-        "tuning": {"weight": "decay", "preset": "full", "grid": [float(d) for d in decays], "shipped": shipped,
+        "tuning": {"weight": "decay", "preset": "full", "grid": [float(d) for d in decays], "reference": reference,
                    "amplify_decay": float(PRESETS[Preset.AMPLIFY]["decay"]),
                    "criterion": f"mean share of the {change} departure in the undilated mask",
                    "scores": scores, "chosen": chosen_name,
@@ -691,7 +691,7 @@ def protocol_markdown(res: dict[str, Any], command: str) -> str:
         "",
         (f"- **Tuning (validation split, seeds {_seeds(t['seeds'])}, n = {len(t['seeds'])})**: `full`'s `decay` "
         f"chosen from {t['grid']} by {t['criterion']}: **{t['chosen']}** ({scores}; reference: `full`'s default, "
-        f"{t['shipped']}). Preset `amplify` ships decay {t['amplify_decay']:g}"
+        f"{t['reference']}). Preset `amplify` ships decay {t['amplify_decay']:g}"
         + (", the choice." if candidate_name(t["amplify_decay"]) == t["chosen"] else
            f": **not the choice** ({t['chosen']}); update the preset.")),
         (f"- **Test split**: seeds {_seeds(res['test']['seeds'])} of the training generator (n = "
