@@ -276,10 +276,8 @@ def _wait_workers(backend: Any, count: int, timeout_s: float = 180.0) -> None:
     """Until ``count`` workers of the model are READY (the backend is ready with the first one)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for described in backend.supervisor.models():
-            if described.get("modelName") == MODEL and sum(
-                    w.get("status") == "READY" for w in described.get("workers", [])) >= count:
-                return
+        if backend.ready_workers(MODEL) >= count:
+            return
         time.sleep(0.5)
     raise SystemExit(f"bench torchserve: {count} workers of {MODEL} were not ready within {timeout_s:.0f} s")
 

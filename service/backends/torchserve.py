@@ -340,20 +340,21 @@ class TorchServeBackend:
             # TorchServe answers INTERNAL when the model's job queue is full (decided by what this gateway has
             # outstanding there, never by TorchServe's message text).
             return errors.LimitExceededError(f"the model server's queue for model {model!r} is full; retry later")
-        if code is grpc.StatusCode.INTERNAL and self.supervisor.alive() and self._has_ready_worker(model):
+        if code is grpc.StatusCode.INTERNAL and self.supervisor.alive() and self.ready_workers(model) > 0:
             return errors.UnavailableError("the model server (TorchServe) failed the request with its queue not full "
                                            "and its workers ready; retry shortly")
         return errors.UnavailableError("the model server (TorchServe) is unavailable or restarting; retry shortly")
 
-    def _has_ready_worker(self, model: str) -> bool:
+    def ready_workers(self, model: str) -> int:
+        """How many of ``model``'s workers TorchServe's management API reports READY (0 when it cannot be asked)."""
         try:
             for described in self.supervisor.models():
                 if described.get("modelName") == model:
                     workers: list[dict[str, Any]] = described.get("workers", [])  # type: ignore[assignment]
-                    return any(w.get("status") == "READY" for w in workers)
+                    return sum(w.get("status") == "READY" for w in workers)
         except (errors.UnavailableError, OSError, ValueError, KeyError):
-            return False
-        return False
+            return 0
+        return 0
 
 
 def _code(exc: grpc.RpcError) -> grpc.StatusCode:
