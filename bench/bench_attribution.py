@@ -10,7 +10,6 @@ Run: ``.venv/bin/python -m bench.bench_attribution`` (uses the bundled ``lesion`
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -25,26 +24,21 @@ RATIO_TARGET = 1.3
 RSS_TARGET_MB = 3 * 1024
 
 
-def _floor_plan(method: Any, opts: dict[str, Any]) -> list[tuple[str, int, int]]:
-    """(kind, batch size, count) of the passes a method needs at least.
+def _floor_plan(method: Any, opts: dict[str, Any], shape: tuple[int, ...]) -> list[tuple[str, int, int]]:
+    """(kind, batch size, count) of the passes a method needs at least, on a volume of ``shape``.
 
     kind: ``fb`` forward + backward to the input, ``f`` forward only, ``fl`` forward + backward to the last layer.
     """
     from neuroexplain.attribution import Method
+    from neuroexplain.attribution.batching import evaluations
 
     b = opts.get("internal_batch_size", 1)  # as resolved (attribution.batching.resolved), never 0
-    if method is Method.INTEGRATED_GRADIENTS:
-        n = opts["n_steps"]
-        return [("fb", b, n // b)] + ([("fb", n % b, 1)] if n % b else [])
-    if method is Method.SMOOTHGRAD:
-        n = opts["nt_samples"]
-        return [("fb", b, n // b)] + ([("fb", n % b, 1)] if n % b else [])
-    if method is Method.GRADIENT_SHAP:
-        n = opts["n_samples"]
+    if method in (Method.INTEGRATED_GRADIENTS, Method.SMOOTHGRAD, Method.GRADIENT_SHAP):
+        # SmoothGrad's floor is its noisy copies' gradients (the default base)
+        n = opts["nt_samples"] if method is Method.SMOOTHGRAD else evaluations(method, opts, shape)
         return [("fb", b, n // b)] + ([("fb", n % b, 1)] if n % b else [])
     if method is Method.OCCLUSION:
-        shape = (80, 96, 80)
-        n = math.prod(math.ceil((s - opts["patch"]) / opts["stride"]) + 1 for s in shape)
+        n = evaluations(method, opts, shape)  # the patch positions
         return [("f", 1, 1), ("f", b, n // b)] + ([("f", n % b, 1)] if n % b else [])
     if method is Method.DEEPLIFT:
         return [("fb", 2, 1)]  # captum runs the scan and its baseline together, as one batch of 2
@@ -106,7 +100,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     for method in Method:
         opts = resolved(method, parse_options(method, None), model.module, x)  # the batch size it runs with
-        plan = _floor_plan(method, opts)
+        plan = _floor_plan(method, opts, tuple(x.shape[2:]))
         # p50 of interleaved rounds: 41 for the single-pass methods (tens of ms each, at the mercy of the neighbours),
         # 3 for the many-pass ones (seconds each).
         repeat = 3 if sum(c for _, _, c in plan) > 2 else 41

@@ -257,7 +257,7 @@ def ig_and_featvis(b: Bench, model: Any, steps: int) -> dict[str, Any]:
                          "volume_bytes_estimate": batching.volume_bytes(model.module, x, grad=True)}
     b.say(f"IG internal_batch_size auto: {opts['internal_batch_size']} (free {free} bytes, estimated "
           f"{out['auto_batch']['volume_bytes_estimate']} bytes per volume)")
-    plan = _floor_plan(Method.INTEGRATED_GRADIENTS, opts)
+    plan = _floor_plan(Method.INTEGRATED_GRADIENTS, opts, tuple(x.shape[2:]))
     floor_module = private_copy(model.module)
     floor = _floor(floor_module, x, plan, target, dict(floor_module.named_modules())[layers[-1]])
 
