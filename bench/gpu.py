@@ -10,8 +10,9 @@ machine's own torch. Sections, each on the library and the in-process backend's 
    dynamic batcher hands ``Runner.predict_batch`` up to ``BATCH`` requests gathered within ``DELAY_MS``);
 3. integrated gradients (defaults) against its floor (the same forward+backward passes at the same batch size) and
    feature visualization (``robust``) per step against one forward+backward pass of the same model;
-4. AMP: forward (batch 1 and 16) and the IG floor's passes in bf16 autocast against fp32, with the largest
-   probability difference and the Spearman correlation of the IG maps;
+4. AMP: forward (batch 1 and 16) and integrated gradients timed at float32, float16 and bfloat16 autocast, then the
+   card's ``mixed_precision`` record (``neuroexplain.lab.evaluate_precision``, fewer scans than the CLI): the largest
+   probability difference and each method's smallest Spearman correlation against float32;
 5. peak GPU memory (``torch.cuda.max_memory_allocated``).
 
 Without CUDA it refuses (exit code 2): CPU numbers are never reported as GPU numbers. ``--allow-cpu-dry-run`` runs
@@ -309,55 +310,64 @@ def ig_and_featvis(b: Bench, model: Any, steps: int) -> dict[str, Any]:
 
 
 def amp(b: Bench, model: Any) -> dict[str, Any]:
+    """Forward at batch 1 and 16 and integrated gradients timed at float32, float16 and bfloat16 autocast (through
+    the library's ``precision``), then the card's ``mixed_precision`` record as ``evaluate-precision`` measures it
+    (fewer scans): what ``serve --precision`` on this card would need in the spec."""
     import numpy as np
-    from scipy.stats import spearmanr
 
-    from neuroexplain.attribution import Method, parse_options
-    from neuroexplain.attribution.methods import attribute_tensor, private_copy
+    from neuroexplain.attribution import explain
+    from neuroexplain.attribution.options import Method
+    from neuroexplain.lab.evaluate_precision import measure
+    from neuroexplain.lab.synthetic import Task
+    from neuroexplain.precision import Precision, autocast
 
     torch = b.torch
-    dtype = torch.bfloat16
-    out: dict[str, Any] = {"dtype": "bfloat16"}
+    device_type = b.device.split(":")[0]
+    out: dict[str, Any] = {}
     gen = torch.Generator().manual_seed(0)
     for batch in (1, 16):
         x = torch.rand((batch, 1, *model.spec.grid.shape), generator=gen).to(b.device)
-        with torch.inference_mode():
-            ref = torch.softmax(model.module(x).float(), 1)
-            with torch.autocast(b.device.split(":")[0], dtype=dtype):
-                low = torch.softmax(model.module(x).float(), 1)
 
-            def run(on: bool, x: Any = x) -> None:
-                with torch.autocast(b.device.split(":")[0], dtype=dtype, enabled=on):
-                    model.module(x)
+        def run(precision: Precision, x: Any = x) -> None:
+            with torch.inference_mode(), autocast(device_type, precision):
+                model.module(x)
 
-            for on in (False, True):
-                run(on)
-            t = {on: _ms([b.timed(run, on)[1] for _ in range(5 if b.dry else 20)]) for on in (False, True)}
-        out[f"forward_batch{batch}"] = {"fp32_ms": t[False], "amp_ms": t[True],
-                                        "max_prob_diff": round(float((ref - low).abs().max()), 6),
-                                        "prob_target": 1e-3}  # fmt: skip
-        b.say(f"AMP forward batch {batch}: fp32 {t[False]} ms, bf16 {t[True]} ms, max |dp| "
-              f"{out[f'forward_batch{batch}']['max_prob_diff']} (target <= 1e-3)")
-    x = torch.rand((1, 1, *model.spec.grid.shape), generator=gen).to(b.device)
-    opts = parse_options(Method.INTEGRATED_GRADIENTS, None)
-    target = model.spec.class_index("lesion")
-    maps = {}
+        t = {}
+        for p in Precision:
+            run(p)
+            t[p.value] = _ms([b.timed(run, p)[1] for _ in range(5 if b.dry else 20)])
+        out[f"forward_batch{batch}_ms"] = t
+        b.say(f"AMP forward batch {batch}: " + ", ".join(f"{k} {v} ms" for k, v in t.items()))
+    scan, placed = _lesion_input(model)
     times = {}
-    for on in (False, True):
-        def ig(on: bool = on) -> Any:
-            with torch.autocast(b.device.split(":")[0], dtype=dtype, enabled=on):
-                return attribute_tensor(private_copy(model.module, Method.INTEGRATED_GRADIENTS), x,
-                                        Method.INTEGRATED_GRADIENTS, target, opts, grid=model.spec.grid)
+    for p in Precision:
+        def ig(p: Precision = p) -> Any:
+            return explain(model, scan, Method.INTEGRATED_GRADIENTS, prepared=placed, precision=p)
 
         ig()
-        maps[on], s = b.timed(ig)
-        times[on] = round(s * 1e3, 1)
-    rho = spearmanr(maps[False].float().cpu().numpy().ravel(), maps[True].float().cpu().numpy().ravel())[0]
-    out["integrated_gradients"] = {"fp32_ms": times[False], "amp_ms": times[True],
-                                   "spearman": round(float(np.nan_to_num(rho)), 4), "spearman_target": 0.99}
-    b.say(f"AMP IG: fp32 {times[False]} ms, bf16 {times[True]} ms, Spearman {out['integrated_gradients']['spearman']}"
-          " (target >= 0.99)")
+        times[p.value] = round(b.timed(ig)[1] * 1e3, 1)
+    out["integrated_gradients_ms"] = times
+    b.say("AMP IG: " + ", ".join(f"{k} {v} ms" for k, v in times.items()))
+    methods = (Method.GRADCAM, Method.INTEGRATED_GRADIENTS) if b.dry else tuple(Method)
+    record = measure(model, Task.LESION, n_predict=2 if b.dry else 12, n_attribution=1 if b.dry else 2,
+                     methods=methods, log=b.say)
+    out["mixed_precision_record"] = {device_type: record}
+    for p in ("float16", "bfloat16"):
+        within = [m for m, rho in record[p]["methods"].items() if rho is not None and np.isfinite(rho) and rho >= 0.99]
+        b.say(f"{p}: predict |dp| {record[p]['predict']:.5f} (target <= 1e-3); methods within Spearman 0.99: "
+              f"{', '.join(within) or 'none'}")
     return out
+
+
+def _lesion_input(model: Any) -> tuple[Any, Any]:
+    from neuroexplain.lab.synthetic import HELD_OUT_SEED_START, Task, make_sample
+    from neuroexplain.predict import prepare
+    from neuroexplain.template import MNI_2MM
+    from neuroexplain.volumes import Alignment, Scan
+
+    sample = make_sample(Task.LESION, HELD_OUT_SEED_START + 1)
+    scan = Scan(sample.image, MNI_2MM.affine.copy(), "", "nifti1")
+    return scan, prepare(scan, model, Alignment.MNI)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     b.section("predict", lambda: predict_stages(b, runner, scans), needs_s=20)
     b.section("throughput", lambda: throughput(b, runner, scans, clients), needs_s=40)
     b.section("attribution_featvis", lambda: ig_and_featvis(b, model, 5 if dry else 33), needs_s=20)
-    b.section("amp", lambda: amp(b, model), needs_s=10)
+    b.section("amp", lambda: amp(b, model), needs_s=40)
     if not dry:
         b.result["peak_gpu_memory_mib"] = round(max(b.peak_bytes, torch.cuda.max_memory_allocated()) / 2**20, 1)
         b.say(f"peak GPU memory {b.result['peak_gpu_memory_mib']} MiB")

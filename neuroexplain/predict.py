@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from neuroexplain.models.registry import LoadedModel, structural_copy
+from neuroexplain.precision import Precision, autocast
 from neuroexplain.template import anatomy
 from neuroexplain.volumes import Alignment, Placement, Scan, normalise, place
 
@@ -103,7 +104,8 @@ def inference_module(model: LoadedModel) -> nn.Module:
 
 
 def predict_arrays(
-    model: LoadedModel, arrays: Sequence[np.ndarray], batch_size: int = 4, *, with_features: bool = False
+    model: LoadedModel, arrays: Sequence[np.ndarray], batch_size: int = 4, *, with_features: bool = False,
+    precision: Precision = Precision.FLOAT32,
 ) -> list[Prediction]:
     """Run the model on arrays already in model space (``grid.shape`` each), ``batch_size`` at a time.
 
@@ -113,11 +115,14 @@ def predict_arrays(
         batch_size: scans per forward pass.
         with_features: also return each scan's penultimate activations (a forward pre-hook on the last
             ``nn.Linear``, removed afterwards; empty if the model has none).
+        precision: the forward passes' number format (torch autocast; :mod:`neuroexplain.precision` says where a
+            reduced one stays within tolerance). The oneDNN copy of the module runs only in float32: its direct
+            convolution call would bypass autocast.
     """
     temperature = model.spec.temperature
     out: list[Prediction] = []
     captured: list[torch.Tensor] = []
-    module = inference_module(model)
+    module = inference_module(model) if precision is Precision.FLOAT32 else model.module
     head = penultimate_layer(module) if with_features else None
     handle = (
         head.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].detach().float().cpu()))
@@ -125,7 +130,7 @@ def predict_arrays(
         else None
     )
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(model.device.type, precision):
             for start in range(0, len(arrays), batch_size):
                 captured.clear()
                 batch = torch.from_numpy(np.stack(arrays[start : start + batch_size]))[:, None].to(model.device)

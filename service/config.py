@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroexplain.errors import InvalidOptionError
+from neuroexplain.precision import Precision
 from neuroexplain.serving.types import ReadLimits
 
 MiB = 1 << 20
@@ -98,6 +99,9 @@ class Settings:
             gateway reads the keys from TorchServe's ``key_file.json`` and re-reads them when they expire).
         torchserve_token_expiration_min: TorchServe backend: lifetime of TorchServe's keys (its
             ``token_expiration_min``).
+        precision: number format of Predict and attribution (``float32`` default). ``float16``/``bfloat16`` run
+            only the computations a model's spec measured within tolerance on the device that runs them
+            (:mod:`neuroexplain.precision`); everything else stays float32.
     """
 
     host: str = "localhost"
@@ -146,6 +150,7 @@ class Settings:
     scan_store_key_file: str | None = None
     torchserve_token_auth: bool = True
     torchserve_token_expiration_min: float = 60.0
+    precision: Precision = Precision.FLOAT32
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "health_port"):

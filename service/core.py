@@ -35,6 +35,7 @@ from neuroexplain.errors import (
     UnavailableError,
     status_name,
 )
+from neuroexplain.precision import Precision
 from neuroexplain.serving.types import (
     Alignment,
     AttributeRequest,
@@ -363,8 +364,9 @@ class Core:
 
     def predict(self, request: PredictRequest, caller: Caller) -> tuple[PredictResult, bool]:
         check_dicom_request(request, self.deidentify_key)
+        request = dataclasses.replace(request, precision=self.settings.precision)
         info = self.model(request.model)
-        key = self._key(Operation.PREDICT, info, request.scan, {})
+        key = self._key(Operation.PREDICT, info, request.scan, self._precision_key())
         out = self._run(Operation.PREDICT, info, key, caller, request.scan,
                         lambda scan, ctx: self.backend.predict(dataclasses.replace(request, scan=scan), ctx))
         self._record_input_check(Operation.PREDICT, info, out[0])
@@ -372,7 +374,7 @@ class Core:
 
     def attribute(self, request: AttributeRequest, caller: Caller) -> tuple[AttributeResult, bool]:
         check_dicom_request(request, self.deidentify_key)
-        request = dataclasses.replace(request, reject_flagged=self.rejects_flagged)
+        request = dataclasses.replace(request, reject_flagged=self.rejects_flagged, precision=self.settings.precision)
         info = self.model(request.model)
         if not request.method:
             names = [m.name for m in info.attribution_methods]
@@ -386,7 +388,8 @@ class Core:
                                      field="target")
         method = next((m for m in info.attribution_methods if m.name == request.method), None)
         options = {"method": request.method, "target": request.target, "png": request.png,
-                   "options": canonical_options(method, request.options, f"method {request.method!r}")}
+                   "options": canonical_options(method, request.options, f"method {request.method!r}"),
+                   **self._precision_key()}
         key = self._key(Operation.ATTRIBUTE, info, request.scan, options)
         out = self._run(Operation.ATTRIBUTE, info, key, caller, request.scan,
                         lambda scan, ctx: self.backend.attribute(dataclasses.replace(request, scan=scan), ctx),
@@ -439,6 +442,12 @@ class Core:
                                        cacheable=request.scan is None)
 
     # -- machinery -----------------------------------------------------------------------------------------------
+
+    def _precision_key(self) -> dict[str, str]:
+        """The requested precision, when reduced (with the spec's digest in the key it fixes what ran; float32 keys
+        stay as they were before precision existed)."""
+        requested = self.settings.precision
+        return {} if requested is Precision.FLOAT32 else {"precision": requested.value}
 
     def _key(self, op: Operation, info: ModelInfo, scan: ScanInput | None, options: dict[str, Any]) -> str:
         scan_doc = None if scan is None else {"digest": scan.digest, **scan.options_key()}

@@ -36,6 +36,7 @@ from test_service_support import (  # noqa: F401  (fixtures)
 from neuroexplain import RESEARCH_NOTICE
 from neuroexplain._proto import neuroexplain_pb2 as pb
 from neuroexplain.models import load_model
+from neuroexplain.precision import Precision
 from neuroexplain.predict import predict
 from neuroexplain.volumes import nifti_bytes, read_scan
 from service.backends.inprocess import InProcessBackend
@@ -460,3 +461,29 @@ def test_progress_history_is_a_bounded_ring_with_one_preview() -> None:
     assert len(late) == PROGRESS_RING and late[-1].step == 1000 and late[0].step == 1000 - PROGRESS_RING + 1
     assert [e.step for e in caught_up] == [998, 999, 1000]
     assert sum(bool(e.preview_png) for e in late) == 1 and late[-1].preview_png
+
+
+def test_served_reduced_precision_reaches_the_backend_and_has_its_own_cache_key(backend: Any, tmp_path: Path) -> None:
+    """Both backends: the tiny model's spec holds a record (``test_service_support.TINY_PRECISION``) allowing float16
+    for predict and gradient_x_input on the CPU, not for gradient. Two gateways share one disk cache."""
+    plain = start_gateway(backend, tmp_path)
+    half = start_gateway(backend, tmp_path, precision=Precision.FLOAT16)
+    try:
+        def run(g: Any) -> tuple[Any, ...]:
+            p = g.stub.Predict(pb.PredictRequest(model=TINY, scan=scan_msg(SCAN)))
+            maps = [g.stub.Attribute(pb.AttributeRequest(model=TINY, scan=scan_msg(SCAN), method=m))
+                    for m in ("gradient_x_input", "gradient")]
+            return p, maps[0], maps[1]
+
+        p32, gradient_x_input32, gradient32 = run(plain)
+        p16, gradient_x_input16, gradient16 = run(half)
+        assert not (p16.info.cached or gradient_x_input16.info.cached)  # reduced results have their own cache keys
+        assert list(p16.logits) != list(p32.logits)
+        np.testing.assert_allclose(list(p16.logits), list(p32.logits), atol=1e-2)
+        assert gradient_x_input16.nifti != gradient_x_input32.nifti
+        assert gradient16.nifti == gradient32.nifti  # outside tolerance: float32, the same answer
+        again = run(half)
+        assert again[0].info.cached and list(again[0].logits) == list(p16.logits)
+    finally:
+        plain.stop()
+        half.stop()

@@ -36,6 +36,9 @@ TINY = "tiny"
 TINY_GRID = (18, 22, 18)  # 4 mm voxels over the MNI box
 TINY_KWARGS = {"channels": [2, 2, 2, 2], "hidden": 4}
 BACKEND_KINDS = ["inprocess", "torchserve"]
+# A mixed-precision record written for the tests (the bundled models' are measured): float16 within tolerance for
+# predict and gradient_x_input on the CPU, outside it for gradient.
+TINY_PRECISION = {"cpu": {"float16": {"predict": 0.0, "methods": {"gradient_x_input": 1.0, "gradient": 0.5}}}}
 
 
 def test_tiny_model_loads(tiny_model_dir: Path) -> None:
@@ -63,6 +66,7 @@ def write_tiny_model(parent: Path) -> Path:
         "layers": [{"name": n, "channels": c, "shape": list(s)} for n, c, s in layers],
         "weights_sha256": hashlib.sha256((folder / "weights.pt").read_bytes()).hexdigest(),
         "metrics": {"held_out_accuracy": 0.5},
+        "mixed_precision": TINY_PRECISION,
     }
     (folder / "spec.json").write_text(json.dumps(spec))
     return parent

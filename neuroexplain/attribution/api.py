@@ -14,6 +14,7 @@ from neuroexplain.attribution.options import Method, parse_options
 from neuroexplain.attribution.render import overlay_png
 from neuroexplain.attribution.summary import summarise
 from neuroexplain.models.registry import LoadedModel
+from neuroexplain.precision import Precision, autocast
 from neuroexplain.predict import ModelInput, prepare
 from neuroexplain.volumes import Alignment, Placement, Scan, nifti_bytes
 
@@ -61,6 +62,7 @@ def explain(
     png: bool = False,
     should_cancel: Callable[[], bool] | None = None,
     prepared: ModelInput | None = None,
+    precision: Precision = Precision.FLOAT32,
 ) -> AttributionResult:
     """Explain the model's output for ``target`` on ``scan`` with ``method``.
 
@@ -78,6 +80,8 @@ def explain(
         should_cancel: polled before every model pass; returning True raises ``CancelledError``.
         prepared: ``scan`` already placed on the model grid (:func:`~neuroexplain.predict.prepare`), e.g. by a caller
             that ran the input check on it; ``alignment`` is then ignored and the scan is not placed twice.
+        precision: the number format of the method's passes (torch autocast; :mod:`neuroexplain.precision` says
+            where a reduced one stays within tolerance). The probabilities always come from a float32 pass.
 
     Raises:
         InvalidOptionError: unknown method, option or target class, or an option out of range.
@@ -97,11 +101,12 @@ def explain(
     predicted_index = int(torch.argmax(logits).item())
     if target_index is None:
         target_index = predicted_index
-    attr = attribute_tensor(
-        module, x, m, target_index, opts, grid=model.spec.grid,
-        layer_names=[layer.name for layer in model.spec.layers], should_cancel=should_cancel,
-    )
-    model_map = attr[0, 0].cpu().numpy().astype(np.float32)
+    with autocast(model.device.type, precision):
+        attr = attribute_tensor(
+            module, x, m, target_index, opts, grid=model.spec.grid,
+            layer_names=[layer.name for layer in model.spec.layers], should_cancel=should_cancel,
+        )
+    model_map = attr[0, 0].float().cpu().numpy()
     native_map = prepared.placement.to_native(model_map)
     target_class = model.spec.classes[target_index]
     summary = summarise(model_map, prepared.placement, method=m.value, target=target_class)

@@ -71,6 +71,8 @@ class ModelSpec:
         input_check: the input check's calibration (per-check centres and scales, the threshold, seed ranges, the
             statistics file's name and digest); empty for a model never calibrated (the check then uses defaults).
         evaluation: one sentence on where accuracy and calibration were measured (synthetic data, which seeds).
+        mixed_precision: float16/bfloat16 measured against float32, per device type (:mod:`neuroexplain.precision`);
+            empty for a model never measured (everything then runs in float32).
         feature_statistics: training-set statistics of the penultimate activations (the input check's feature
             check); None for a model without them.
     """
@@ -90,6 +92,7 @@ class ModelSpec:
     temperature: float = 1.0
     input_check: dict[str, Any] = field(default_factory=dict)
     evaluation: str = ""
+    mixed_precision: dict[str, Any] = field(default_factory=dict)
     feature_statistics: FeatureStatistics | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +123,7 @@ class ModelSpec:
             temperature=float(d.get("temperature", 1.0)),
             input_check=dict(d.get("input_check", {})),
             evaluation=str(d.get("evaluation", "")),
+            mixed_precision=dict(d.get("mixed_precision", {})),
             feature_statistics=FeatureStatistics.from_dict(d["feature_statistics"]) if d.get("feature_statistics")
             else None,
         )

@@ -111,6 +111,7 @@ def model_info(spec: Mapping[str, Any], spec_sha256: str = "") -> ModelInfo:
             evaluation=str(spec.get("evaluation", "")),
             temperature=float(spec.get("temperature", 1.0)),
             has_feature_statistics=bool(check.get("statistics")),
+            mixed_precision=dict(spec.get("mixed_precision") or {}),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         name = spec.get("name", "?") if isinstance(spec, Mapping) else "?"

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from neuroexplain import errors
+from neuroexplain.precision import PREDICT, Precision, effective
 from neuroexplain.serving.types import (
     Alignment,
     AttributeRequest,
@@ -88,6 +89,12 @@ def placement_report(placement: Any) -> tuple[Alignment, Registration | None]:
                               transform=tuple(float(v) for v in reg.transform.reshape(-1)))
 
 
+def run_precision(model: Any, requested: Precision, operation: str) -> Precision:
+    """The precision ``operation`` (``predict`` or a method name) runs at on ``model``: ``requested`` where the
+    model's spec measured it within tolerance on this device type, else float32 (:mod:`neuroexplain.precision`)."""
+    return effective(model.spec.mixed_precision, model.device.type, requested, operation)
+
+
 @contextlib.contextmanager
 def memory_guard() -> Iterator[None]:
     """The one place out-of-memory is handled: torch's OOM error (its real type) frees the CUDA cache and becomes
@@ -143,23 +150,24 @@ class Runner:
         from neuroexplain.predict import predict_arrays, prepare
 
         out: list[PredictResult | errors.NeuroExplainError | None] = [None] * len(requests)
-        groups: dict[str, list[tuple[int, Any]]] = {}
+        groups: dict[tuple[str, Precision], list[tuple[int, Any]]] = {}
         for i, request in enumerate(requests):
             try:
                 model = self.model(request.model)
                 with memory_guard():
                     scan = decode(request.scan)
                     placed = prepare(scan, model, library_alignment(request.scan.alignment))
-                groups.setdefault(request.model, []).append((i, placed))
+                groups.setdefault((request.model, run_precision(model, request.precision, PREDICT)), []).append(
+                    (i, placed))
             except errors.NeuroExplainError as exc:
                 out[i] = exc
-        for name, members in groups.items():
+        for (name, precision), members in groups.items():
             model = self.model(name)
             spec = model.spec
             try:
                 with memory_guard():
                     predictions = predict_arrays(model, [p.array for _i, p in members], batch_size=len(members),
-                                                 with_features=True)
+                                                 with_features=True, precision=precision)
             except errors.NeuroExplainError as exc:
                 for i, _p in members:
                     out[i] = exc
@@ -190,7 +198,8 @@ class Runner:
             library_check = check_input(model, placed)
             enforce(library_check, InputCheckMode.REJECT if request.reject_flagged else InputCheckMode.WARN)
             out = explain(model, scan, request.method, target=request.target or None, options=dict(request.options),
-                          png=request.png, should_cancel=ctx.is_cancelled, prepared=placed)
+                          png=request.png, should_cancel=ctx.is_cancelled, prepared=placed,
+                          precision=run_precision(model, request.precision, request.method))
         used, registration = placement_report(placed.placement)
         return dataclasses.replace(attribute_result(model.spec, out), alignment=used,
                                    input_check=input_check(library_check), registration=registration)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neuroexplain import RESEARCH_NOTICE
+from neuroexplain.precision import Precision
 
 NOTICE = RESEARCH_NOTICE
 MiB = 1 << 20
@@ -113,6 +114,8 @@ class ModelInfo:
     evaluation: str = ""  # how accuracy and calibration were measured (synthetic data, which seeds)
     temperature: float = 1.0  # probabilities are softmax(logits / temperature); 1.0 = never calibrated
     has_feature_statistics: bool = False  # the spec names the feature statistics the input check compares against
+    # float16/bfloat16 against float32 as the spec measured it, per device type (neuroexplain.precision)
+    mixed_precision: Mapping[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -175,6 +178,9 @@ class PredictRequest:
     scan: ScanInput
     return_dicom: bool = False
     deidentify: bool = False
+    # Set by the core from ``serve --precision``: the runner uses it only where the model's spec measured it within
+    # tolerance on the device it runs on (neuroexplain.precision), else float32. In the cache key when reduced.
+    precision: Precision = Precision.FLOAT32
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,7 @@ class AttributeRequest:
     # Set by the core from ``serve --input-check reject``: the runner refuses a flagged scan before attributing it
     # (FAILED_PRECONDITION) instead of spending the attribution on it. Never part of the cache key.
     reject_flagged: bool = False
+    precision: Precision = Precision.FLOAT32  # as PredictRequest's, per method
 
 
 @dataclass(frozen=True)

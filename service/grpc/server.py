@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 from neuroexplain._proto import neuroexplain_pb2 as pb
 from neuroexplain._proto import neuroexplain_pb2_grpc as pb_grpc
 from neuroexplain.errors import InvalidOptionError, UnavailableError
+from neuroexplain.precision import Precision, describe
 from service.backend import Backend
 from service.cache import CacheError, ResultCache, open_cache
 from service.config import BackendKind, Settings
@@ -247,6 +248,10 @@ def serve(
                  "redis" if settings.cache.startswith("redis") else settings.cache)
         while not stopping.is_set():
             if gateway.update_health():
+                if settings.precision is not Precision.FLOAT32:
+                    for info in gateway.core.models():
+                        log.info("precision of model %s: %s", info.name, describe(info.mixed_precision,
+                                                                                settings.precision))
                 out("ready")
                 break
             stopping.wait(0.5)

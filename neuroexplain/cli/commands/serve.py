@@ -64,11 +64,16 @@ def register(sub: Any) -> None:
     p.add_argument("--input-check", choices=["warn", "reject"], default=None,
                    help="a scan unlike the model's training data: answer with the check in the result (warn, the "
                    "default) or refuse it with FAILED_PRECONDITION (reject)")
+    p.add_argument("--precision", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="number format of Predict and attribution (default float32); a reduced one runs only what "
+                   "the model's spec measured within tolerance on the device it runs on (neuroexplain "
+                   "evaluate-precision), everything else in float32")
     p.set_defaults(func=run)
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags given on the command line, as ``Settings`` field names (None = not given)."""
+    from neuroexplain.precision import Precision
     from service.config import BackendKind
 
     return {
@@ -96,6 +101,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "deidentify_key_file": args.deidentify_key_file,
         "scan_store_key_file": args.scan_store_key_file,
         "input_check": args.input_check,
+        "precision": Precision(args.precision) if args.precision else None,
     }
 
 
