@@ -131,3 +131,21 @@ def test_the_bundled_specs_hold_a_measured_cpu_record() -> None:
         for precision in ("float16", "bfloat16"):
             assert 0 < record[precision][PREDICT] < 1
             assert set(record[precision]["methods"]) == {m.value for m in Method}
+
+
+def test_the_setting_reads_the_flag_and_the_environment() -> None:
+    import argparse
+
+    from neuroexplain.cli.commands import serve
+    from service.config import build_settings
+
+    assert build_settings(environ={}).precision is Precision.FLOAT32
+    assert build_settings(environ={"NEUROEXPLAIN_PRECISION": "float16"}).precision is Precision.FLOAT16
+    with pytest.raises(InvalidOptionError, match=r"NEUROEXPLAIN_PRECISION='fp8' is not valid; allowed: \['float32', "
+                                                 r"'float16', 'bfloat16'\]"):
+        build_settings(environ={"NEUROEXPLAIN_PRECISION": "fp8"})
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--precision", "bfloat16"])
+    flags = serve.overrides(args)
+    assert build_settings(flags, environ={"NEUROEXPLAIN_PRECISION": "float16"}).precision is Precision.BFLOAT16
