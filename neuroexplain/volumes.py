@@ -15,10 +15,12 @@ import enum
 import gzip
 import hashlib
 import io
+import itertools
 import math
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +62,10 @@ _MGH_HEADER_BYTES = 284
 MAX_VOXEL_MM = 1000.0
 MAX_ORIGIN_MM = 1e6
 _HEAD_BYTES = 1024  # enough for any NIfTI-2 (540) or MGH (284) header
+# The decoder's pieces: at most _PIECE bytes out of the inflater per call (with its float32 copy, well inside a core's
+# L2 cache), fed _PIECE_IN bytes of the gzip stream at a time (what is left over is copied once per call).
+_PIECE = 2 << 20
+_PIECE_IN = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -188,8 +194,8 @@ def read_scan(
     if hasher is not None:
         hasher.start()
     try:
-        compressed = raw[:2] == b"\x1f\x8b"
-        head = _gunzip(raw, _HEAD_BYTES, allow_short=True) if compressed else raw[:_HEAD_BYTES]
+        stream = _Inflation(raw)
+        head = stream.head(_HEAD_BYTES)
         kind, shape, dtype, data_offset = _parse_header(head)
         if data_offset > limits.max_header_bytes:
             raise LimitExceededError(
@@ -202,60 +208,161 @@ def read_scan(
             raise LimitExceededError(
                 f"scan would decompress to {needed} bytes; the limit is {limits.max_decompressed_bytes} bytes"
             )
-        # MGH files carry optional trailing fields after the data; NIfTI needs exactly `needed` bytes.
-        body_cap = needed + (64 * 1024 if kind == "mgh" else 0)
-        if compressed:
-            raw = _gunzip(raw, body_cap, allow_short=False, declared=needed)
-        if len(raw) < needed:
-            raise ScanFormatError(
-                f"scan is truncated: its header declares {needed} bytes of header and data, but only {len(raw)} "
-                "arrived"
-            )
-        if kind == "mgh":
-            image = _nibabel_image(kind, raw)
-            data = _select_volume(image, shape[:3], volume_index)
+        if kind == "mgh":  # optional trailing fields follow the data; nibabel parses the whole file
+            image = _nibabel_image(kind, stream.read(needed, slack=64 * 1024))
+            data = _check_finite(_select_volume(image, shape[:3], volume_index), nonfinite)
             affine = np.asarray(image.affine, dtype=np.float64)
-            finite = False
         else:
-            data, affine, finite = _nifti_voxels(kind, raw, shape, dtype, data_offset, volume_index)
+            data, affine, extremes = _nifti_voxels(kind, head, stream, shape, dtype, data_offset, volume_index, needed)
+            data = _check_finite(data, nonfinite, extremes)
         _check_affine(affine)
-        data = _check_finite(data, nonfinite, known_finite=finite)
     finally:
         if hasher is not None:
             hasher.join()
     return Scan(data=data, affine=affine, digest=digest_box[0], format=kind)
 
 
+class _Inflation:
+    """A scan file's decompressed bytes as a stream of pieces of at most :data:`_PIECE` bytes, each small enough to
+    stay in the core's cache while it is converted: a gzip stream is inflated piece by piece (a bomb is caught at its
+    cap having allocated one piece more), an uncompressed file is served as views of its own bytes."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.compressed = raw[:2] == b"\x1f\x8b"
+        self._buffered: list[bytes | memoryview] = []
+        self._rest = self._inflate() if self.compressed else self._views()
+
+    def head(self, size: int) -> bytes:
+        """The first ``size`` bytes (fewer if the file is shorter); they are handed out again by :meth:`pieces`."""
+        held = 0
+        for piece in self._rest:
+            self._buffered.append(piece)
+            held += len(piece)
+            if held >= size:
+                break
+        return b"".join(self._buffered)[:size]
+
+    def pieces(self, cap: int, declared: int) -> Iterator[tuple[int, bytes | memoryview]]:
+        """``(offset, piece)`` from the start of the file; more than ``cap`` bytes in a gzip stream is an error (the
+        header declares ``declared``), an uncompressed file ends at ``cap``."""
+        offset = 0
+        for piece in itertools.chain(self._buffered, self._rest):
+            if offset + len(piece) > cap:
+                if self.compressed:
+                    raise LimitExceededError(
+                        f"gzip stream decompresses to more than {cap} bytes, but the header declares {declared} "
+                        "bytes (a decompression bomb or a corrupt file)"
+                    )
+                piece = piece[: cap - offset]
+            yield offset, piece
+            offset += len(piece)
+            if offset >= cap and not self.compressed:
+                break
+        self._buffered = []
+        if offset < declared:
+            raise ScanFormatError(
+                f"scan is truncated: its header declares {declared} bytes of header and data, but only {offset} "
+                "arrived"
+            )
+
+    def read(self, declared: int, slack: int = 0) -> bytes:
+        """The whole file: at least ``declared`` bytes, at most ``slack`` more."""
+        return b"".join(piece for _, piece in self.pieces(declared + slack, declared))
+
+    def _views(self) -> Iterator[memoryview]:
+        view = memoryview(self.raw)
+        for start in range(0, len(view), _PIECE):
+            yield view[start : start + _PIECE]
+
+    def _inflate(self) -> Iterator[bytes]:
+        d = _inflater.decompressobj(16 + zlib.MAX_WBITS)
+        view = memoryview(self.raw)
+        try:
+            for start in range(0, len(view), _PIECE_IN):
+                tail: bytes | memoryview = view[start : start + _PIECE_IN]
+                while True:  # a full piece may leave output pending inside the inflater even with no input left
+                    piece = d.decompress(tail, _PIECE)
+                    if piece:
+                        yield piece
+                    tail = d.unconsumed_tail
+                    if not tail and len(piece) < _PIECE:
+                        break
+                if d.eof:
+                    return
+        except (zlib.error, _inflater.error):
+            raise ScanFormatError("gzip stream is corrupt; expected a valid .nii.gz or .mgz file") from None
+        raise ScanFormatError("gzip stream is truncated; expected a complete .nii.gz or .mgz file")
+
+
 def _nifti_voxels(
-    kind: str, raw: bytes, shape: tuple[int, ...], dtype: np.dtype, offset: int, volume_index: int | None
-) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The selected volume straight from the inflated bytes (a view, no copy), one conversion to float32 (scaling
-    applied as nibabel does: ``scl_slope`` 0 or NaN means none), the header's best affine (sform, else qform), and
-    whether the values are finite by their type alone (integer voxels whose scaled range fits float32)."""
+    kind: str, head: bytes, stream: _Inflation, shape: tuple[int, ...], dtype: np.dtype, offset: int,
+    volume_index: int | None, needed: int,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """The selected volume, converted to float32 (scaling applied as nibabel does: ``scl_slope`` 0 or NaN means none)
+    piece by piece as the stream delivers it — no second copy of the file —, and the header's best affine (sform,
+    else qform)."""
     cls: Any = nib.Nifti1Header if kind == "nifti1" else nib.Nifti2Header
     try:
-        hdr = cls.from_fileobj(io.BytesIO(raw[: 348 if kind == "nifti1" else 540]), check=False)
+        hdr = cls.from_fileobj(io.BytesIO(head[: 348 if kind == "nifti1" else 540]), check=False)
         affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
         slope, inter = hdr.get_slope_inter()
     except Exception:  # noqa: BLE001 - nibabel raises several types for invalid headers
         raise ScanFormatError(f"{kind} file could not be parsed; expected a valid {kind} volume") from None
     spatial = tuple(int(s) for s in shape[:3])
-    count = spatial[0] * spatial[1] * spatial[2]
-    start = offset + (volume_index or 0) * count * dtype.itemsize
-    voxels = np.frombuffer(raw, dtype=dtype, count=count, offset=start).reshape(spatial, order="F")
-    # One conversion, in the file's own (Fortran) voxel order: a linear pass, no transpose (a C-order copy costs ~6x
-    # more); every consumer indexes by (X, Y, Z), and the torch resampler reads this layout without a copy.
-    data = voxels.astype(np.float32, order="K")
-    if slope is not None and not (slope == 1.0 and not inter):
-        data *= np.float32(slope)
-        if inter:
-            data += np.float32(inter)
-    finite = False
-    if dtype.kind in "iu":  # slope and inter are finite (header check): only an overflow could make an infinity
-        info = np.iinfo(dtype)
-        top = max(abs(int(info.min)), int(info.max)) * abs(slope if slope is not None else 1.0) + abs(inter or 0.0)
-        finite = top < float(np.finfo(np.float32).max) / 2
-    return data, affine, finite
+    voxels = _Voxels(spatial, dtype, None if slope is None or (slope == 1.0 and not inter) else (slope, inter or 0.0))
+    start = offset + (volume_index or 0) * voxels.nbytes
+    end = start + voxels.nbytes
+    for at, piece in stream.pieces(needed, needed):
+        lo, hi = max(at, start), min(at + len(piece), end)
+        if lo < hi:
+            voxels.feed(memoryview(piece)[lo - at : hi - at])
+    return voxels.data.reshape(spatial, order="F"), affine, (voxels.lo, voxels.hi)
+
+
+class _Voxels:
+    """A float32 volume filled from the file's bytes in order (the file's own Fortran voxel order: every consumer
+    indexes by (X, Y, Z), and the torch resampler reads this layout without a copy), each piece converted and scaled
+    while it is in cache, its extremes kept so that the finiteness check needs no pass of its own."""
+
+    def __init__(self, spatial: tuple[int, int, int], dtype: np.dtype, scaling: tuple[float, float] | None) -> None:
+        self.spatial, self.dtype, self.scaling = spatial, dtype, scaling
+        self.data = np.empty(spatial[0] * spatial[1] * spatial[2], dtype=np.float32)
+        self.nbytes = self.data.size * dtype.itemsize
+        self.filled = 0
+        self.lo, self.hi = math.inf, -math.inf  # NaN once any piece holds a NaN or infinity
+        self._partial = b""  # a voxel split across two pieces
+
+    def feed(self, chunk: memoryview) -> None:
+        size = self.dtype.itemsize
+        if self._partial:
+            take = size - len(self._partial)
+            self._partial += bytes(chunk[:take])
+            chunk = chunk[take:]
+            if len(self._partial) < size:
+                return
+            self._convert(self._partial)
+            self._partial = b""
+        whole = len(chunk) - len(chunk) % size
+        if whole:
+            self._convert(chunk[:whole])
+        self._partial = bytes(chunk[whole:])
+
+    def _convert(self, chunk: bytes | memoryview) -> None:
+        values = np.frombuffer(chunk, dtype=self.dtype)
+        part = self.data[self.filled : self.filled + values.size]
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow to infinity is reported below, by count
+            np.copyto(part, values, casting="unsafe")
+            if self.scaling is not None:
+                part *= np.float32(self.scaling[0])
+                if self.scaling[1]:
+                    part += np.float32(self.scaling[1])
+        self.filled += values.size
+        lo, hi = float(part.min()), float(part.max())
+        if math.isfinite(lo) and math.isfinite(hi):
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        else:
+            self.lo = self.hi = math.nan
 
 
 def _read_source(source: bytes | str | Path, limits: ScanLimits) -> bytes:
@@ -283,26 +390,6 @@ def _read_source(source: bytes | str | Path, limits: ScanLimits) -> bytes:
     if len(raw) < 4:
         raise ScanFormatError(f"scan is {len(raw)} bytes long; expected a NIfTI-1, NIfTI-2 or MGH/MGZ file")
     return raw
-
-
-def _gunzip(raw: bytes, cap: int, *, allow_short: bool, declared: int | None = None) -> bytes:
-    """Decompress at most ``cap`` bytes; never more, whatever the stream claims (the inflater stops at ``cap`` and
-    allocates no more than that)."""
-    d = _inflater.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(raw, cap)
-    except (zlib.error, _inflater.error):
-        raise ScanFormatError("gzip stream is corrupt; expected a valid .nii.gz or .mgz file") from None
-    if allow_short:
-        return out
-    if d.unconsumed_tail:
-        raise LimitExceededError(
-            f"gzip stream decompresses to more than {cap} bytes, but the header declares {declared} bytes "
-            "(a decompression bomb or a corrupt file)"
-        )
-    if not d.eof:
-        raise ScanFormatError("gzip stream is truncated; expected a complete .nii.gz or .mgz file")
-    return out
 
 
 def _parse_header(head: bytes) -> tuple[str, tuple[int, ...], np.dtype, int]:
@@ -425,24 +512,24 @@ def _check_affine(affine: np.ndarray) -> None:
                                 f"{MAX_ORIGIN_MM:g} mm")
 
 
-def _check_finite(data: np.ndarray, nonfinite: NonFinite, known_finite: bool = False) -> np.ndarray:
-    """``known_finite``: the voxel type cannot hold NaN or infinity (integer NIfTI data), so that pass is skipped.
+def _check_finite(data: np.ndarray, nonfinite: NonFinite, extremes: tuple[float, float] | None = None) -> np.ndarray:
+    """``extremes``: the data's minimum and maximum where the caller has them already (NaN where it holds a NaN or an
+    infinity), so this costs no pass over the data.
 
     The usual case costs two reductions and no mask: a NaN makes the minimum NaN and an infinity is an extreme, and
     finite extremes that are not both 0 also prove the scan is not all zeros."""
-    if not known_finite:
-        lo, hi = data.min(), data.max()
-        if np.isfinite(lo) and np.isfinite(hi):
-            if lo == 0 and hi == 0:
-                raise ScanDataError("scan is all zeros; expected an MRI volume with signal")
-            return data
-        bad = ~np.isfinite(data)
-        if nonfinite is NonFinite.REJECT:
-            raise ScanDataError(
-                f"scan has {int(np.count_nonzero(bad))} NaN or infinite voxels (after scl_slope/scl_inter); "
-                "fix the file or pass nonfinite='zero' to treat them as background"
-            )
-        data = np.where(bad, np.float32(0), data)
+    lo, hi = extremes if extremes is not None else (data.min(), data.max())
+    if np.isfinite(lo) and np.isfinite(hi):
+        if lo == 0 and hi == 0:
+            raise ScanDataError("scan is all zeros; expected an MRI volume with signal")
+        return data
+    bad = ~np.isfinite(data)
+    if nonfinite is NonFinite.REJECT:
+        raise ScanDataError(
+            f"scan has {int(np.count_nonzero(bad))} NaN or infinite voxels (after scl_slope/scl_inter); "
+            "fix the file or pass nonfinite='zero' to treat them as background"
+        )
+    data = np.where(bad, np.float32(0), data)
     if not np.any(data):
         raise ScanDataError("scan is all zeros; expected an MRI volume with signal")
     return data
