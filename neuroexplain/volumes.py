@@ -309,7 +309,7 @@ def _nifti_voxels(
         slope, inter = hdr.get_slope_inter()
     except Exception:  # noqa: BLE001 - nibabel raises several types for invalid headers
         raise ScanFormatError(f"{kind} file could not be parsed; expected a valid {kind} volume") from None
-    spatial = tuple(int(s) for s in shape[:3])
+    spatial = (int(shape[0]), int(shape[1]), int(shape[2]))
     voxels = _Voxels(spatial, dtype, None if slope is None or (slope == 1.0 and not inter) else (slope, inter or 0.0))
     start = offset + (volume_index or 0) * voxels.nbytes
     end = start + voxels.nbytes

@@ -269,15 +269,18 @@ class Core:
         """Bytes and digest of a scan sent inline, or by a digest ``owner`` sent earlier (see :meth:`remember_scan`).
 
         The digest is computed here, once; the scan is decoded only where the model runs, with the limits of
-        ``settings`` (carried by the returned :class:`ScanInput`). Another caller's digest is NOT_FOUND with the same
+        ``settings`` (carried by the returned :class:`ScanInput`) — while this thread hashes, where nothing else is
+        computing, an in-process backend may already be decoding it (:meth:`Backend.decode_ahead`). Another caller's digest is NOT_FOUND with the same
         message as an unknown one, so a digest reveals nothing.
         """
         instances: tuple[bytes, ...] = ()
         if ref.data is not None:
             if not ref.data:
                 raise InvalidOptionError("scan.data is empty; send the bytes of a NIfTI-1/-2 or MGH/MGZ file")
-            digest = hashlib.sha256(ref.data).hexdigest()
             data = ref.data
+            if self._pending == 0:  # a core is idle: the backend may decode while this thread hashes
+                self.backend.decode_ahead(self._scan_input(ref, data, "", ()))
+            digest = hashlib.sha256(data).hexdigest()
         elif ref.instances is not None:
             if not ref.instances:
                 raise InvalidOptionError("scan.dicom has no instances; send every instance of one DICOM series")
@@ -296,6 +299,9 @@ class Core:
         else:
             raise InvalidOptionError("scan is missing; set scan.data (file bytes), scan.dicom or scan.digest",
                                      field="scan")
+        return self._scan_input(ref, data, digest, instances)
+
+    def _scan_input(self, ref: ScanRef, data: bytes, digest: str, instances: tuple[bytes, ...]) -> ScanInput:
         return ScanInput(data=data, digest=digest, instances=instances, series_uid=ref.series_uid,
                          volume_index=ref.volume_index, alignment=ref.alignment, nonfinite=ref.nonfinite,
                          limits=self.settings.read_limits)

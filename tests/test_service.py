@@ -183,6 +183,25 @@ def test_concurrent_identical_calls_compute_once(gateway: Running, gated: GatedB
     assert gateway.sample("neuroexplain_requests_total", rpc="Predict", model=TINY, code="OK") == n
 
 
+def test_a_scan_is_decoded_ahead_only_while_nothing_else_computes(
+    gateway: Running, gated: GatedBackend, tiny_model_dir: Path
+) -> None:
+    # Idle: the core hints the backend to decode while it hashes; busy: no hint, the request decodes in its turn.
+    first, second = make_scan(11), make_scan(12)
+    gated.gate.clear()
+    running = gateway.stub.Predict.future(pb.PredictRequest(model=TINY, scan=scan_msg(first)))
+    assert gated.entered.acquire(timeout=20)
+    queued = gateway.stub.Predict.future(pb.PredictRequest(model=TINY, scan=scan_msg(second)))
+    assert gated.entered.acquire(timeout=20)
+    gated.gate.set()
+    answers = [running.result(timeout=30), queued.result(timeout=30)]
+    assert gated.ahead == [hashlib.sha256(first).hexdigest()]
+    # Decoded ahead or not, each answer is the library's on its own bytes.
+    model = load_model(TINY, model_dirs=(tiny_model_dir,))
+    for raw, answer in zip((first, second), answers, strict=True):
+        np.testing.assert_allclose(answer.logits, predict(model, [read_scan(raw)])[0].logits, rtol=1e-5, atol=1e-6)
+
+
 def test_a_shared_computation_survives_its_first_caller_leaving(gateway: Running, gated: GatedBackend) -> None:
     gated.gate.clear()
     request = pb.PredictRequest(model=TINY, scan=scan_msg(make_scan(6)))

@@ -134,6 +134,7 @@ class GatedBackend:
         self.down = False
         self.fail_with: BaseException | None = None
         self.stopped_after_cancel: list[int] = []
+        self.ahead: list[str] = []  # a digest of the bytes of each decode_ahead hint the core gave
 
     def start(self) -> None:
         return None
@@ -156,6 +157,10 @@ class GatedBackend:
             raise TimeoutError("test gate never opened")
         if self.fail_with is not None:
             raise self.fail_with
+
+    def decode_ahead(self, scan: Any) -> None:
+        self.ahead.append(hashlib.sha256(scan.data).hexdigest())
+        self.inner.decode_ahead(scan)
 
     def predict(self, request: Any, ctx: CallContext) -> Any:
         self._enter()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -118,14 +118,17 @@ def memory_guard() -> Iterator[None]:
 class Runner:
     """Runs predict, attribute and visualize with the library on already-loaded models.
 
-    Holds only the immutable model table: calls from many threads at once share nothing else.
+    Holds only the immutable model table and its decoder: calls from many threads at once share nothing else.
 
     Args:
         models: ``LoadedModel`` by name.
+        decoder: how a request's scan becomes a volume (default :func:`decode`; the in-process backend's picks up a
+            decode it started ahead of the request).
     """
 
-    def __init__(self, models: Mapping[str, Any]) -> None:
+    def __init__(self, models: Mapping[str, Any], decoder: Callable[[ScanInput], Any] = decode) -> None:
         self.models = dict(models)
+        self.decode = decoder
 
     def model(self, name: str) -> Any:
         model = self.models.get(name)
@@ -155,7 +158,7 @@ class Runner:
             try:
                 model = self.model(request.model)
                 with memory_guard():
-                    scan = decode(request.scan)
+                    scan = self.decode(request.scan)
                     placed = prepare(scan, model, library_alignment(request.scan.alignment))
                 groups.setdefault((request.model, run_precision(model, request.precision, PREDICT)), []).append(
                     (i, placed))
@@ -193,7 +196,7 @@ class Runner:
 
         model = self.model(request.model)
         with memory_guard():
-            scan = decode(request.scan)
+            scan = self.decode(request.scan)
             placed = prepare(scan, model, library_alignment(request.scan.alignment))
             library_check = check_input(model, placed)
             enforce(library_check, InputCheckMode.REJECT if request.reject_flagged else InputCheckMode.WARN)
@@ -214,7 +217,7 @@ class Runner:
                                      preview_png=p.preview_png or b""))
 
         with memory_guard():
-            start: Any = decode(request.scan) if request.scan is not None else request.start.value
+            start: Any = self.decode(request.scan) if request.scan is not None else request.start.value
             out = featvis.visualize(
                 model, request.target, preset=request.preset, steps=request.steps or DEFAULT_STEPS,
                 seed=request.seed, start=start, options=dict(request.options), progress=progress,

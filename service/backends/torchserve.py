@@ -54,6 +54,7 @@ from neuroexplain.serving.types import (
     PredictRequest,
     PredictResult,
     Progress,
+    ScanInput,
     VisualizeRequest,
     VisualizeResult,
 )
@@ -128,6 +129,9 @@ class TorchServeBackend:
         return (TorchServeCollector(self.supervisor),)
 
     # -- operations --------------------------------------------------------------------------------------------------
+
+    def decode_ahead(self, scan: ScanInput) -> None:
+        """Nothing: the workers decode, after the bytes reach them with the request."""
 
     def predict(self, request: PredictRequest, ctx: CallContext) -> PredictResult:
         # A batched forward pass takes milliseconds: a cancelled Predict is abandoned at once, without a flag.

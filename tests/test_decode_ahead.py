@@ -1,0 +1,76 @@
+"""The in-process backend's decode ahead: the volume a request gets is the one decoding it then would give."""
+
+from __future__ import annotations
+
+import gzip
+from typing import Any
+
+import numpy as np
+import pytest
+from test_service_support import make_scan
+
+from neuroexplain.errors import ScanFormatError
+from neuroexplain.serving.runner import decode
+from neuroexplain.serving.types import ScanInput
+from neuroexplain.volumes import digest_bytes
+from service.backends.inprocess import DecodeAhead
+
+
+class Counting:
+    """The real decoder, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, scan: ScanInput) -> Any:
+        self.calls += 1
+        return decode(scan)
+
+
+def _inline(raw: bytes, digest: str = "") -> ScanInput:
+    return ScanInput(data=raw, digest=digest)
+
+
+def test_the_request_takes_the_volume_decoded_ahead_with_its_own_digest() -> None:
+    raw = make_scan(1)
+    decoder = Counting()
+    ahead = DecodeAhead(decoder)
+    try:
+        ahead.start(_inline(raw))
+        scan = ahead.take(_inline(raw, digest_bytes(raw)))
+    finally:
+        ahead.close()
+    assert decoder.calls == 1
+    assert scan.digest == digest_bytes(raw)
+    np.testing.assert_array_equal(scan.data, decode(_inline(raw, digest_bytes(raw))).data)
+
+
+def test_other_bytes_or_other_options_are_decoded_anew() -> None:
+    raw, other = make_scan(2), make_scan(3)
+    decoder = Counting()
+    ahead = DecodeAhead(decoder)
+    try:
+        ahead.start(_inline(raw))
+        scan = ahead.take(_inline(other, digest_bytes(other)))  # drops the one decoded ahead
+        assert decoder.calls == 2
+        np.testing.assert_array_equal(scan.data, decode(_inline(other, "x" * 64)).data)
+        ahead.start(_inline(raw))
+        copy = bytes(bytearray(raw))  # equal bytes, another object: not compared byte by byte, decoded again
+        assert ahead.take(_inline(copy, digest_bytes(copy))).digest == digest_bytes(raw)
+        assert decoder.calls == 4
+    finally:
+        ahead.close()
+
+
+def test_a_scan_that_fails_ahead_fails_its_request_with_the_same_error() -> None:
+    broken = gzip.compress(make_scan(4))[:-200]  # a truncated gzip stream
+    with pytest.raises(ScanFormatError) as direct:
+        decode(_inline(broken, digest_bytes(broken)))
+    ahead = DecodeAhead(decode)
+    try:
+        ahead.start(_inline(broken))
+        with pytest.raises(ScanFormatError) as taken:
+            ahead.take(_inline(broken, digest_bytes(broken)))
+    finally:
+        ahead.close()
+    assert str(taken.value) == str(direct.value)
