@@ -1,0 +1,90 @@
+"""Predict from bytes, this checkout against another one, side by side (not part of ``make bench``).
+
+    flock /tmp/neuroexplain-bench.lock .venv/bin/python -m bench.predict_ab OTHER_CHECKOUT [--n 40]
+
+Machine noise moves ``bench predict``'s p50 by more than most changes (73-80 ms for the same code within a minute), so
+a change is judged here: two ``serve --backend inprocess`` processes (cache off), one from each checkout, run at once;
+one client alternates between them on the same distinct 1 mm scans (twice over, the order swapped every call) and
+times both inflates of each scan beside them (``bench.common.inflaters``). Prints p50s, ratios to the floor and the
+paired median of this checkout's time over the other's. ``OTHER_CHECKOUT`` is e.g. ``git worktree add /tmp/old REV``
+with its generated code copied in (``neuroexplain/_proto``, ``service/gen``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.bench_predict import MODEL, scans_by_dtype
+from bench.common import inflaters
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def _serve(checkout: Path) -> tuple[subprocess.Popen[str], Any]:
+    from neuroexplain.client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neuroexplain.cli.main", "serve", "--backend", "inprocess", "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", "-1", "--health-port", "-1", "--cache", "none"],
+        cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "NEUROEXPLAIN_AUDIT_LOG": "off"},
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"serve from {checkout} did not start")
+    return proc, Client(f"127.0.0.1:{port}", timeout=600)
+
+
+def main() -> None:
+    from neuroexplain.serving.tuning import tune_allocator
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("other", type=Path)
+    parser.add_argument("--n", type=int, default=40, help="distinct scans per dtype")
+    args = parser.parse_args()
+    tune_allocator(os.environ)
+    inflate = inflaters()
+    servers = {"this": _serve(HERE), "other": _serve(args.other.resolve())}
+    try:
+        for dtype, scans in scans_by_dtype(args.n).items():
+            times: dict[str, list[float]] = {k: [] for k in ("inflate", "inflate_pieces", "this", "other")}
+            for rep in range(2):
+                for i, raw in enumerate(scans):
+                    got = {}
+                    for name, fn in (("inflate", inflate["whole"]), ("inflate_pieces", inflate["pieces"])):
+                        t0 = time.perf_counter()
+                        fn(raw)
+                        got[name] = time.perf_counter() - t0
+                    for side in ("this", "other") if (i + rep) % 2 else ("other", "this"):
+                        t0 = time.perf_counter()
+                        servers[side][1].predict(raw, model=MODEL, alignment="mni")
+                        got[side] = time.perf_counter() - t0
+                    if i:  # the first scan warms both servers up
+                        for k, v in got.items():
+                            times[k].append(v)
+            p50 = {k: round(statistics.median(v) * 1e3, 1) for k, v in times.items()}
+            floor = min(p50["inflate"], p50["inflate_pieces"])
+            paired = statistics.median(a / b for a, b in zip(times["this"], times["other"], strict=True))
+            print(f"{dtype}: p50 ms {p50}; ratio to the floor this {p50['this'] / floor:.2f}, other "
+                  f"{p50['other'] / floor:.2f}; paired median this / other {paired:.3f} (n={len(times['this'])})",
+                  flush=True)
+    finally:
+        for proc, client in servers.values():
+            client.close()
+            proc.terminate()
+            proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()
