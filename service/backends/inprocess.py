@@ -67,8 +67,10 @@ class DecodeAhead:
         """``scan``'s volume: the decode started ahead for these very bytes and reading options, else decoded now."""
         with self._lock:
             entry, self._entry = self._entry, None
-        if entry is not None and _same_read(entry[0], scan):
-            return dataclasses.replace(entry[1].result(), digest=scan.digest)  # its error, if it failed, is raised
+        if entry is not None:
+            if _same_read(entry[0], scan):
+                return dataclasses.replace(entry[1].result(), digest=scan.digest)  # its error, if it failed, is raised
+            entry[1].cancel()  # another scan's: not decoded at all if it has not started yet
         return self._decode(scan)
 
     def close(self) -> None:
