@@ -208,14 +208,15 @@ def read_scan(
             raise LimitExceededError(
                 f"scan would decompress to {needed} bytes; the limit is {limits.max_decompressed_bytes} bytes"
             )
+        extremes = None
         if kind == "mgh":  # optional trailing fields follow the data; nibabel parses the whole file
             image = _nibabel_image(kind, stream.read(needed, slack=64 * 1024))
-            data = _check_finite(_select_volume(image, shape[:3], volume_index), nonfinite)
+            data = _select_volume(image, shape[:3], volume_index)
             affine = np.asarray(image.affine, dtype=np.float64)
         else:
             data, affine, extremes = _nifti_voxels(kind, head, stream, shape, dtype, data_offset, volume_index, needed)
-            data = _check_finite(data, nonfinite, extremes)
         _check_affine(affine)
+        data = _check_finite(data, nonfinite, extremes)
     finally:
         if hasher is not None:
             hasher.join()
