@@ -62,8 +62,9 @@ _MGH_HEADER_BYTES = 284
 MAX_VOXEL_MM = 1000.0
 MAX_ORIGIN_MM = 1e6
 _HEAD_BYTES = 1024  # enough for any NIfTI-2 (540) or MGH (284) header
-# The decoder's pieces: at most _PIECE bytes out of the inflater per call (with its float32 copy, well inside a core's
-# L2 cache), fed _PIECE_IN bytes of the gzip stream at a time (what is left over is copied once per call).
+# The decoder's pieces: at most _PIECE bytes out of the inflater per call, fed _PIECE_IN bytes of the gzip stream at a
+# time (what is left over is copied once per call). A piece and its float32 copy stay in the CPU's cache; smaller
+# pieces cost more in Python's per-call overhead than they save (measured: README, Benchmarks).
 _PIECE = 2 << 20
 _PIECE_IN = 1 << 20
 
@@ -225,7 +226,7 @@ def read_scan(
 
 class _Inflation:
     """A scan file's decompressed bytes as a stream of pieces of at most :data:`_PIECE` bytes, each small enough to
-    stay in the core's cache while it is converted: a gzip stream is inflated piece by piece (a bomb is caught at its
+    stay in the CPU's cache while it is converted: a gzip stream is inflated piece by piece (a bomb is caught at its
     cap having allocated one piece more), an uncompressed file is served as views of its own bytes."""
 
     def __init__(self, raw: bytes) -> None:
