@@ -1,13 +1,14 @@
 """Predict from bytes, this checkout against another one, side by side (not part of ``make bench``).
 
-    flock /tmp/neuroexplain-bench.lock .venv/bin/python -m bench.predict_ab OTHER_CHECKOUT [--n 40]
+    flock /tmp/neuroexplain-bench.lock .venv/bin/python -m bench.predict_ab OTHER_CHECKOUT [--n 40] [--other-env K=V]
 
 Machine noise moves ``bench predict``'s p50 by more than most changes (73-80 ms for the same code within a minute), so
 a change is judged here: two ``serve --backend inprocess`` processes (cache off), one from each checkout, run at once;
 one client alternates between them on the same distinct 1 mm scans (twice over, the order swapped every call) and
 times both inflates of each scan beside them (``bench.common.inflaters``). Prints p50s, ratios to the floor and the
 paired median of this checkout's time over the other's. ``OTHER_CHECKOUT`` is e.g. ``git worktree add /tmp/old REV``
-with its generated code copied in (``neuroexplain/_proto``, ``service/gen``).
+with its generated code copied in (``neuroexplain/_proto``, ``service/gen``), or ``.`` with ``--other-env`` to compare
+a setting (e.g. ``OMP_NUM_THREADS=1``) on the same code.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from bench.common import inflaters
 HERE = Path(__file__).resolve().parent.parent
 
 
-def _serve(checkout: Path) -> tuple[subprocess.Popen[str], Any]:
+def _serve(checkout: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen[str], Any]:
     from neuroexplain.client import Client
 
     with socket.socket() as s:
@@ -38,7 +39,7 @@ def _serve(checkout: Path) -> tuple[subprocess.Popen[str], Any]:
         [sys.executable, "-m", "neuroexplain.cli.main", "serve", "--backend", "inprocess", "--host", "127.0.0.1",
          "--port", str(port), "--metrics-port", "-1", "--health-port", "-1", "--cache", "none"],
         cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "NEUROEXPLAIN_AUDIT_LOG": "off"},
+        env={**os.environ, "NEUROEXPLAIN_AUDIT_LOG": "off", **extra_env},
     )
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
@@ -52,10 +53,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("other", type=Path)
     parser.add_argument("--n", type=int, default=40, help="distinct scans per dtype")
+    parser.add_argument("--other-env", action="append", default=[], metavar="K=V",
+                        help="an environment variable for the other checkout's server (repeatable)")
     args = parser.parse_args()
+    other_env = dict(item.split("=", 1) for item in args.other_env)
     tune_allocator(os.environ)
     inflate = inflaters()
-    servers = {"this": _serve(HERE), "other": _serve(args.other.resolve())}
+    servers = {"this": _serve(HERE, {}), "other": _serve(args.other.resolve(), other_env)}
     try:
         for dtype, scans in scans_by_dtype(args.n).items():
             times: dict[str, list[float]] = {k: [] for k in ("inflate", "inflate_pieces", "this", "other")}
