@@ -67,12 +67,13 @@ def error_code(exc: BaseException) -> str:
     return errors.status_name(exc) or "INTERNAL"
 
 
-def _scan_message(
-    scan: bytes | str | os.PathLike[str] | None, digest: str | None, volume_index: int | None, alignment: str,
-    non_finite: str, series_uid: str = "",
-) -> pb.Scan:
-    """The wire ``Scan``: file bytes, a directory's DICOM series (every DICOM file in it, read with the standard
-    library only), or a digest."""
+def _fill_scan(
+    msg: pb.Scan, scan: bytes | str | os.PathLike[str] | None, digest: str | None, volume_index: int | None,
+    alignment: str, non_finite: str, series_uid: str = "",
+) -> None:
+    """Fill a request's wire ``Scan`` in place (a ``Scan`` built apart and passed to the request's constructor is
+    copied: 1.4 ms more per 7.4 MB scan): file bytes, a directory's DICOM series (every DICOM file in it, read with
+    the standard library only), or a digest."""
     if (scan is None) == (digest is None):
         raise errors.InvalidOptionError("give exactly one of a scan (bytes, a file or a DICOM directory) and a scan "
                                         "digest")
@@ -80,7 +81,8 @@ def _scan_message(
         raise errors.InvalidOptionError(f"alignment {alignment!r} is unknown; allowed: {list(_ALIGNMENTS)}")
     if non_finite not in _NONFINITE:
         raise errors.InvalidOptionError(f"non_finite {non_finite!r} is unknown; allowed: {list(_NONFINITE)}")
-    msg = pb.Scan(alignment=_ALIGNMENTS[alignment], non_finite=_NONFINITE[non_finite])
+    msg.alignment = _ALIGNMENTS[alignment]
+    msg.non_finite = _NONFINITE[non_finite]
     if digest is not None:
         msg.digest = digest
     elif isinstance(scan, bytes):
@@ -101,7 +103,6 @@ def _scan_message(
         msg.dicom.series_instance_uid = series_uid
     if volume_index is not None:
         msg.volume_index = volume_index
-    return msg
 
 
 class Client:
@@ -177,10 +178,8 @@ class Client:
     ) -> pb.PredictResponse:
         """Class probabilities of one scan (file path, bytes, a DICOM series directory, or the ``digest`` of a scan
         sent before). ``return_dicom`` (DICOM input): the response's ``dicom`` holds the result SR."""
-        request = pb.PredictRequest(
-            model=model, scan=_scan_message(scan, digest, volume_index, alignment, non_finite, series_uid),
-            return_dicom=return_dicom, deidentify=deidentify,
-        )
+        request = pb.PredictRequest(model=model, return_dicom=return_dicom, deidentify=deidentify)
+        _fill_scan(request.scan, scan, digest, volume_index, alignment, non_finite, series_uid)
         return self._call(self._stub.Predict, request, timeout)  # type: ignore[no-any-return]
 
     def attribute(
@@ -193,10 +192,10 @@ class Client:
         """Signed relevance map (``.nifti``, on the scan's grid) and summary of one scan. ``return_dicom`` (DICOM
         input): the response's ``dicom`` holds the Parametric Map and the SR, plus ``dicom_extras`` (seg, sc)."""
         request = pb.AttributeRequest(
-            model=model, scan=_scan_message(scan, digest, volume_index, alignment, non_finite, series_uid),
-            method=method, target=target, options={k: str(v) for k, v in (options or {}).items()}, png=png,
-            return_dicom=return_dicom, dicom_extras=list(dicom_extras), deidentify=deidentify,
+            model=model, method=method, target=target, options={k: str(v) for k, v in (options or {}).items()},
+            png=png, return_dicom=return_dicom, dicom_extras=list(dicom_extras), deidentify=deidentify,
         )
+        _fill_scan(request.scan, scan, digest, volume_index, alignment, non_finite, series_uid)
         return self._call(self._stub.Attribute, request, timeout)  # type: ignore[no-any-return]
 
     def visualize_events(
@@ -211,7 +210,7 @@ class Client:
             options={k: str(v) for k, v in (options or {}).items()}, preview_every=preview_every, png=png,
         )
         if scan is not None or digest is not None:
-            request.scan.CopyFrom(_scan_message(scan, digest, None, "auto", "reject"))
+            _fill_scan(request.scan, scan, digest, None, "auto", "reject")
             request.start = request.start or "scan"
         return self._stub.Visualize(  # type: ignore[no-any-return]
             request, timeout=timeout if timeout is not None else self.timeout, metadata=self._metadata
