@@ -67,6 +67,11 @@ _HEAD_BYTES = 1024  # enough for any NIfTI-2 (540) or MGH (284) header
 # pieces cost more in Python's per-call overhead than they save (measured: README, Benchmarks).
 _PIECE = 2 << 20
 _PIECE_IN = 1 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
+# A gzip file may hold several members (BGZF, bgzip's format, writes one per 64 KiB block of data, then an empty one).
+# Each member costs ~17 us to start, so members must keep producing data: at most 16 plus one per 32 KiB so far.
+_GZIP_MEMBER_SLACK = 16
+_GZIP_BYTES_PER_MEMBER = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -231,7 +236,7 @@ class _Inflation:
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
-        self.compressed = raw[:2] == b"\x1f\x8b"
+        self.compressed = raw[:2] == _GZIP_MAGIC
         self._buffered: list[bytes | memoryview] = []
         self._rest = self._inflate() if self.compressed else self._views()
 
@@ -278,23 +283,37 @@ class _Inflation:
             yield view[start : start + _PIECE]
 
     def _inflate(self) -> Iterator[bytes]:
-        d = _inflater.decompressobj(16 + zlib.MAX_WBITS)
+        """The gzip stream's output. A file of several gzip members (concatenated files, BGZF blocks) is read member
+        after member, as Python's gzip and nibabel read it; bytes after the last member that do not start another are
+        ignored."""
         view = memoryview(self.raw)
+        start = members = produced = 0
         try:
-            for start in range(0, len(view), _PIECE_IN):
-                tail: bytes | memoryview = view[start : start + _PIECE_IN]
-                while True:  # a full piece may leave output pending inside the inflater even with no input left
-                    piece = d.decompress(tail, _PIECE)
-                    if piece:
-                        yield piece
-                    tail = d.unconsumed_tail
-                    if not tail and len(piece) < _PIECE:
-                        break
-                if d.eof:
-                    return
+            while view[start : start + 2] == _GZIP_MAGIC:
+                members += 1
+                if members > _GZIP_MEMBER_SLACK + produced // _GZIP_BYTES_PER_MEMBER:
+                    raise LimitExceededError(
+                        f"gzip stream has more than {members - 1} members for {produced} bytes of data; expected one "
+                        f"member, or blocks of at least {_GZIP_BYTES_PER_MEMBER} bytes each (BGZF)"
+                    )
+                d = _inflater.decompressobj(16 + zlib.MAX_WBITS)
+                at = start
+                while not d.eof and at < len(view):
+                    tail: bytes | memoryview = view[at : at + _PIECE_IN]
+                    at += len(tail)
+                    while True:  # a full piece may leave output pending inside the inflater even with no input left
+                        piece = d.decompress(tail, _PIECE)
+                        if piece:
+                            produced += len(piece)
+                            yield piece
+                        tail = d.unconsumed_tail
+                        if not tail and len(piece) < _PIECE:
+                            break
+                if not d.eof:
+                    raise ScanFormatError("gzip stream is truncated; expected a complete .nii.gz or .mgz file")
+                start = at - len(d.unused_data)  # where this member ended: the next may begin there
         except (zlib.error, _inflater.error):
             raise ScanFormatError("gzip stream is corrupt; expected a valid .nii.gz or .mgz file") from None
-        raise ScanFormatError("gzip stream is truncated; expected a complete .nii.gz or .mgz file")
 
 
 def _nifti_voxels(

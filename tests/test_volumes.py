@@ -96,6 +96,24 @@ def test_pieces_of_any_size_decode_every_voxel_type_as_nibabel_does(
             np.testing.assert_allclose(scan.data, expected, rtol=1e-6, err_msg=f"{name}, {label}")
 
 
+def test_a_gzip_file_of_several_members_reads_as_python_gzip_reads_it() -> None:
+    # Concatenated members and BGZF-style 64 KiB blocks are valid gzip files (RFC 1952): read them whole. Bytes after
+    # the last member are ignored; a member cut short is truncation; a stream of endless empty members is refused.
+    data = _brain_like((40, 44, 36))
+    raw = _nifti(data)
+    blocks = b"".join(gzip.compress(raw[i : i + 65536]) for i in range(0, len(raw), 65536))
+    assert gzip.decompress(blocks) == raw
+    for name, blob in (("two members", gzip.compress(raw[:5000]) + gzip.compress(raw[5000:])),
+                       ("64 KiB blocks", blocks), ("trailing bytes", gzip.compress(raw) + b"\x00" * 100)):
+        np.testing.assert_array_equal(read_scan(blob).data, data, err_msg=name)
+    with pytest.raises(ScanFormatError, match="truncated"):
+        read_scan(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:])[:-300])
+    bgzf = blocks + gzip.compress(b"", mtime=0)  # bgzip ends a file with an empty block
+    np.testing.assert_array_equal(read_scan(bgzf).data, data)
+    with pytest.raises(LimitExceededError, match="members"):
+        read_scan(gzip.compress(raw[:400]) + gzip.compress(b"", mtime=0) * 100_000)
+
+
 def test_nibabel_real_images_read_or_fail_clearly() -> None:
     anatomical = read_scan(NIBABEL_DATA / "anatomical.nii")
     assert anatomical.data.ndim == 3
