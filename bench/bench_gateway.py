@@ -38,16 +38,16 @@ def _free_port() -> int:
 
 
 class Gateway:
-    """``neuroexplain serve --backend inprocess`` in a subprocess."""
+    """``neuroexplain serve --backend inprocess`` in a subprocess (run from ``cwd``: another checkout's code)."""
 
-    def __init__(self, cache_args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, cache_args: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
         self.port = _free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "neuroexplain.cli.main", "serve", "--backend", "inprocess", "--host", "127.0.0.1",
              "--port", str(self.port), "--metrics-port", "-1", "--health-port", "-1", "--max-concurrency", "4",
              "--max-calls-per-caller", "0",  # one benchmark client opens up to 16 calls at once
              *cache_args],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=cwd,
         )
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":

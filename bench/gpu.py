@@ -142,9 +142,9 @@ def predict_stages(b: Bench, runner: Any, scans: dict[str, list[bytes]]) -> dict
     inflate = inflaters()
     out: dict[str, Any] = {"inflater": _inflater.__name__}
     for dtype, blobs in scans.items():
-        t: dict[str, list[float]] = {k: [] for k in ("inflate", "inflate_pieces", "read_scan", "h2d", "resample_on_device",
-                                                      "resample_library", "normalise", "forward", "input_check",
-                                                      "whole_predict")}
+        t: dict[str, list[float]] = {k: [] for k in ("inflate", "inflate_pieces", "read_scan", "h2d",
+                                                      "resample_on_device", "resample_library", "normalise",
+                                                      "forward", "input_check", "whole_predict")}
         def h2d(data: np.ndarray) -> Any:  # (X, Y, Z) Fortran-ordered -> its C-ordered (Z, Y, X) view, on the device
             return torch.from_numpy(np.asfortranarray(data).T).to(b.device)
 

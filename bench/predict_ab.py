@@ -3,48 +3,27 @@
     flock /tmp/neuroexplain-bench.lock .venv/bin/python -m bench.predict_ab OTHER_CHECKOUT [--n 40] [--other-env K=V]
 
 Machine noise moves ``bench predict``'s p50 by more than most changes (73-80 ms for the same code within a minute), so
-a change is judged here: two ``serve --backend inprocess`` processes (cache off), one from each checkout, run at once;
-one client alternates between them on the same distinct 1 mm scans (twice over, the order swapped every call) and
-times both inflates of each scan beside them (``bench.common.inflaters``). Prints p50s, ratios to the floor and the
-paired median of this checkout's time over the other's. ``OTHER_CHECKOUT`` is e.g. ``git worktree add /tmp/old REV``
-with its generated code copied in (``neuroexplain/_proto``, ``service/gen``), or ``.`` with ``--other-env`` to compare
-a setting (e.g. ``OMP_NUM_THREADS=1``) on the same code.
+a change is judged here: two ``serve --backend inprocess`` processes (``bench_gateway.Gateway``, cache off), one from
+each checkout, run at once; one client alternates between them on the same distinct 1 mm scans (twice over, the order
+swapped every call) and times both inflates of each scan beside them (``bench.common.inflaters``). Prints p50s, ratios
+to the floor and the paired median of this checkout's time over the other's. ``OTHER_CHECKOUT`` is e.g.
+``git worktree add /tmp/old REV`` with its generated code copied in (``neuroexplain/_proto``, ``service/gen``), or
+``.`` with ``--other-env`` to compare a setting (e.g. ``OMP_NUM_THREADS=1``) on the same code.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from bench.bench_gateway import Gateway, _model_env
 from bench.bench_predict import MODEL, scans_by_dtype
 from bench.common import inflaters
 
 HERE = Path(__file__).resolve().parent.parent
-
-
-def _serve(checkout: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen[str], Any]:
-    from neuroexplain.client import Client
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "neuroexplain.cli.main", "serve", "--backend", "inprocess", "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", "-1", "--health-port", "-1", "--cache", "none"],
-        cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "NEUROEXPLAIN_AUDIT_LOG": "off", **extra_env},
-    )
-    assert proc.stdout is not None
-    if proc.stdout.readline().strip() != "ready":
-        raise RuntimeError(f"serve from {checkout} did not start")
-    return proc, Client(f"127.0.0.1:{port}", timeout=600)
 
 
 def main() -> None:
@@ -59,7 +38,11 @@ def main() -> None:
     other_env = dict(item.split("=", 1) for item in args.other_env)
     tune_allocator(os.environ)
     inflate = inflaters()
-    servers = {"this": _serve(HERE, {}), "other": _serve(args.other.resolve(), other_env)}
+    from neuroexplain.client import Client
+
+    gateways = {"this": Gateway(["--cache", "none"], _model_env(), cwd=HERE),
+                "other": Gateway(["--cache", "none"], {**_model_env(), **other_env}, cwd=args.other.resolve())}
+    clients = {side: Client(f"127.0.0.1:{g.port}", timeout=600) for side, g in gateways.items()}
     try:
         for dtype, scans in scans_by_dtype(args.n).items():
             times: dict[str, list[float]] = {k: [] for k in ("inflate", "inflate_pieces", "this", "other")}
@@ -72,7 +55,7 @@ def main() -> None:
                         got[name] = time.perf_counter() - t0
                     for side in ("this", "other") if (i + rep) % 2 else ("other", "this"):
                         t0 = time.perf_counter()
-                        servers[side][1].predict(raw, model=MODEL, alignment="mni")
+                        clients[side].predict(raw, model=MODEL, alignment="mni")
                         got[side] = time.perf_counter() - t0
                     if i:  # the first scan warms both servers up
                         for k, v in got.items():
@@ -84,10 +67,9 @@ def main() -> None:
                   f"{p50['other'] / floor:.2f}; paired median this / other {paired:.3f} (n={len(times['this'])})",
                   flush=True)
     finally:
-        for proc, client in servers.values():
-            client.close()
-            proc.terminate()
-            proc.wait(60)
+        for side, gateway in gateways.items():
+            clients[side].close()
+            gateway.stop()
 
 
 if __name__ == "__main__":

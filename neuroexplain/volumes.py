@@ -248,7 +248,7 @@ class _Inflation:
             held += len(piece)
             if held >= size:
                 break
-        return b"".join(self._buffered)[:size]
+        return b"".join(memoryview(piece)[:size] for piece in self._buffered)[:size]  # not whole 2 MiB pieces
 
     def pieces(self, cap: int, declared: int) -> Iterator[tuple[int, bytes | memoryview]]:
         """``(offset, piece)`` from the start of the file; more than ``cap`` bytes in a gzip stream is an error (the
@@ -347,7 +347,7 @@ class _Voxels:
     while it is in cache, its extremes kept so that the finiteness check needs no pass of its own."""
 
     def __init__(self, spatial: tuple[int, int, int], dtype: np.dtype, scaling: tuple[float, float] | None) -> None:
-        self.spatial, self.dtype, self.scaling = spatial, dtype, scaling
+        self.dtype, self.scaling = dtype, scaling
         self.data = np.empty(spatial[0] * spatial[1] * spatial[2], dtype=np.float32)
         self.nbytes = self.data.size * dtype.itemsize
         self.filled = 0

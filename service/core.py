@@ -270,8 +270,8 @@ class Core:
 
         The digest is computed here, once; the scan is decoded only where the model runs, with the limits of
         ``settings`` (carried by the returned :class:`ScanInput`) — while this thread hashes, where nothing else is
-        computing, an in-process backend may already be decoding it (:meth:`Backend.decode_ahead`). Another caller's digest is NOT_FOUND with the same
-        message as an unknown one, so a digest reveals nothing.
+        computing, an in-process backend may already be decoding it (:meth:`Backend.decode_ahead`). Another caller's
+        digest is NOT_FOUND with the same message as an unknown one, so a digest reveals nothing.
         """
         instances: tuple[bytes, ...] = ()
         if ref.data is not None:
