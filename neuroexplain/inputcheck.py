@@ -207,7 +207,19 @@ def calibration_of(model: LoadedModel) -> tuple[Mapping[str, Any], bool]:
     return DEFAULT_CALIBRATION, False
 
 
-def check_input(model: LoadedModel, prepared: ModelInput, prediction: Prediction | None = None) -> InputCheck:
+def image_check(model: LoadedModel, prepared: ModelInput) -> dict[str, float]:
+    """The image checks' raw scores of one prepared scan against the model's calibration (:func:`image_scores`).
+
+    They need only the scan, not the prediction: a caller that predicts too runs them beside the forward pass and
+    hands them to :func:`check_input` (the serving runner does).
+    """
+    calib, _own = calibration_of(model)
+    ref = np.asarray(calib.get("reference_quantiles") or [], dtype=np.float64)
+    return image_scores(prepared.array, model.spec.grid, ref if ref.size == len(_QUANTILES) else None)
+
+
+def check_input(model: LoadedModel, prepared: ModelInput, prediction: Prediction | None = None, *,
+                image: Mapping[str, float] | None = None) -> InputCheck:
     """Check one prepared scan against the model's training data.
 
     Args:
@@ -215,13 +227,14 @@ def check_input(model: LoadedModel, prepared: ModelInput, prediction: Prediction
         prepared: the scan in model space (:func:`neuroexplain.predict.prepare`).
         prediction: the scan's prediction made with ``with_features=True``; without one (or without features) and
             with feature statistics present, one forward pass is run here.
+        image: :func:`image_check` of this very ``prepared`` scan and model where the caller has run it already;
+            otherwise it runs here.
 
     Returns:
         The verdict, its score and threshold, a reason a person understands, and every check that ran.
     """
     calib, own = calibration_of(model)
-    ref = np.asarray(calib.get("reference_quantiles") or [], dtype=np.float64)
-    raw = image_scores(prepared.array, model.spec.grid, ref if ref.size == len(_QUANTILES) else None)
+    raw = dict(image) if image is not None else image_check(model, prepared)
     stats = model.spec.feature_statistics
     centre, scale = calib["centre"], calib["scale"]
     names = [n for n in IMAGE_CHECKS]

@@ -56,7 +56,7 @@ def prepare(scan: Scan, model: LoadedModel, alignment: Alignment = Alignment.AUT
     """Resample a scan onto the model's grid and normalise it as the model was trained."""
     grid = model.spec.grid
     placement = place(scan, grid, anatomy(grid).com_mm, alignment)
-    return ModelInput(array=normalise(placement.to_model(scan.data)), placement=placement)
+    return ModelInput(array=normalise(placement.scan_to_model(scan)), placement=placement)
 
 
 def penultimate_layer(module: nn.Module) -> nn.Linear | None:

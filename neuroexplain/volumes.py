@@ -17,10 +17,11 @@ import hashlib
 import io
 import itertools
 import math
+import queue
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,8 @@ _HEAD_BYTES = 1024  # enough for any NIfTI-2 (540) or MGH (284) header
 # pieces cost more in Python's per-call overhead than they save (measured: README, Benchmarks).
 _PIECE = 2 << 20
 _PIECE_IN = 1 << 20
+_CONVERT_QUEUE = 4  # inflated pieces waiting for their conversion (at most 8 MiB)
+_SLAB_PLANES = 8  # output planes resampled at a time while a scan decodes (read_scan's ``onto``)
 _GZIP_MAGIC = b"\x1f\x8b"
 # A gzip file may hold several members (BGZF, bgzip's format, writes one per 64 KiB block of data, then an empty one).
 # Each member costs ~17 us to start, so members must keep producing data: at most 16 plus one per 32 KiB so far.
@@ -112,6 +115,15 @@ class Alignment(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Resampled:
+    """A scan's voxels already resampled onto a grid as its header places them there (``mni``), by :func:`read_scan`
+    while it decoded the file (``onto``); :meth:`Placement.scan_to_model` takes it when its own mapping is ``m``."""
+
+    m: np.ndarray  # (4, 4) grid voxel -> scan voxel
+    array: np.ndarray  # grid.shape float32, read-only
+
+
+@dataclass(frozen=True)
 class Scan:
     """A decoded, validated 3D volume on its own grid.
 
@@ -120,12 +132,14 @@ class Scan:
         affine: voxel index -> world (mm) transform, ``(4, 4)`` float64.
         digest: SHA-256 hex digest of the bytes as received; the only identifier logs and caches may use.
         format: ``nifti1``, ``nifti2`` or ``mgh``.
+        resampled: the voxels on a model grid, where :func:`read_scan` was asked for them (``onto``).
     """
 
     data: np.ndarray
     affine: np.ndarray
     digest: str
     format: str
+    resampled: Resampled | None = field(default=None, repr=False, compare=False, kw_only=True)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -179,6 +193,7 @@ def read_scan(
     nonfinite: NonFinite = NonFinite.REJECT,
     limits: ScanLimits = ScanLimits(),
     digest: str | None = None,
+    onto: Grid | None = None,
 ) -> Scan:
     """Decode and validate a scan from bytes or a path; the format is detected from the content, not the name.
 
@@ -189,6 +204,11 @@ def read_scan(
         limits: size caps, all checked before the data is decompressed or allocated.
         digest: the SHA-256 of ``source``'s bytes where the caller has computed it already (the serving core does,
             once per request); otherwise it is computed here.
+        onto: a model grid the caller will place the scan on as its header places it (``mni``, or ``auto`` that
+            resolves to it): a gzipped NIfTI is then resampled onto it slab by slab while it inflates, on the
+            conversion thread, and :func:`neuroexplain.predict.prepare` takes that (``Scan.resampled``) instead of
+            resampling after the decode. Where the mapping has a rotation (or the voxels are not finite) nothing is
+            done ahead.
 
     Raises:
         ScanFormatError, ScanGeometryError, ScanDataError, LimitExceededError.
@@ -214,19 +234,22 @@ def read_scan(
             raise LimitExceededError(
                 f"scan would decompress to {needed} bytes; the limit is {limits.max_decompressed_bytes} bytes"
             )
-        extremes = None
+        extremes, resampled = None, None
         if kind == "mgh":  # optional trailing fields follow the data; nibabel parses the whole file
             image = _nibabel_image(kind, stream.read(needed, slack=64 * 1024))
             data = _select_volume(image, shape[:3], volume_index)
             affine = np.asarray(image.affine, dtype=np.float64)
         else:
-            data, affine, extremes = _nifti_voxels(kind, head, stream, shape, dtype, data_offset, volume_index, needed)
+            data, affine, extremes, resampled = _nifti_voxels(kind, head, stream, shape, dtype, data_offset,
+                                                              volume_index, needed, onto)
         _check_affine(affine)
-        data = _check_finite(data, nonfinite, extremes)
+        voxels, data = data, _check_finite(data, nonfinite, extremes)
+        if data is not voxels:  # non-finite voxels zeroed: what was resampled ahead is not this volume
+            resampled = None
     finally:
         if hasher is not None:
             hasher.join()
-    return Scan(data=data, affine=affine, digest=digest_box[0], format=kind)
+    return Scan(data=data, affine=affine, digest=digest_box[0], format=kind, resampled=resampled)
 
 
 class _Inflation:
@@ -318,8 +341,8 @@ class _Inflation:
 
 def _nifti_voxels(
     kind: str, head: bytes, stream: _Inflation, shape: tuple[int, ...], dtype: np.dtype, offset: int,
-    volume_index: int | None, needed: int,
-) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    volume_index: int | None, needed: int, onto: Grid | None = None,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float], Resampled | None]:
     """The selected volume, converted to float32 (scaling applied as nibabel does: ``scl_slope`` 0 or NaN means none)
     piece by piece as the stream delivers it — no second copy of the file —, and the header's best affine (sform,
     else qform)."""
@@ -334,11 +357,63 @@ def _nifti_voxels(
     voxels = _Voxels(spatial, dtype, None if slope is None or (slope == 1.0 and not inter) else (slope, inter or 0.0))
     start = offset + (volume_index or 0) * voxels.nbytes
     end = start + voxels.nbytes
-    for at, piece in stream.pieces(needed, needed):
-        lo, hi = max(at, start), min(at + len(piece), end)
-        if lo < hi:
-            voxels.feed(memoryview(piece)[lo - at : hi - at])
-    return voxels.data.reshape(spatial, order="F"), affine, (voxels.lo, voxels.hi)
+    converter, slabs, m = None, None, None
+    if stream.compressed:
+        if onto is not None and np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 0:
+            m = Placement(grid=onto, scan_affine=affine, scan_shape=spatial, shift_mm=np.zeros(3),
+                          alignment=Alignment.MNI).voxel_map()
+            slabs = _SlabResampler.start(m, onto.shape, spatial)
+
+        def consume(chunk: memoryview) -> None:
+            voxels.feed(chunk)
+            if slabs is not None:
+                slabs.advance(voxels.data, voxels.filled)
+
+        converter = _Converter(consume)
+    try:
+        for at, piece in stream.pieces(needed, needed):
+            lo, hi = max(at, start), min(at + len(piece), end)
+            if lo < hi:
+                (converter.put if converter is not None else voxels.feed)(memoryview(piece)[lo - at : hi - at])
+    finally:
+        if converter is not None:
+            converter.join()
+    finite = math.isfinite(voxels.lo) and math.isfinite(voxels.hi)
+    resampled = Resampled(m, slabs.finish(voxels.data)) if slabs is not None and m is not None and finite else None
+    return voxels.data.reshape(spatial, order="F"), affine, (voxels.lo, voxels.hi), resampled
+
+
+class _Converter:
+    """Feeds inflated pieces to a consumer on a thread of its own, in order, so that converting one piece overlaps
+    inflating the next (both release the GIL): the inflate is the reader's floor, and the conversion no longer adds
+    to it. At most :data:`_CONVERT_QUEUE` pieces wait, so a slow consumer holds the inflater back instead of
+    buffering the file."""
+
+    def __init__(self, consume: Callable[[memoryview], None]) -> None:
+        self._queue: queue.Queue[memoryview | None] = queue.Queue(_CONVERT_QUEUE)
+        self._consume = consume
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="scan-convert", daemon=True)
+        self._thread.start()
+
+    def put(self, piece: memoryview) -> None:
+        self._queue.put(piece)
+
+    def join(self) -> None:
+        """Wait until every piece put so far is consumed (also after the producer failed); a consumer's error is
+        raised here."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            if self._error is None:  # after an error the rest is only drained: the producer never blocks
+                try:
+                    self._consume(piece)
+                except BaseException as exc:  # noqa: BLE001 - raised again in the producer's thread by join()
+                    self._error = exc
 
 
 class _Voxels:
@@ -600,12 +675,23 @@ class Placement:
         t[:3, 3] = self.shift_mm
         return t
 
+    def voxel_map(self) -> np.ndarray:
+        """Model voxel -> model world -> scan world -> scan voxel, ``(4, 4)``."""
+        return np.linalg.inv(self.scan_affine) @ np.linalg.inv(self._scan_to_model_world()) @ self.grid.affine
+
     def to_model(self, data: np.ndarray, *, order: int = 1) -> np.ndarray:
         """Resample a scan-grid array onto the model grid (masked by ``model_mask``). ``(X, Y, Z)`` -> ``grid.shape``."""
-        # model voxel -> model world -> scan world -> scan voxel
-        m = np.linalg.inv(self.scan_affine) @ np.linalg.inv(self._scan_to_model_world()) @ self.grid.affine
-        out = _affine_resample_fast(data, m, self.grid.shape, order)
+        out = _affine_resample_fast(data, self.voxel_map(), self.grid.shape, order)
         return out * self.model_mask if self.model_mask is not None else out
+
+    def scan_to_model(self, scan: Scan) -> np.ndarray:
+        """:meth:`to_model` of ``scan.data`` — the resampling :func:`read_scan` did while decoding (``onto``) when it
+        is this very mapping (read-only then), else computed now."""
+        ahead = scan.resampled
+        if (ahead is not None and self.model_mask is None and ahead.array.shape == tuple(self.grid.shape)
+                and np.array_equal(ahead.m, self.voxel_map())):
+            return ahead.array
+        return self.to_model(scan.data)
 
     def to_native(self, data: np.ndarray, *, order: int = 1) -> np.ndarray:
         """Resample a model-grid array back onto the scan's own grid. ``grid.shape`` -> ``(X, Y, Z)``."""
@@ -644,21 +730,18 @@ def _affine_resample_fast(data: np.ndarray, m: np.ndarray, shape: tuple[int, int
     return resample_torch(data, m, shape).numpy()
 
 
-def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...],
+                         axes: tuple[int, ...] | None = None) -> np.ndarray:
     """``out[o] = data[m @ o]`` with trilinear weights for a diagonal ``m``; 0 where a sample falls outside
-    ``[0, n-1]`` along any axis (scipy's ``mode="constant"``, ``cval=0``)."""
+    ``[0, n-1]`` along any axis (scipy's ``mode="constant"``, ``cval=0``). ``axes``: the order of the passes (data
+    axes; default :func:`_pass_order`'s)."""
     import torch
 
     array = np.asarray(data, dtype=np.float32)
-    # Work on a C-ordered view (a scan read from NIfTI is Fortran-ordered: its view reversed), so each pass writes
-    # in the layout it reads, and the outermost axis goes first among those that shrink alike (whole contiguous
-    # planes are read with a stride; a stride along the contiguous axis does not vectorise). The axis that shrinks
-    # the volume most goes first: every later pass reads less.
-    perm = (2, 1, 0) if array.flags.f_contiguous and not array.flags.c_contiguous else (0, 1, 2)
+    perm = _view_perm(array)
     out = torch.from_numpy(array).permute(perm)
-    order = sorted(range(3), key=lambda p: (shape[perm[p]] / max(int(array.shape[perm[p]]), 1), p))
-    for view_axis in order:
-        axis = perm[view_axis]
+    for axis in axes if axes is not None else _pass_order(array, shape):
+        view_axis = perm.index(axis)
         n = int(array.shape[axis])
         strided = _strided_lerp(out, view_axis, n, float(m[axis, axis]), float(m[axis, 3]), int(shape[axis]))
         if strided is not None:
@@ -677,6 +760,68 @@ def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...]
         b = out.index_select(view_axis, torch.from_numpy(hi))
         out = a.mul_(torch.from_numpy(w_lo).view(view)).add_(b.mul_(torch.from_numpy(w_hi).view(view)))
     return np.ascontiguousarray(out.permute(perm).numpy())
+
+
+def _view_perm(array: np.ndarray) -> tuple[int, int, int]:
+    """The passes work on a C-ordered view (a scan read from NIfTI is Fortran-ordered: its view reversed), so each
+    pass writes in the layout it reads."""
+    return (2, 1, 0) if array.flags.f_contiguous and not array.flags.c_contiguous else (0, 1, 2)
+
+
+def _pass_order(array: np.ndarray, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The data axes in the order :func:`_separable_trilinear` resamples them: the one that shrinks the volume most
+    first (every later pass reads less), and among those that shrink alike the outermost of the C-ordered view
+    (whole contiguous planes are read with a stride; a stride along the contiguous axis does not vectorise)."""
+    perm = _view_perm(array)
+    return tuple(perm[p] for p in sorted(range(3), key=lambda p: (shape[perm[p]] / max(int(array.shape[perm[p]]), 1),
+                                                                    p)))
+
+
+class _SlabResampler:
+    """:func:`_separable_trilinear` of a volume while it is being decoded (``read_scan(onto=...)``): the output
+    planes along the file's slowest axis (Z) are computed slab by slab on the conversion thread, each slab as soon
+    as every input plane it reads has been converted, with the whole volume's pass order, so that only the last slab
+    is left when the inflate ends. Only for a diagonal ``m`` whose Z step is positive (:meth:`start`)."""
+
+    def __init__(self, m: np.ndarray, shape: tuple[int, int, int], spatial: tuple[int, int, int]) -> None:
+        self.m, self.shape, self.spatial = m, shape, spatial
+        n = spatial[2]
+        pos = m[2, 2] * np.arange(shape[2], dtype=np.float64) + m[2, 3]
+        lo = np.minimum(np.floor(np.clip(pos, 0, n - 1)).astype(np.int64), max(n - 2, 0))
+        self._first, self._last = lo, np.minimum(lo + 1, n - 1)  # the input planes each output plane reads
+        self._axes = _pass_order(np.empty(spatial, dtype=np.float32, order="F"), shape)
+        self.out = np.empty(shape, dtype=np.float32)
+        self._done = 0
+
+    @classmethod
+    def start(cls, m: np.ndarray, shape: tuple[int, int, int], spatial: tuple[int, int, int]) -> _SlabResampler | None:
+        linear = m[:3, :3]
+        if not np.isfinite(m).all() or np.abs(linear - np.diag(np.diag(linear))).max() > 1e-9 * np.abs(linear).max():
+            return None
+        return cls(m, shape, spatial) if m[2, 2] > 0 else None
+
+    def advance(self, data: np.ndarray, filled: int) -> None:
+        """``filled`` voxels of ``data`` (flat, Fortran order) are converted: compute the slab they complete."""
+        planes = filled // (self.spatial[0] * self.spatial[1])
+        ready = int(np.searchsorted(self._last, planes - 1, side="right"))
+        if ready - self._done >= _SLAB_PLANES:
+            self._compute(data, ready)
+
+    def finish(self, data: np.ndarray) -> np.ndarray:
+        self._compute(data, self.shape[2])
+        self.out.flags.writeable = False
+        return self.out
+
+    def _compute(self, data: np.ndarray, ready: int) -> None:
+        j0, j1 = self._done, ready
+        if j1 <= j0:
+            return
+        s, e = int(self._first[j0]), int(self._last[j1 - 1]) + 1
+        sub = self.m.copy()
+        sub[2, 3] = self.m[2, 2] * j0 + self.m[2, 3] - s  # output plane j0 is the slab's plane 0
+        volume = data.reshape(self.spatial, order="F")[:, :, s:e]
+        self.out[:, :, j0:j1] = _separable_trilinear(volume, sub, (self.shape[0], self.shape[1], j1 - j0), self._axes)
+        self._done = j1
 
 
 def _strided_lerp(x: torch.Tensor, axis: int, n: int, step: float, offset: float, size: int) -> torch.Tensor | None:

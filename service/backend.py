@@ -51,10 +51,11 @@ class Backend(Protocol):
     def collectors(self) -> Sequence[Collector]:
         """Prometheus collectors the gateway registers on its ``/metrics`` registry (TorchServe: its re-export)."""
 
-    def decode_ahead(self, scan: ScanInput) -> None:
-        """A hint given while the core hashes ``scan`` (a file sent inline) and nothing else is computing: a backend
-        that decodes in this process may start decoding it now, so that the decode overlaps the digest, and hand the
-        volume to the request that follows (the in-process backend); one that decodes elsewhere ignores it."""
+    def decode_ahead(self, scan: ScanInput, model: str) -> None:
+        """A hint given while the core hashes ``scan`` (a file sent inline) for a request to ``model`` and nothing
+        else is computing: a backend that decodes in this process may start decoding it now, so that the decode
+        overlaps the digest, and hand the volume to the request that follows (the in-process backend); one that
+        decodes elsewhere ignores it."""
 
     def predict(self, request: PredictRequest, ctx: CallContext) -> PredictResult: ...
 

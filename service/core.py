@@ -265,13 +265,13 @@ class Core:
         """Keep a scan that validated (its request succeeded) for later digest references by the same ``owner``."""
         self.scans.put(_store_key(owner, scan.digest), scan.data, scan.instances)
 
-    def resolve_scan(self, ref: ScanRef, owner: str) -> ScanInput:
+    def resolve_scan(self, ref: ScanRef, owner: str, model: str = "") -> ScanInput:
         """Bytes and digest of a scan sent inline, or by a digest ``owner`` sent earlier (see :meth:`remember_scan`).
 
         The digest is computed here, once; the scan is decoded only where the model runs, with the limits of
         ``settings`` (carried by the returned :class:`ScanInput`) — while this thread hashes, where nothing else is
-        computing, an in-process backend may already be decoding it (:meth:`Backend.decode_ahead`). Another caller's
-        digest is NOT_FOUND with the same message as an unknown one, so a digest reveals nothing.
+        computing, an in-process backend may already be decoding it for ``model`` (:meth:`Backend.decode_ahead`).
+        Another caller's digest is NOT_FOUND with the same message as an unknown one, so a digest reveals nothing.
         """
         instances: tuple[bytes, ...] = ()
         if ref.data is not None:
@@ -279,7 +279,7 @@ class Core:
                 raise InvalidOptionError("scan.data is empty; send the bytes of a NIfTI-1/-2 or MGH/MGZ file")
             data = ref.data
             if self._pending == 0:  # a core is idle: the backend may decode while this thread hashes
-                self.backend.decode_ahead(self._scan_input(ref, data, "", ()))
+                self.backend.decode_ahead(self._scan_input(ref, data, "", ()), model)
             digest = hashlib.sha256(data).hexdigest()
         elif ref.instances is not None:
             if not ref.instances:

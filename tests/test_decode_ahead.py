@@ -12,6 +12,7 @@ from test_service_support import make_scan
 from neuroexplain.errors import ScanFormatError
 from neuroexplain.serving.runner import decode
 from neuroexplain.serving.types import ScanInput
+from neuroexplain.template import MNI_2MM
 from neuroexplain.volumes import digest_bytes
 from service.backends.inprocess import DecodeAhead
 
@@ -22,9 +23,9 @@ class Counting:
     def __init__(self) -> None:
         self.decoded: list[int] = []
 
-    def __call__(self, scan: ScanInput) -> Any:
+    def __call__(self, scan: ScanInput, onto: Any = None) -> Any:
         self.decoded.append(id(scan.data))
-        return decode(scan)
+        return decode(scan, onto)
 
 
 def _inline(raw: bytes, digest: str = "") -> ScanInput:
@@ -74,3 +75,25 @@ def test_a_scan_that_fails_ahead_fails_its_request_with_the_same_error() -> None
     finally:
         ahead.close()
     assert str(taken.value) == str(direct.value)
+
+
+def test_a_scan_decoded_ahead_onto_a_grid_serves_only_a_request_onto_that_grid() -> None:
+    # The volume decoded ahead was resampled onto the model's grid as it decoded; a request for another grid (or
+    # none) decodes anew, and what each gets is what decoding it then would give.
+    raw = make_scan(5)  # a gzipped NIfTI
+    grid = MNI_2MM
+    decoder = Counting()
+    ahead = DecodeAhead(decoder)
+    try:
+        ahead.start(_inline(raw), grid)
+        scan = ahead.take(_inline(raw, digest_bytes(raw)), grid)
+        assert decoder.decoded == [id(raw)]
+        assert scan.resampled is not None and scan.resampled.array.shape == grid.shape
+        ahead.start(_inline(raw), grid)
+        plain = ahead.take(_inline(raw, digest_bytes(raw)), None)
+        assert decoder.decoded == [id(raw)] * 3 and plain.resampled is None
+    finally:
+        ahead.close()
+    direct = decode(_inline(raw, digest_bytes(raw)), grid)
+    np.testing.assert_array_equal(scan.resampled.array, direct.resampled.array)
+    np.testing.assert_array_equal(scan.data, plain.data)

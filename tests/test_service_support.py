@@ -158,9 +158,9 @@ class GatedBackend:
         if self.fail_with is not None:
             raise self.fail_with
 
-    def decode_ahead(self, scan: Any) -> None:
+    def decode_ahead(self, scan: Any, model: str) -> None:
         self.ahead.append(hashlib.sha256(scan.data).hexdigest())
-        self.inner.decode_ahead(scan)
+        self.inner.decode_ahead(scan, model)
 
     def predict(self, request: Any, ctx: CallContext) -> Any:
         self._enter()

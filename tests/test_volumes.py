@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -140,6 +141,33 @@ def test_truncated_gzip() -> None:
     raw = gzip.compress(_nifti(_brain_like()))
     with pytest.raises(ScanFormatError, match="truncated"):
         read_scan(raw[: len(raw) // 2])
+
+
+def test_the_conversion_thread_ends_with_every_read_and_passes_its_errors_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A gzip file's pieces are converted on a thread of their own while the next ones inflate. Whatever happens —
+    # a stream cut short, a bomb, an error inside the conversion while its queue is full — the read returns or
+    # raises, and no conversion thread is left behind.
+    monkeypatch.setattr(volumes, "_PIECE", 1000)  # many pieces: the queue fills
+    raw = gzip.compress(_nifti(_brain_like((40, 44, 36))))
+
+    def converting() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "scan-convert"]
+
+    with pytest.raises(ScanFormatError, match="truncated"):
+        read_scan(raw[: len(raw) // 2])
+    with pytest.raises(LimitExceededError, match="decompresses to more than"):
+        read_scan(gzip.compress(_nifti(_brain_like((40, 44, 36))) + bytes(50_000)))
+    calls = []
+
+    def failing(self: object, chunk: memoryview) -> None:
+        calls.append(len(chunk))
+        if len(calls) == 2:
+            raise MemoryError
+    monkeypatch.setattr(volumes._Voxels, "feed", failing)
+    with pytest.raises(MemoryError):
+        read_scan(raw)
+    assert len(calls) == 2  # nothing was converted after the error; the rest was drained
+    assert converting() == []
 
 
 def test_truncated_uncompressed_data() -> None:

@@ -17,12 +17,14 @@ import contextlib
 import dataclasses
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from neuroexplain import errors
 from neuroexplain.precision import PREDICT, Precision, effective
+from neuroexplain.serving.tuning import usable_cores
 from neuroexplain.serving.types import (
     Alignment,
     AttributeRequest,
@@ -46,8 +48,9 @@ DEFAULT_STEPS = 256  # the CLI's --steps default
 # Seams
 
 
-def decode(scan: ScanInput) -> Any:
-    """The scan's validated volume (``neuroexplain.volumes.Scan``), decoded with ``scan.limits``.
+def decode(scan: ScanInput, onto: Any = None) -> Any:
+    """The scan's validated volume (``neuroexplain.volumes.Scan``), decoded with ``scan.limits``; with ``onto`` (a
+    model grid, :meth:`Runner.onto`) a file is resampled onto it while it decodes (``read_scan``'s ``onto``).
 
     Raises:
         InvalidInputError: (subclasses) the bytes are not a usable scan; LimitExceededError: a cap was hit.
@@ -62,7 +65,7 @@ def decode(scan: ScanInput) -> Any:
         return read_series(scan.instances, series_uid=scan.series_uid or None, volume_index=scan.volume_index,
                            nonfinite=nonfinite, limits=limits)
     return read_scan(scan.data, volume_index=scan.volume_index, nonfinite=nonfinite, limits=limits,
-                     digest=scan.digest or None)  # the core's digest of these bytes: not hashed twice
+                     digest=scan.digest or None, onto=onto)  # the core's digest of these bytes: not hashed twice
 
 
 def library_alignment(alignment: Alignment) -> Any:
@@ -118,7 +121,8 @@ def memory_guard() -> Iterator[None]:
 class Runner:
     """Runs predict, attribute and visualize with the library on already-loaded models.
 
-    Holds only the immutable model table and its decoder: calls from many threads at once share nothing else.
+    Holds only the immutable model table, its decoder and the threads that run the input check's image checks
+    beside a forward pass: calls from many threads at once share nothing else.
 
     Args:
         models: ``LoadedModel`` by name.
@@ -126,15 +130,25 @@ class Runner:
             decode it started ahead of the request).
     """
 
-    def __init__(self, models: Mapping[str, Any], decoder: Callable[[ScanInput], Any] = decode) -> None:
+    def __init__(self, models: Mapping[str, Any], decoder: Callable[[ScanInput, Any], Any] = decode) -> None:
         self.models = dict(models)
         self.decode = decoder
+        self._beside = ThreadPoolExecutor(usable_cores(), thread_name_prefix="input-check")
 
     def model(self, name: str) -> Any:
         model = self.models.get(name)
         if model is None:
             raise errors.NotFoundError(f"model {name!r} is not served here; served models: {sorted(self.models)}")
         return model
+
+    def onto(self, name: str, scan: ScanInput) -> Any:
+        """The grid to resample ``scan`` onto while it decodes: model ``name``'s, where the scan's alignment places
+        it there by its header (``mni``, and ``auto``, which resolves to ``mni`` for a scan in the model's space;
+        when it registers instead, the work is not used); else None."""
+        model = self.models.get(name)
+        if model is None or scan.is_dicom or scan.alignment not in (Alignment.MNI, Alignment.AUTO):
+            return None
+        return model.spec.grid
 
     def predict(self, request: PredictRequest, ctx: CallContext | None = None) -> PredictResult:
         """One scan's prediction (raises the typed error instead of returning it)."""
@@ -149,7 +163,7 @@ class Runner:
 
         A bad scan fails alone: its slot holds the typed error, its neighbours are answered.
         """
-        from neuroexplain.inputcheck import check_input
+        from neuroexplain.inputcheck import check_input, image_check
         from neuroexplain.predict import predict_arrays, prepare
 
         out: list[PredictResult | errors.NeuroExplainError | None] = [None] * len(requests)
@@ -158,7 +172,7 @@ class Runner:
             try:
                 model = self.model(request.model)
                 with memory_guard():
-                    scan = self.decode(request.scan)
+                    scan = self.decode(request.scan, self.onto(request.model, request.scan))
                     placed = prepare(scan, model, library_alignment(request.scan.alignment))
                 groups.setdefault((request.model, run_precision(model, request.precision, PREDICT)), []).append(
                     (i, placed))
@@ -167,17 +181,20 @@ class Runner:
         for (name, precision), members in groups.items():
             model = self.model(name)
             spec = model.spec
+            # The image checks need only the placed scans: they run on other threads during the forward pass.
+            images = [self._beside.submit(image_check, model, placed) for _i, placed in members]
             try:
                 with memory_guard():
                     predictions = predict_arrays(model, [p.array for _i, p in members], batch_size=len(members),
                                                  with_features=True, precision=precision)
             except errors.NeuroExplainError as exc:
-                for i, _p in members:
+                for (i, _p), image in zip(members, images, strict=True):
+                    image.cancel()
                     out[i] = exc
                 continue
-            for (i, placed), p in zip(members, predictions, strict=True):
+            for (i, placed), p, image in zip(members, predictions, images, strict=True):
                 try:
-                    check = input_check(check_input(model, placed, p))
+                    check = input_check(check_input(model, placed, p, image=image.result()))
                 except errors.NeuroExplainError as exc:
                     out[i] = exc
                     continue
@@ -196,7 +213,7 @@ class Runner:
 
         model = self.model(request.model)
         with memory_guard():
-            scan = self.decode(request.scan)
+            scan = self.decode(request.scan, self.onto(request.model, request.scan))
             placed = prepare(scan, model, library_alignment(request.scan.alignment))
             library_check = check_input(model, placed)
             enforce(library_check, InputCheckMode.REJECT if request.reject_flagged else InputCheckMode.WARN)
@@ -217,7 +234,8 @@ class Runner:
                                      preview_png=p.preview_png or b""))
 
         with memory_guard():
-            start: Any = self.decode(request.scan) if request.scan is not None else request.start.value
+            start: Any = (self.decode(request.scan, self.onto(request.model, request.scan)) if request.scan is not None
+                          else request.start.value)
             out = featvis.visualize(
                 model, request.target, preset=request.preset, steps=request.steps or DEFAULT_STEPS,
                 seed=request.seed, start=start, options=dict(request.options), progress=progress,

@@ -50,28 +50,31 @@ class DecodeAhead:
         decode: the decoder (``neuroexplain.serving.runner.decode``).
     """
 
-    def __init__(self, decode: Callable[[ScanInput], Any]) -> None:
+    def __init__(self, decode: Callable[[ScanInput, Any], Any]) -> None:
         self._decode = decode
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="decode-ahead")
         self._lock = threading.Lock()
-        self._entry: tuple[ScanInput, Future[Any]] | None = None
+        self._entry: tuple[ScanInput, Any, Future[Any]] | None = None
 
-    def start(self, scan: ScanInput) -> None:
-        """Begin decoding ``scan`` (a file sent inline; its digest is not known yet), unless one is still running."""
+    def start(self, scan: ScanInput, onto: Any = None) -> None:
+        """Begin decoding ``scan`` (a file sent inline; its digest is not known yet), resampled onto grid ``onto``
+        as it decodes where one is given, unless a decode is still running."""
         with self._lock:
-            if self._entry is not None and not self._entry[1].done():
+            if self._entry is not None and not self._entry[2].done():
                 return
-            self._entry = (scan, self._pool.submit(self._decode, dataclasses.replace(scan, digest=_DIGEST_FOLLOWS)))
+            ahead = dataclasses.replace(scan, digest=_DIGEST_FOLLOWS)
+            self._entry = (scan, onto, self._pool.submit(self._decode, ahead, onto))
 
-    def take(self, scan: ScanInput) -> Any:
-        """``scan``'s volume: the decode started ahead for these very bytes and reading options, else decoded now."""
+    def take(self, scan: ScanInput, onto: Any = None) -> Any:
+        """``scan``'s volume: the decode started ahead for these very bytes, reading options and grid, else decoded
+        now."""
         with self._lock:
             entry, self._entry = self._entry, None
         if entry is not None:
-            if _same_read(entry[0], scan):
-                return dataclasses.replace(entry[1].result(), digest=scan.digest)  # its error, if it failed, is raised
-            entry[1].cancel()  # another scan's: not decoded at all if it has not started yet
-        return self._decode(scan)
+            if _same_read(entry[0], scan) and entry[1] == onto:
+                return dataclasses.replace(entry[2].result(), digest=scan.digest)  # its error, if it failed, is raised
+            entry[2].cancel()  # another scan's: not decoded at all if it has not started yet
+        return self._decode(scan, onto)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -141,9 +144,9 @@ class InProcessBackend:
 
     # -- operations ----------------------------------------------------------------------------------------------
 
-    def decode_ahead(self, scan: ScanInput) -> None:
-        if self._ahead is not None:
-            self._ahead.start(scan)
+    def decode_ahead(self, scan: ScanInput, model: str) -> None:
+        if self._ahead is not None and self._runner is not None:
+            self._ahead.start(scan, self._runner.onto(model, scan))
 
     def predict(self, request: PredictRequest, ctx: CallContext) -> PredictResult:
         return self._run().predict(request, ctx)  # type: ignore[no-any-return]

@@ -130,7 +130,7 @@ class TorchServeBackend:
 
     # -- operations --------------------------------------------------------------------------------------------------
 
-    def decode_ahead(self, scan: ScanInput) -> None:
+    def decode_ahead(self, scan: ScanInput, model: str) -> None:
         """Nothing: the workers decode, after the bytes reach them with the request."""
 
     def predict(self, request: PredictRequest, ctx: CallContext) -> PredictResult:

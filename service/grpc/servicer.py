@@ -38,8 +38,8 @@ def owner(context: grpc.ServicerContext) -> str:
     return f"peer:{host}"
 
 
-def _resolve(core: Core, ref: ScanRef, context: grpc.ServicerContext) -> ScanInput:
-    scan = core.resolve_scan(ref, owner(context))
+def _resolve(core: Core, ref: ScanRef, context: grpc.ServicerContext, model: str) -> ScanInput:
+    scan = core.resolve_scan(ref, owner(context), model)
     audit.annotate(scan_digest=scan.digest)  # the audit line names the scan by its digest, never by anything else
     return scan
 
@@ -78,7 +78,7 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
         _require(request.model, "model")
         _authorize(request.model, "predict")
         fields = convert.predict_fields(request)
-        scan = _resolve(self.core, convert.scan_ref(request.scan), context)
+        scan = _resolve(self.core, convert.scan_ref(request.scan), context, request.model)
         domain = PredictRequest(scan=scan, **fields)  # type: ignore[arg-type]
         result, cached = self.core.predict(domain, caller(context))
         self.core.remember_scan(owner(context), scan)  # only scans that validated are kept
@@ -88,7 +88,7 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
         _require(request.model, "model")
         _authorize(request.model, "attribute")
         fields = convert.attribute_fields(request)
-        scan = _resolve(self.core, convert.scan_ref(request.scan), context)
+        scan = _resolve(self.core, convert.scan_ref(request.scan), context, request.model)
         domain = AttributeRequest(scan=scan, **fields)  # type: ignore[arg-type]
         result, cached = self.core.attribute(domain, caller(context))
         audit.annotate(target=result.target)  # the class explained (the predicted one when none was named)
@@ -100,7 +100,8 @@ class NeuroExplainServicer(pb_grpc.NeuroExplainServicer):
         _require(request.target, "target")
         _authorize(request.model, "visualize")
         fields = convert.visualize_fields(request)
-        scan = _resolve(self.core, convert.scan_ref(request.scan), context) if request.HasField("scan") else None
+        scan = (_resolve(self.core, convert.scan_ref(request.scan), context, request.model)
+                if request.HasField("scan") else None)
         digest = scan.digest if scan is not None else ""
         _annotate(request.model, digest or None)
         for job_id, event in self.core.visualize(VisualizeRequest(scan=scan, **fields), caller(context)):  # type: ignore[arg-type]
