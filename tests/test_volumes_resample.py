@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+
+import nibabel as nib
 import numpy as np
 import pytest
 
+from neuroexplain import volumes
 from neuroexplain.volumes import Alignment, Grid, Placement, _affine_resample, resample_torch
 
 
@@ -79,3 +83,62 @@ def test_nearest_order_stays_on_scipy() -> None:
 def _reference_order0(pl: Placement, data: np.ndarray) -> np.ndarray:
     m = np.linalg.inv(pl.scan_affine) @ np.linalg.inv(pl._scan_to_model_world()) @ pl.grid.affine
     return _affine_resample(data, m, pl.grid.shape, 0)
+
+
+def _nifti_gz(data: np.ndarray, affine: np.ndarray) -> bytes:
+    image = nib.Nifti1Image(data, affine)
+    image.set_sform(affine, code=1)
+    return gzip.compress(image.to_bytes())
+
+
+@pytest.mark.parametrize("piece", [4096, 100_000, 2 << 20])
+def test_the_resampling_done_while_decoding_is_the_one_after_it(monkeypatch: pytest.MonkeyPatch, piece: int) -> None:
+    # read_scan(onto=grid) resamples slab by slab as the pieces are converted; what prepare then uses must be what
+    # resampling the decoded volume gives, bit for bit: 1 mm onto 2 mm (strided), 1.3 mm with x flipped and a
+    # half-voxel offset (gathered), samples outside the scan at both ends, and a 4D file's second volume.
+    monkeypatch.setattr(volumes, "_PIECE", piece)
+    grid = Grid(shape=(46, 55, 46), affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    grid.affine[:3, 3] = [-45.0, -63.0, -36.0]
+    rng = np.random.default_rng(4)
+    one_mm = np.diag([1.0, 1.0, 1.0, 1.0])
+    one_mm[:3, 3] = [-40.0, -60.0, -30.0]
+    flipped = np.diag([-1.3, 1.3, 1.3, 1.0])
+    flipped[:3, 3] = [42.0, -65.5, -40.65]
+    cases = {"1 mm": (rng.random((80, 100, 70)).astype(np.float32), one_mm),
+             "1.3 mm, x flipped": ((rng.random((66, 80, 60)) * 300).astype(np.int16), flipped),
+             "4D, volume 1": (rng.random((40, 50, 36, 2)).astype(np.float32), one_mm)}
+    for name, (data, affine) in cases.items():
+        index = 1 if data.ndim == 4 else None
+        scan = volumes.read_scan(_nifti_gz(data, affine), volume_index=index, onto=grid)
+        assert scan.resampled is not None, name
+        placement = volumes.place(scan, grid, np.zeros(3), Alignment.MNI)
+        after = placement.to_model(scan.data)
+        np.testing.assert_array_equal(placement.scan_to_model(scan), after, err_msg=name)
+        assert np.count_nonzero(after) not in (0, after.size), name  # some samples fall inside, some outside
+        assert not placement.scan_to_model(scan).flags.writeable
+
+
+def test_nothing_is_resampled_while_decoding_where_it_would_not_be_used() -> None:
+    # A rotation or a Z axis that runs backwards (resampled after the decode as before), an uncompressed file (no
+    # inflate to overlap), zeroed non-finite voxels (another volume than the one resampled), and a placement that is
+    # not the header's (center) all resample after the decode, with the same result as without ``onto``.
+    grid = Grid(shape=(20, 24, 20), affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    rng = np.random.default_rng(5)
+    data = (rng.random((30, 36, 30)) + 0.5).astype(np.float32)
+    rotated = np.eye(4)
+    rotated[:3, :3] = [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    backwards = np.diag([1.0, 1.0, -1.0, 1.0])
+    backwards[2, 3] = 29.0
+    with_nan = data.copy()
+    with_nan[3, 4, 5] = np.nan
+    for name, raw, nonfinite in (("rotated", _nifti_gz(data, rotated), volumes.NonFinite.REJECT),
+                                 ("z backwards", _nifti_gz(data, backwards), volumes.NonFinite.REJECT),
+                                 ("uncompressed", nib.Nifti1Image(data, np.eye(4)).to_bytes(), volumes.NonFinite.REJECT),
+                                 ("NaN zeroed", _nifti_gz(with_nan, np.eye(4)), volumes.NonFinite.ZERO)):
+        scan = volumes.read_scan(raw, onto=grid, nonfinite=nonfinite)
+        assert scan.resampled is None, name
+    scan = volumes.read_scan(_nifti_gz(data, np.eye(4)), onto=grid)
+    assert scan.resampled is not None
+    centred = volumes.place(scan, grid, np.array([10.0, 12.0, 9.0]), Alignment.CENTER)
+    np.testing.assert_array_equal(centred.scan_to_model(scan), centred.to_model(scan.data))
+    assert centred.scan_to_model(scan).flags.writeable  # computed now, not the one resampled ahead
