@@ -7,6 +7,8 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neuroexplain import volumes
 from neuroexplain.volumes import Alignment, Grid, Placement, _affine_resample, resample_torch
@@ -142,3 +144,27 @@ def test_nothing_is_resampled_while_decoding_where_it_would_not_be_used() -> Non
     centred = volumes.place(scan, grid, np.array([10.0, 12.0, 9.0]), Alignment.CENTER)
     np.testing.assert_array_equal(centred.scan_to_model(scan), centred.to_model(scan.data))
     assert centred.scan_to_model(scan).flags.writeable  # computed now, not the one resampled ahead
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 60_000), kind=st.sampled_from(["uniform", "ties", "descending", "float64", "constant"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_the_99th_percentile_is_numpys_bit_for_bit(n: int, kind: str, seed: int) -> None:
+    # normalise's p99 comes from a partition of the values above a sampled threshold, not of all of them; it must be
+    # np.percentile's exact float, whatever the size, ties or order (and fall back to numpy where the sample misses).
+    rng = np.random.default_rng(seed)
+    x = {"uniform": lambda: rng.random(n).astype(np.float32),
+         "ties": lambda: rng.integers(1, 20, n).astype(np.float32),
+         "descending": lambda: np.sort(rng.random(n)).astype(np.float32)[::-1].copy(),
+         "float64": lambda: rng.exponential(1.0, n),
+         "constant": lambda: np.full(n, 3.0, dtype=np.float32)}[kind]()
+    assert volumes.percentile_99(x) == float(np.percentile(x, 99))
+
+
+def test_normalise_divides_by_the_99th_percentile_of_the_positive_voxels() -> None:
+    rng = np.random.default_rng(6)
+    data = (rng.random((40, 48, 40)) * 900 - 100).astype(np.float32)
+    positive = data[data > 0]
+    expected = (np.clip(data, 0, None) / float(np.percentile(positive, 99))).astype(np.float32)
+    np.testing.assert_array_equal(volumes.normalise(data), expected)
+    assert volumes.normalise(data.astype(np.float64)).dtype == np.float32
