@@ -46,3 +46,21 @@ def test_onednn_path_runs_onednn_and_leaves_the_loaded_module_alone() -> None:
         fast(x)
     names = {e.key for e in prof.key_averages()}
     assert "aten::mkldnn_convolution" in names and "aten::slow_conv3d_forward" not in names
+    assert "aten::max_pool3d_with_indices" not in names  # the pooling computes no argmax for a backward pass
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 40, 48, 40), (2, 3, 7, 6, 9), (1, 1, 3, 3, 2), (1, 2, 2, 5, 4)])
+def test_pairwise_max_pooling_is_max_pool3d(shape: tuple[int, ...]) -> None:
+    # The inference copy's 2x2x2 pooling must give max_pool3d's exact values: odd sizes drop their last plane as
+    # floor mode does, and a NaN in a window wins.
+    from torch.nn import functional as F
+
+    from neuroexplain.predict import _pairwise_max_pool3d
+
+    x = torch.randn(shape)
+    x.view(-1)[::97] = float("nan")
+    pool = nn.MaxPool3d(2)
+    got, want = _pairwise_max_pool3d(pool, x), F.max_pool3d(x, 2, 2)
+    assert got.shape == want.shape
+    assert torch.equal(torch.nan_to_num(got, nan=7.0), torch.nan_to_num(want, nan=7.0))
+    assert torch.equal(got.isnan(), want.isnan())
