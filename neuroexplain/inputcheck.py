@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -273,10 +274,36 @@ def brain_quantiles(array: np.ndarray, grid: Grid) -> np.ndarray:
 
 
 def _quantiles(values: np.ndarray) -> np.ndarray:
-    """``np.quantile(values, _QUANTILES)`` (linear interpolation) from one sort: 15x faster than np.quantile's
-    partitions for 25 levels."""
-    s = np.sort(values).astype(np.float64)
-    pos = _QUANTILES * (len(s) - 1)
+    """``np.quantile(values, _QUANTILES)`` (linear interpolation) from the 50 order statistics it interpolates
+    (:func:`_order_statistics`), with the arithmetic of interpolating a sorted copy."""
+    v = np.asarray(values).reshape(-1)
+    pos = _QUANTILES * (v.size - 1)
     lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    hi = np.minimum(lo + 1, v.size - 1)
+    ranks = np.unique(np.concatenate([lo, hi]))
+    stats = _order_statistics(v, ranks).astype(np.float64)
+    a, b = stats[np.searchsorted(ranks, lo)], stats[np.searchsorted(ranks, hi)]
+    return a + (b - a) * (pos - lo)
+
+
+_BUCKETS = 2048
+
+
+def _order_statistics(v: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """``np.sort(v)[ranks]`` (``ranks`` ascending and unique) without sorting all of ``v``: the values are counted
+    into equal-width buckets of their range (a bucket is a monotone function of the value, so a bucket holds a run of
+    the sorted order), and only the buckets that hold one of the ranks are sorted — some thousand values instead of
+    every one (a volume's 78k brain voxels: 0.3 ms against 1.7 ms for the sort)."""
+    low, high = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    if v.size < 4 * _BUCKETS or not (math.isfinite(low) and math.isfinite(high)) or low == high:
+        return np.sort(v)[ranks]
+    bucket = ((v - low) * (_BUCKETS / (high - low))).astype(np.int64)
+    np.minimum(bucket, _BUCKETS - 1, out=bucket)
+    ends = np.cumsum(np.bincount(bucket, minlength=_BUCKETS))  # ranks below each bucket's end
+    holding = np.searchsorted(ends, ranks, side="right")  # the bucket that holds each rank
+    wanted = np.zeros(_BUCKETS, dtype=bool)
+    wanted[holding] = True
+    chosen = np.sort(v[wanted[bucket]])  # the wanted buckets' values, bucket after bucket
+    sizes = np.diff(ends, prepend=0) * wanted
+    before = np.cumsum(sizes) - sizes  # where each wanted bucket starts in ``chosen``
+    return chosen[before[holding] + ranks - (ends[holding] - sizes[holding])]

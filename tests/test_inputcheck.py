@@ -8,6 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neuroexplain import inputcheck as ic
 from neuroexplain.lab.ood import OodCase, cases
@@ -162,3 +164,22 @@ def test_default_calibration_passes_test_scans_and_flags_the_shell(lesion: Loade
     scan = _scan(make_sample(Task.LESION, HELD_OUT_SEED_START + 5).image)
     assert ic.check_input(bare, prepare(scan, bare, Alignment.MNI)).in_distribution
     assert not ic.check_input(bare, prepare(ood["skull_shell"].scan, bare, Alignment.MNI)).in_distribution
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 40_000), kind=st.sampled_from(["uniform", "ties", "skewed", "half zero", "constant"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_contrast_quantiles_are_those_of_the_sorted_values_bit_for_bit(n: int, kind: str, seed: int) -> None:
+    # The contrast check's quantiles come from bucketed order statistics, not a full sort: they must be what
+    # interpolating the sorted values gives (np.quantile's linear method), exactly, whatever the values look like.
+    rng = np.random.default_rng(seed)
+    v = {"uniform": lambda: rng.random(n), "ties": lambda: rng.integers(0, 30, n),
+         "skewed": lambda: rng.exponential(1.0, n) ** 3,
+         "half zero": lambda: np.concatenate([np.zeros(n // 2), rng.random(n - n // 2)]),
+         "constant": lambda: np.full(n, 0.7)}[kind]().astype(np.float32)
+    s = np.sort(v).astype(np.float64)
+    pos = ic._QUANTILES * (n - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    np.testing.assert_array_equal(ic._quantiles(v), s[lo] + (s[hi] - s[lo]) * (pos - lo))
+    np.testing.assert_allclose(ic._quantiles(v), np.quantile(v.astype(np.float64), ic._QUANTILES), rtol=1e-12)
