@@ -8,11 +8,16 @@ check compares them with the training set's (:mod:`neuroexplain.inputcheck`).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import re
 import threading
 import types
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,6 +130,37 @@ def inference_module(model: LoadedModel) -> nn.Module:
     return fast
 
 
+@functools.lru_cache(maxsize=1)
+def _openmp() -> Any:
+    """The OpenMP runtime torch loaded (its ``omp_set_num_threads`` sets the calling thread's team size only), or
+    None where torch has none in this process."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line)})
+        return ctypes.CDLL(paths[0]) if paths else None
+    except (OSError, IndexError):  # not Linux, or a mapping that cannot be opened again
+        return None
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run a batch-1 CPU forward pass on this thread's OpenMP team of one: for the bundled models at batch 1 the
+    second thread costs more in wake-ups (OpenMP's passive wait, :mod:`neuroexplain.serving.tuning`) than it gains
+    (lesion 3.3 ms on one thread against 3.7 on two; from batch 2 on, two are faster). The setting is the calling
+    thread's own (``omp_set_num_threads``), not torch's process-wide ``set_num_threads``."""
+    omp = _openmp() if device.type == "cpu" else None
+    if omp is None:
+        yield
+        return
+    torch.get_num_threads()  # torch sets this thread's team size on its first call here: let it happen first
+    before = omp.omp_get_max_threads()
+    omp.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        omp.omp_set_num_threads(before)
+
+
 def predict_arrays(
     model: LoadedModel, arrays: Sequence[np.ndarray], batch_size: int = 4, *, with_features: bool = False,
     precision: Precision = Precision.FLOAT32,
@@ -156,7 +192,8 @@ def predict_arrays(
             for start in range(0, len(arrays), batch_size):
                 captured.clear()
                 batch = torch.from_numpy(np.stack(arrays[start : start + batch_size]))[:, None].to(model.device)
-                logits = module(batch).float().cpu()  # (B, n_classes)
+                with _one_thread(model.device) if len(batch) == 1 else contextlib.nullcontext():
+                    logits = module(batch).float().cpu()  # (B, n_classes)
                 probs = torch.softmax(logits / temperature, dim=1)
                 feats = captured[-1].reshape(len(logits), -1).tolist() if captured else [[]] * len(logits)
                 for lg, pr, ft in zip(logits.tolist(), probs.tolist(), feats):

@@ -64,3 +64,42 @@ def test_pairwise_max_pooling_is_max_pool3d(shape: tuple[int, ...]) -> None:
     assert got.shape == want.shape
     assert torch.equal(torch.nan_to_num(got, nan=7.0), torch.nan_to_num(want, nan=7.0))
     assert torch.equal(got.isnan(), want.isnan())
+
+
+def test_a_batch_of_one_runs_on_this_threads_openmp_team_of_one_only() -> None:
+    # A batch-1 CPU forward runs with one OpenMP thread (faster than two at batch 1, and the other core stays free
+    # for the input check beside it); the setting is the calling thread's own and is put back afterwards: torch's
+    # process-wide thread count, other threads' and threads started later keep theirs.
+    import threading
+
+    from neuroexplain.predict import _one_thread, _openmp
+
+    if _openmp() is None:
+        pytest.skip("torch runs without an OpenMP runtime here")
+    before = torch.get_num_threads()
+    seen: dict[str, int] = {}
+    inside = threading.Event()
+    release = threading.Event()
+
+    def forward_thread() -> None:
+        with _one_thread(torch.device("cpu")):
+            seen["inside"] = torch.get_num_threads()
+            inside.set()
+            release.wait(10)
+        seen["after"] = torch.get_num_threads()
+
+    t = threading.Thread(target=forward_thread)
+    t.start()
+    assert inside.wait(10)
+    seen["other thread meanwhile"] = torch.get_num_threads()
+    late = threading.Thread(target=lambda: seen.__setitem__("started meanwhile", torch.get_num_threads()))
+    late.start()
+    late.join()
+    release.set()
+    t.join()
+    assert seen == {"inside": 1, "other thread meanwhile": before, "started meanwhile": before, "after": before}
+    model = load_model("lesion")
+    x = np.random.default_rng(1).random(model.spec.grid.shape, dtype=np.float32)
+    one = predict_arrays(model, [x], batch_size=1, with_features=True)[0]
+    two = predict_arrays(model, [x, x], batch_size=2, with_features=True)[0]  # two scans: the usual team
+    assert np.allclose(one.logits, two.logits, rtol=0, atol=1e-5)
