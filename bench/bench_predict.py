@@ -11,8 +11,9 @@ Also, on the same files:
 - ``grpc_transport``: a Predict with an empty model name carrying the same bytes (refused before anything else
   happens: the loopback transfer and the message parse alone);
 - ``stages``: the library's stages timed alone in this process (inflate, SHA-256, the whole ``read_scan`` — inflate,
-  digest in a thread, header, one float32 conversion, finiteness —, resample onto the model grid, normalise, forward,
-  input check), which say where the time goes;
+  digest in a thread, header, one float32 conversion on its own thread, finiteness —, ``read_scan`` onto the model
+  grid as serving calls it (the resampling done during the inflate), resample onto the model grid after a decode,
+  normalise, forward, input check), which say where the time goes;
 - ``ratio_to_inflate``: p50 of each over the floor.
 
 Scans: a synthetic lesion scan upsampled to 1 mm (160 x 192 x 160 voxels), written as NIfTI-1 int16 (no scaling)
@@ -76,8 +77,9 @@ def stages(scans: list[bytes]) -> dict[str, float]:
     grid = model.spec.grid
     com = anatomy(grid).com_mm
     inflate = inflaters()["pieces"]
-    times: dict[str, list[float]] = {k: [] for k in ("inflate", "sha256", "read_scan", "resample", "normalise",
-                                                      "forward", "input_check", "prepare_forward_check")}
+    times: dict[str, list[float]] = {k: [] for k in ("inflate", "sha256", "read_scan", "read_scan_onto_grid",
+                                                      "resample", "normalise", "forward", "input_check",
+                                                      "prepare_forward_check")}
 
     def clock(name: str, keep: bool, fn: Callable[..., Any], *args: Any) -> Any:
         t0 = time.perf_counter()
@@ -103,6 +105,7 @@ def stages(scans: list[bytes]) -> dict[str, float]:
             clock("inflate", keep, inflate, raw)
             clock("sha256", keep, sha256, raw)
             scan = clock("read_scan", keep, read_scan, raw)
+            clock("read_scan_onto_grid", keep, lambda raw: read_scan(raw, onto=grid), raw)  # what serving calls
             placement = place(scan, grid, com, Alignment.MNI)
             resampled = clock("resample", keep, placement.to_model, scan.data)
             array = clock("normalise", keep, normalise, resampled)
