@@ -359,15 +359,23 @@ def _nifti_voxels(
     end = start + voxels.nbytes
     converter, slabs, m = None, None, None
     if stream.compressed:
-        if onto is not None and np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 0:
-            m = Placement(grid=onto, scan_affine=affine, scan_shape=spatial, shift_mm=np.zeros(3),
-                          alignment=Alignment.MNI).voxel_map()
-            slabs = _SlabResampler.start(m, onto.shape, spatial)
+        if onto is not None:
+            try:  # only an affine the checks accept (read_scan refuses the others after the voxels, as without onto)
+                _check_affine(affine)
+                m = Placement(grid=onto, scan_affine=affine, scan_shape=spatial, shift_mm=np.zeros(3),
+                              alignment=Alignment.MNI).voxel_map()
+            except (ScanGeometryError, np.linalg.LinAlgError):
+                m = None
+            slabs = _SlabResampler.start(m, onto.shape, spatial) if m is not None else None
 
         def consume(chunk: memoryview) -> None:
+            nonlocal slabs
             voxels.feed(chunk)
             if slabs is not None:
-                slabs.advance(voxels.data, voxels.filled)
+                try:
+                    slabs.advance(voxels.data, voxels.filled)
+                except Exception:  # noqa: BLE001 - the scan is still read; prepare resamples it after the decode
+                    slabs = None
 
         converter = _Converter(consume)
     try:
@@ -378,8 +386,12 @@ def _nifti_voxels(
     finally:
         if converter is not None:
             converter.join()
-    finite = math.isfinite(voxels.lo) and math.isfinite(voxels.hi)
-    resampled = Resampled(m, slabs.finish(voxels.data)) if slabs is not None and m is not None and finite else None
+    resampled = None
+    if slabs is not None and m is not None and math.isfinite(voxels.lo) and math.isfinite(voxels.hi):
+        try:
+            resampled = Resampled(m, slabs.finish(voxels.data))
+        except Exception:  # noqa: BLE001 - as in consume(): resampled after the decode instead
+            resampled = None
     return voxels.data.reshape(spatial, order="F"), affine, (voxels.lo, voxels.hi), resampled
 
 
@@ -740,7 +752,7 @@ def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...]
     array = np.asarray(data, dtype=np.float32)
     perm = _view_perm(array)
     out = torch.from_numpy(array).permute(perm)
-    for axis in axes if axes is not None else _pass_order(array, shape):
+    for axis in axes if axes is not None else _pass_order(array.shape, shape, perm):
         view_axis = perm.index(axis)
         n = int(array.shape[axis])
         strided = _strided_lerp(out, view_axis, n, float(m[axis, axis]), float(m[axis, 3]), int(shape[axis]))
@@ -768,13 +780,12 @@ def _view_perm(array: np.ndarray) -> tuple[int, int, int]:
     return (2, 1, 0) if array.flags.f_contiguous and not array.flags.c_contiguous else (0, 1, 2)
 
 
-def _pass_order(array: np.ndarray, shape: tuple[int, ...]) -> tuple[int, ...]:
+def _pass_order(in_shape: tuple[int, ...], shape: tuple[int, ...], perm: tuple[int, int, int]) -> tuple[int, ...]:
     """The data axes in the order :func:`_separable_trilinear` resamples them: the one that shrinks the volume most
     first (every later pass reads less), and among those that shrink alike the outermost of the C-ordered view
-    (whole contiguous planes are read with a stride; a stride along the contiguous axis does not vectorise)."""
-    perm = _view_perm(array)
-    return tuple(perm[p] for p in sorted(range(3), key=lambda p: (shape[perm[p]] / max(int(array.shape[perm[p]]), 1),
-                                                                    p)))
+    (``perm``: whole contiguous planes are read with a stride; a stride along the contiguous axis does not
+    vectorise)."""
+    return tuple(perm[p] for p in sorted(range(3), key=lambda p: (shape[perm[p]] / max(int(in_shape[perm[p]]), 1), p)))
 
 
 class _SlabResampler:
@@ -789,12 +800,14 @@ class _SlabResampler:
         pos = m[2, 2] * np.arange(shape[2], dtype=np.float64) + m[2, 3]
         lo = np.minimum(np.floor(np.clip(pos, 0, n - 1)).astype(np.int64), max(n - 2, 0))
         self._first, self._last = lo, np.minimum(lo + 1, n - 1)  # the input planes each output plane reads
-        self._axes = _pass_order(np.empty(spatial, dtype=np.float32, order="F"), shape)
+        self._axes = _pass_order(spatial, shape, (2, 1, 0))  # the whole volume's: it is decoded in Fortran order
         self.out = np.empty(shape, dtype=np.float32)
         self._done = 0
 
     @classmethod
     def start(cls, m: np.ndarray, shape: tuple[int, int, int], spatial: tuple[int, int, int]) -> _SlabResampler | None:
+        """The resampler of this mapping, or None where it has a rotation or shear, a Z axis that runs backwards, or
+        is not finite."""
         linear = m[:3, :3]
         if not np.isfinite(m).all() or np.abs(linear - np.diag(np.diag(linear))).max() > 1e-9 * np.abs(linear).max():
             return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import struct
 
 import nibabel as nib
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neuroexplain import volumes
+from neuroexplain.errors import ScanGeometryError
 from neuroexplain.volumes import Alignment, Grid, Placement, _affine_resample, resample_torch
 
 
@@ -139,6 +141,17 @@ def test_nothing_is_resampled_while_decoding_where_it_would_not_be_used() -> Non
                                  ("NaN zeroed", _nifti_gz(with_nan, np.eye(4)), volumes.NonFinite.ZERO)):
         scan = volumes.read_scan(raw, onto=grid, nonfinite=nonfinite)
         assert scan.resampled is None, name
+    for row_y in ((0.0, 0.0, 0.0, -20.0), (0.0, 1e-38, 0.0, 0.0), (0.0, 3e38, 0.0, 0.0)):  # refused, as without onto
+        image = nib.Nifti1Image(data, np.eye(4))
+        image.header.set_qform(None, code=0)
+        image.header.set_sform(np.eye(4), code=1)
+        raw = bytearray(image.to_bytes())
+        struct.pack_into("<4f", raw, 296, *row_y)  # the sform's y row (nibabel would not write these)
+        with pytest.raises(ScanGeometryError) as without:
+            volumes.read_scan(gzip.compress(raw))
+        with pytest.raises(ScanGeometryError) as with_onto:
+            volumes.read_scan(gzip.compress(raw), onto=grid)
+        assert str(with_onto.value) == str(without.value)
     scan = volumes.read_scan(_nifti_gz(data, np.eye(4)), onto=grid)
     assert scan.resampled is not None
     centred = volumes.place(scan, grid, np.array([10.0, 12.0, 9.0]), Alignment.CENTER)
@@ -168,3 +181,25 @@ def test_normalise_divides_by_the_99th_percentile_of_the_positive_voxels() -> No
     expected = (np.clip(data, 0, None) / float(np.percentile(positive, 99))).astype(np.float32)
     np.testing.assert_array_equal(volumes.normalise(data), expected)
     assert volumes.normalise(data.astype(np.float64)).dtype == np.float32
+
+
+@pytest.mark.parametrize("failing", ["advance", "finish"])
+def test_a_failure_of_the_resampling_while_decoding_leaves_the_read_and_prepare_as_without_it(
+    monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    # The resampling during the decode is only a head start: if it failed, the scan must still be read, and prepare
+    # must resample it after the decode, giving what it gives without ``onto``.
+    grid = Grid(shape=(20, 24, 20), affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    data = (np.random.default_rng(7).random((30, 36, 30)) + 0.5).astype(np.float32)
+    raw = _nifti_gz(data, np.eye(4))
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug in the slab resampler")
+
+    monkeypatch.setattr(volumes, "_SLAB_PLANES", 1)
+    monkeypatch.setattr(volumes._SlabResampler, failing, broken)
+    scan = volumes.read_scan(raw, onto=grid)
+    assert scan.resampled is None
+    np.testing.assert_array_equal(scan.data, volumes.read_scan(raw).data)
+    placement = volumes.place(scan, grid, np.zeros(3), Alignment.MNI)
+    np.testing.assert_array_equal(placement.scan_to_model(scan), placement.to_model(scan.data))
