@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import re
 import threading
 import types
@@ -136,8 +137,10 @@ def _openmp() -> Any:
     None where torch has none in this process."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line)})
-        return ctypes.CDLL(paths[0]) if paths else None
+            paths = {line.split()[-1] for line in maps if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line)}
+        here = os.path.dirname(torch.__file__)  # another package's runtime (scikit-learn bundles a libgomp) is not it
+        ranked = sorted(paths, key=lambda path: (not path.startswith(here), path))
+        return ctypes.CDLL(ranked[0]) if ranked else None
     except (OSError, IndexError):  # not Linux, or a mapping that cannot be opened again
         return None
 

@@ -72,8 +72,11 @@ def test_a_batch_of_one_runs_on_this_threads_openmp_team_of_one_only() -> None:
     # process-wide thread count, other threads' and threads started later keep theirs.
     import threading
 
+    import sklearn  # noqa: F401 - it bundles a libgomp of its own, loaded beside torch's in the serving process
+
     from neuroexplain.predict import _one_thread, _openmp
 
+    _openmp.cache_clear()
     if _openmp() is None:
         pytest.skip("torch runs without an OpenMP runtime here")
     before = torch.get_num_threads()
