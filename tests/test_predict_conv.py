@@ -72,11 +72,8 @@ def test_a_batch_of_one_runs_on_this_threads_openmp_team_of_one_only() -> None:
     # process-wide thread count, other threads' and threads started later keep theirs.
     import threading
 
-    import sklearn  # noqa: F401 - it bundles a libgomp of its own, loaded beside torch's in the serving process
-
     from neuroexplain.predict import _one_thread, _openmp
 
-    _openmp.cache_clear()
     if _openmp() is None:
         pytest.skip("torch runs without an OpenMP runtime here")
     before = torch.get_num_threads()
@@ -106,3 +103,25 @@ def test_a_batch_of_one_runs_on_this_threads_openmp_team_of_one_only() -> None:
     one = predict_arrays(model, [x], batch_size=1, with_features=True)[0]
     two = predict_arrays(model, [x, x], batch_size=2, with_features=True)[0]  # two scans: the usual team
     assert np.allclose(one.logits, two.logits, rtol=0, atol=1e-5)
+
+
+
+def test_the_one_thread_setting_reaches_torch_beside_another_openmp_runtime() -> None:
+    # The serving process also loads scikit-learn, which bundles a libgomp of its own: the setting must go to the
+    # runtime torch runs on, whatever order the two were loaded in.
+    import subprocess
+    import sys
+
+    code = ("import threading, torch, sklearn.utils\n"
+            "from neuroexplain.predict import _one_thread, _openmp\n"
+            "seen = [torch.get_num_threads()]\n"
+            "def run():\n"
+            "    with _one_thread(torch.device('cpu')):\n"
+            "        seen.append(torch.get_num_threads())\n"
+            "t = threading.Thread(target=run); t.start(); t.join()\n"
+            "print(_openmp() is not None, seen[1], seen[0], torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    found, inside, before, after = out.stdout.split()
+    if found == "False":
+        pytest.skip("torch runs without an OpenMP runtime here")
+    assert inside == "1" and after == before
