@@ -147,11 +147,14 @@ def _openmp() -> Any:
 
 @contextlib.contextmanager
 def _one_thread(device: torch.device) -> Iterator[None]:
-    """Run a batch-1 CPU forward pass on this thread's OpenMP team of one: for the bundled models at batch 1 the
-    second thread costs more in wake-ups (OpenMP's passive wait, :mod:`neuroexplain.serving.tuning`) than it gains
-    (lesion 3.3 ms on one thread against 3.7 on two; from batch 2 on, two are faster). The setting is the calling
-    thread's own (``omp_set_num_threads``), not torch's process-wide ``set_num_threads``."""
-    omp = _openmp() if device.type == "cpu" else None
+    """Run a batch-1 CPU forward pass on this thread's OpenMP team of one where OpenMP waits passively (as serving
+    sets it, :mod:`neuroexplain.serving.tuning`): there, for the bundled models at batch 1, the second thread costs
+    more in wake-ups than it gains (lesion 3.3 ms on one thread against 3.7 on two; from batch 2 on, two are faster).
+    With OpenMP's default spinning wait two threads stay faster (2.9-3.1 ms against 3.9-4.5), so nothing changes
+    there. The setting is the calling thread's own (``omp_set_num_threads``), not torch's process-wide
+    ``set_num_threads``."""
+    passive = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
+    omp = _openmp() if device.type == "cpu" and passive else None
     if omp is None:
         yield
         return

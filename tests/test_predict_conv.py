@@ -66,7 +66,7 @@ def test_pairwise_max_pooling_is_max_pool3d(shape: tuple[int, ...]) -> None:
     assert torch.equal(got.isnan(), want.isnan())
 
 
-def test_a_batch_of_one_runs_on_this_threads_openmp_team_of_one_only() -> None:
+def test_a_batch_of_one_runs_on_this_threads_openmp_team_of_one_only(monkeypatch: pytest.MonkeyPatch) -> None:
     # A batch-1 CPU forward runs with one OpenMP thread (faster than two at batch 1, and the other core stays free
     # for the input check beside it); the setting is the calling thread's own and is put back afterwards: torch's
     # process-wide thread count, other threads' and threads started later keep theirs.
@@ -76,6 +76,7 @@ def test_a_batch_of_one_runs_on_this_threads_openmp_team_of_one_only() -> None:
 
     if _openmp() is None:
         pytest.skip("torch runs without an OpenMP runtime here")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what serving runs with (it applies only there)
     before = torch.get_num_threads()
     seen: dict[str, int] = {}
     inside = threading.Event()
@@ -98,6 +99,9 @@ def test_a_batch_of_one_runs_on_this_threads_openmp_team_of_one_only() -> None:
     release.set()
     t.join()
     assert seen == {"inside": 1, "other thread meanwhile": before, "started meanwhile": before, "after": before}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # spinning threads: two stay faster, nothing is changed
+    with _one_thread(torch.device("cpu")):
+        assert torch.get_num_threads() == before
     model = load_model("lesion")
     x = np.random.default_rng(1).random(model.spec.grid.shape, dtype=np.float32)
     one = predict_arrays(model, [x], batch_size=1, with_features=True)[0]
@@ -109,6 +113,7 @@ def test_a_batch_of_one_runs_on_this_threads_openmp_team_of_one_only() -> None:
 def test_the_one_thread_setting_reaches_torch_beside_another_openmp_runtime() -> None:
     # The serving process also loads scikit-learn, which bundles a libgomp of its own: the setting must go to the
     # runtime torch runs on, whatever order the two were loaded in.
+    import os
     import subprocess
     import sys
 
@@ -120,7 +125,9 @@ def test_the_one_thread_setting_reaches_torch_beside_another_openmp_runtime() ->
             "        seen.append(torch.get_num_threads())\n"
             "t = threading.Thread(target=run); t.start(); t.join()\n"
             "print(_openmp() is not None, seen[1], seen[0], torch.get_num_threads())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env=env)
     found, inside, before, after = out.stdout.split()
     if found == "False":
         pytest.skip("torch runs without an OpenMP runtime here")
