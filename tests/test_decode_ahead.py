@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_service_support import make_scan
 
+from neuroexplain import volumes
 from neuroexplain.errors import ScanFormatError
 from neuroexplain.serving.runner import decode
 from neuroexplain.serving.types import ScanInput
@@ -77,9 +78,10 @@ def test_a_scan_that_fails_ahead_fails_its_request_with_the_same_error() -> None
     assert str(taken.value) == str(direct.value)
 
 
-def test_a_scan_decoded_ahead_onto_a_grid_serves_only_a_request_onto_that_grid() -> None:
+def test_a_scan_decoded_ahead_onto_a_grid_serves_only_a_request_onto_that_grid(monkeypatch: pytest.MonkeyPatch) -> None:
     # The volume decoded ahead was resampled onto the model's grid as it decoded; a request for another grid (or
     # none) decodes anew, and what each gets is what decoding it then would give.
+    monkeypatch.setattr(volumes, "_PIECE", 4096)  # this small scan in many pieces: resampled as it decodes
     raw = make_scan(5)  # a gzipped NIfTI
     grid = MNI_2MM
     decoder = Counting()
