@@ -70,8 +70,8 @@ _PIECE = 2 << 20
 _PIECE_IN = 1 << 20
 _CONVERT_QUEUE = 4  # inflated pieces waiting for their conversion (at most 8 MiB)
 # With at most this many pieces of voxel data the conversion thread is not started: there is little to overlap, and
-# under load its hand-offs cost more (a 2 mm scan of 2.4 MB: the TorchServe worker's CPU per Predict 15.5 ms without
-# it against 16.3 with it, median of three runs each).
+# under load its hand-offs cost more (a 2 mm scan of 2.4 MB: the TorchServe worker's CPU per Predict 15.4 ms without
+# it against 16.3 with it, medians of three and five runs).
 _CONVERT_AHEAD_PIECES = 2
 _SLAB_PLANES = 8  # output planes resampled at a time while a scan decodes (read_scan's ``onto``)
 _GZIP_MAGIC = b"\x1f\x8b"
