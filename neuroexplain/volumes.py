@@ -210,9 +210,9 @@ def read_scan(
             once per request); otherwise it is computed here.
         onto: a model grid the caller will place the scan on as its header places it (``mni``, or ``auto`` that
             resolves to it): a gzipped NIfTI of more than two pieces of voxel data (4 MiB) is then resampled onto it
-            slab by slab while it inflates, on the conversion thread, and :func:`neuroexplain.predict.prepare` takes that (``Scan.resampled``) instead of
-            resampling after the decode. Where the mapping has a rotation (or the voxels are not finite) nothing is
-            done ahead.
+            slab by slab while it inflates, on the conversion thread, and :func:`neuroexplain.predict.prepare` takes
+            that (``Scan.resampled``) instead of resampling after the decode. Where the mapping has a rotation (or
+            the voxels are not finite) nothing is done ahead.
 
     Raises:
         ScanFormatError, ScanGeometryError, ScanDataError, LimitExceededError.

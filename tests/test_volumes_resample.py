@@ -140,7 +140,8 @@ def test_nothing_is_resampled_while_decoding_where_it_would_not_be_used(monkeypa
     with_nan[3, 4, 5] = np.nan
     for name, raw, nonfinite in (("rotated", _nifti_gz(data, rotated), volumes.NonFinite.REJECT),
                                  ("z backwards", _nifti_gz(data, backwards), volumes.NonFinite.REJECT),
-                                 ("uncompressed", nib.Nifti1Image(data, np.eye(4)).to_bytes(), volumes.NonFinite.REJECT),
+                                 ("uncompressed", nib.Nifti1Image(data, np.eye(4)).to_bytes(),
+                                  volumes.NonFinite.REJECT),
                                  ("NaN zeroed", _nifti_gz(with_nan, np.eye(4)), volumes.NonFinite.ZERO)):
         scan = volumes.read_scan(raw, onto=grid, nonfinite=nonfinite)
         assert scan.resampled is None, name
