@@ -361,16 +361,16 @@ def _nifti_voxels(
     voxels = _Voxels(spatial, dtype, None if slope is None or (slope == 1.0 and not inter) else (slope, inter or 0.0))
     start = offset + (volume_index or 0) * voxels.nbytes
     end = start + voxels.nbytes
-    converter, slabs, m = None, None, None
+    converter, slabs = None, None
     if stream.compressed and voxels.nbytes > _CONVERT_AHEAD_PIECES * _PIECE:
         if onto is not None:
             try:  # only an affine the checks accept (read_scan refuses the others after the voxels, as without onto)
                 _check_affine(affine)
                 m = Placement(grid=onto, scan_affine=affine, scan_shape=spatial, shift_mm=np.zeros(3),
                               alignment=Alignment.MNI).voxel_map()
+                slabs = _SlabResampler.start(m, onto.shape, spatial)
             except (ScanGeometryError, np.linalg.LinAlgError):
-                m = None
-            slabs = _SlabResampler.start(m, onto.shape, spatial) if m is not None else None
+                slabs = None
 
         def consume(chunk: memoryview) -> None:
             nonlocal slabs
@@ -391,9 +391,9 @@ def _nifti_voxels(
         if converter is not None:
             converter.join()
     resampled = None
-    if slabs is not None and m is not None and math.isfinite(voxels.lo) and math.isfinite(voxels.hi):
+    if slabs is not None and math.isfinite(voxels.lo) and math.isfinite(voxels.hi):
         try:
-            resampled = Resampled(m, slabs.finish(voxels.data))
+            resampled = Resampled(slabs.m, slabs.finish(voxels.data))
         except Exception:  # noqa: BLE001 - as in consume(): resampled after the decode instead
             resampled = None
     return voxels.data.reshape(spatial, order="F"), affine, (voxels.lo, voxels.hi), resampled
@@ -740,10 +740,15 @@ def _affine_resample_fast(data: np.ndarray, m: np.ndarray, shape: tuple[int, int
     on one thread for one volume); any other ``m`` goes to ``grid_sample``. Other orders go to scipy."""
     if order != 1:
         return _affine_resample(data, m, shape, order)
-    linear = np.asarray(m, dtype=np.float64)[:3, :3]
-    if data.ndim == 3 and np.abs(linear - np.diag(np.diag(linear))).max() <= 1e-9 * np.abs(linear).max():
+    if data.ndim == 3 and _is_diagonal(m):
         return _separable_trilinear(data, m, shape)
     return resample_torch(data, m, shape).numpy()
+
+
+def _is_diagonal(m: np.ndarray) -> bool:
+    """Whether the mapping's linear part has no rotation or shear (to rounding): trilinear is then separable."""
+    linear = np.asarray(m, dtype=np.float64)[:3, :3]
+    return bool(np.abs(linear - np.diag(np.diag(linear))).max() <= 1e-9 * np.abs(linear).max())
 
 
 def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...],
@@ -812,8 +817,7 @@ class _SlabResampler:
     def start(cls, m: np.ndarray, shape: tuple[int, int, int], spatial: tuple[int, int, int]) -> _SlabResampler | None:
         """The resampler of this mapping, or None where it has a rotation or shear, a Z axis that runs backwards, or
         is not finite."""
-        linear = m[:3, :3]
-        if not np.isfinite(m).all() or np.abs(linear - np.diag(np.diag(linear))).max() > 1e-9 * np.abs(linear).max():
+        if not np.isfinite(m).all() or not _is_diagonal(m):
             return None
         return cls(m, shape, spatial) if m[2, 2] > 0 else None
 

@@ -145,7 +145,7 @@ class InProcessBackend:
     # -- operations ----------------------------------------------------------------------------------------------
 
     def decode_ahead(self, scan: ScanInput, model: str) -> None:
-        if self._ahead is not None and self._runner is not None:
+        if self._ahead is not None:  # set with the runner, at start()
             self._ahead.start(scan, self._runner.onto(model, scan))
 
     def predict(self, request: PredictRequest, ctx: CallContext) -> PredictResult:
