@@ -49,7 +49,7 @@ def main() -> dict[str, Any]:
                 for scan in scans[:4]:
                     call(scan)
                 budget = _cpu_per_predict(call, scans, backend)
-                rps = {str(c): _throughput(call, scans, c) for c in (1, 4, 16)}
+                rps = {str(c): _throughput(call, scans, c, backend)["rps"] for c in (1, 4, 16)}
                 out[label] = {"throughput_rps": rps, "cpu_s_per_predict": budget["cpu_s_per_predict"],
                               "rate_the_cores_allow_rps": budget["rate_the_cores_allow_rps"],
                               "at_16_vs_rate_the_cores_allow": round(rps["16"] / budget["rate_the_cores_allow_rps"], 3)}
