@@ -752,10 +752,11 @@ def _is_diagonal(m: np.ndarray) -> bool:
 
 
 def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...],
-                         axes: tuple[int, ...] | None = None) -> np.ndarray:
+                         axes: tuple[int, ...] | None = None, *, into: np.ndarray | None = None) -> np.ndarray:
     """``out[o] = data[m @ o]`` with trilinear weights for a diagonal ``m``; 0 where a sample falls outside
     ``[0, n-1]`` along any axis (scipy's ``mode="constant"``, ``cval=0``). ``axes``: the order of the passes (data
-    axes; default :func:`_pass_order`'s)."""
+    axes; default :func:`_pass_order`'s). ``into``: an array of ``shape`` to write the result into (a slab of a
+    larger output: one copy instead of a C-ordered result copied again), else a new C-ordered array."""
     import torch
 
     array = np.asarray(data, dtype=np.float32)
@@ -780,7 +781,11 @@ def _separable_trilinear(data: np.ndarray, m: np.ndarray, shape: tuple[int, ...]
         a = out.index_select(view_axis, torch.from_numpy(lo))
         b = out.index_select(view_axis, torch.from_numpy(hi))
         out = a.mul_(torch.from_numpy(w_lo).view(view)).add_(b.mul_(torch.from_numpy(w_hi).view(view)))
-    return np.ascontiguousarray(out.permute(perm).numpy())
+    result = out.permute(perm).numpy()
+    if into is None:
+        return np.ascontiguousarray(result)
+    into[...] = result
+    return into
 
 
 def _view_perm(array: np.ndarray) -> tuple[int, int, int]:
@@ -841,7 +846,7 @@ class _SlabResampler:
         sub = self.m.copy()
         sub[2, 3] = self.m[2, 2] * j0 + self.m[2, 3] - s  # output plane j0 is the slab's plane 0
         volume = data.reshape(self.spatial, order="F")[:, :, s:e]
-        self.out[:, :, j0:j1] = _separable_trilinear(volume, sub, (self.shape[0], self.shape[1], j1 - j0), self._axes)
+        _separable_trilinear(volume, sub, (self.shape[0], self.shape[1], j1 - j0), self._axes, into=self.out[:, :, j0:j1])
         self._done = j1
 
 
