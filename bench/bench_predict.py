@@ -14,7 +14,10 @@ Also, on the same files:
   digest in a thread, header, one float32 conversion on its own thread, finiteness —, ``read_scan`` onto the model
   grid as serving calls it (the resampling done during the inflate), resample onto the model grid after a decode,
   normalise, forward, input check), which say where the time goes;
-- ``ratio_to_inflate``: p50 of each over the floor.
+- ``ratio_to_inflate``: p50 of each over the floor;
+- ``predict_over_stage_sum``: Predict's p50 over the sum of the parts it cannot avoid, each measured alone (the floor,
+  the transfer, what the decode onto the grid adds to the inflate, normalise, the forward pass): what the server's
+  threads, caches and answer add on top (README: the 2.0x target does not fit scans that compress well, int16).
 
 Scans: a synthetic lesion scan upsampled to 1 mm (160 x 192 x 160 voxels), written as NIfTI-1 int16 (no scaling)
 and float32, every one distinct (a per-scan intensity factor), gzipped at level 6 (zlib's default, what FSL writes).
@@ -185,8 +188,14 @@ def main() -> dict[str, Any]:
     result["grpc"] = over_grpc(by_dtype)
     result["stages_p50_ms"] = {dtype: stages(scans) for dtype, scans in by_dtype.items()}
     for dtype in by_dtype:
-        ratio = result["grpc"][dtype]["ratio_to_inflate"]["predict"]
-        result["grpc"][dtype]["target_met"] = ratio <= 2.0
+        grpc_run, stage = result["grpc"][dtype], result["stages_p50_ms"][dtype]
+        grpc_run["target_met"] = grpc_run["ratio_to_inflate"]["predict"] <= 2.0
+        # The sum of what a Predict cannot avoid, each part measured alone: the floor, the bytes' transfer, what the
+        # decode onto the grid adds to the inflate, normalise and the forward pass (the image checks run beside it).
+        parts = (grpc_run["floor_ms"], grpc_run["p50_ms"]["grpc_transport"],
+                 max(0.0, stage["read_scan_onto_grid"] - stage["inflate"]), stage["normalise"], stage["forward"])
+        grpc_run["stage_sum_ms"] = round(sum(parts), 1)
+        grpc_run["predict_over_stage_sum"] = round(grpc_run["p50_ms"]["predict"] / sum(parts), 2)
     result["peak_rss_mb_bench"] = round(peak_rss_mb())
     return result
 
