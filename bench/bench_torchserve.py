@@ -261,8 +261,8 @@ def _timed_run(call: Any, work: list[bytes], clients: int, procs: dict[str, list
     wall = time.perf_counter() - t0
     busy1, total1 = _busy_jiffies()
     per = {k: round((_cpu_seconds(v) - before[k]) / len(work) * 1e3, 2) for k, v in procs.items()}
-    return {"requests": len(work), "seconds": round(wall, 2), "rps": round(len(work) / wall, 2), "cpu_ms_per_predict": per,
-            "cpu_ms_per_predict_total": round(sum(per.values()), 2),
+    return {"requests": len(work), "seconds": round(wall, 2), "rps": round(len(work) / wall, 2),
+            "cpu_ms_per_predict": per, "cpu_ms_per_predict_total": round(sum(per.values()), 2),
             "machine_busy_fraction": round((busy1 - busy0) / max(1, total1 - total0), 3)}
 
 

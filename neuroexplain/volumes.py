@@ -846,7 +846,8 @@ class _SlabResampler:
         sub = self.m.copy()
         sub[2, 3] = self.m[2, 2] * j0 + self.m[2, 3] - s  # output plane j0 is the slab's plane 0
         volume = data.reshape(self.spatial, order="F")[:, :, s:e]
-        _separable_trilinear(volume, sub, (self.shape[0], self.shape[1], j1 - j0), self._axes, into=self.out[:, :, j0:j1])
+        _separable_trilinear(volume, sub, (self.shape[0], self.shape[1], j1 - j0), self._axes,
+                             into=self.out[:, :, j0:j1])
         self._done = j1
 
 
