@@ -102,8 +102,8 @@ def main() -> None:
         opts = resolved(method, parse_options(method, None), model.module, x)  # the batch size it runs with
         plan = _floor_plan(method, opts, tuple(x.shape[2:]))
         # p50 of interleaved rounds: 41 for the single-pass methods (tens of ms each, at the mercy of the neighbours),
-        # 3 for the many-pass ones (seconds each).
-        repeat = 3 if sum(c for _, _, c in plan) > 2 else 41
+        # 7 for the many-pass ones (seconds each; with 3, integrated gradients once measured 0.94x its own floor).
+        repeat = 7 if sum(c for _, _, c in plan) > 2 else 41
         floor_module = private_copy(model.module)
         floor_fn = _floor(floor_module, x, plan, target, dict(floor_module.named_modules())[layer_names[-1]])
 
