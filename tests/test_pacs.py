@@ -428,7 +428,9 @@ def test_destination_rejects_moves_the_series_to_failed_with_the_reason(tmp_path
         assert reason.count("\n") == 1 and "destination" in reason and "0xC000" in reason
         assert refused  # the results did reach the destination, which refused them
         assert list(reasons[0].parent.glob("out/*.dcm"))  # the refused results are kept beside the reason
-        assert 'neuroexplain_pacs_series_failed_total{stage="destination"} 1.0' in bridge.metrics_text()
+        # the counter goes up just after reason.txt is written: wait for it rather than race it
+        wait_for(lambda: metric(bridge.metrics_text(), 'neuroexplain_pacs_series_failed_total{stage="destination"}')
+                 == 1, 30, "the destination failure counted")
         assert not list((spool / "series").glob("*/in/*.dcm"))
     finally:
         bridge.stop()
