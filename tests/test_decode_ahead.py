@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import time
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,12 @@ def test_a_scan_decoded_ahead_onto_a_grid_serves_only_a_request_onto_that_grid(m
         assert decoder.decoded == [id(raw)]
         assert scan.resampled is not None and scan.resampled.array.shape == grid.shape
         ahead.start(_inline(raw), grid)
+        # Wait until that decode has begun: a take for another grid cancels one that has not started (it would then
+        # not be counted), and this test is about what the take gets, not about that race.
+        deadline = time.monotonic() + 30
+        while len(decoder.decoded) < 2:
+            assert time.monotonic() < deadline, "the decode ahead never started"
+            time.sleep(0.001)
         plain = ahead.take(_inline(raw, digest_bytes(raw)), None)
         assert decoder.decoded == [id(raw)] * 3 and plain.resampled is None
     finally:
